@@ -1,0 +1,83 @@
+//! The one error type of `vlp-data`: every variant names the shard, sample key, file or
+//! option that caused it, so a user can act on the message without a debugger.
+
+use std::path::PathBuf;
+
+/// Errors of the data crate.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// A shard specification could not be parsed (bad brace range, empty source...).
+    #[error("bad shard spec `{spec}`: {reason}")]
+    Spec { spec: String, reason: String },
+
+    /// A shard spec expanded to no shard at all.
+    #[error("shard spec `{spec}` matches no shard")]
+    NoShards { spec: String },
+
+    /// Reading or opening a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A sample was bad and the policy is `fail`.
+    #[error("bad sample `{key}` in shard {url}: {reason}")]
+    BadSample {
+        url: String,
+        key: String,
+        reason: String,
+    },
+
+    /// A whole shard could not be read and the policy is `fail`.
+    #[error("bad shard {url}: {reason}")]
+    BadShard { url: String, reason: String },
+
+    /// A tokenizer could not be loaded, configured, trained or used.
+    #[error("tokenizer {path}: {reason}")]
+    Tokenizer { path: String, reason: String },
+
+    /// A loader or writer option is out of range or inconsistent.
+    #[error("invalid option `{option}`: {reason}")]
+    Config { option: String, reason: String },
+
+    /// A resume state does not fit the loader it is restored into.
+    #[error("cannot resume the loader: {reason}")]
+    Resume { reason: String },
+
+    /// An input record (annotation list, CSV row, image file) could not be used when writing shards.
+    #[error("{source_name}: {reason}")]
+    Input { source_name: String, reason: String },
+
+    /// Building a tensor failed.
+    #[error("tensor: {0}")]
+    Tensor(#[from] candle_core::Error),
+
+    /// JSON could not be read or written (manifest, loader state).
+    #[error("{what}: {source}")]
+    Json {
+        what: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl DataError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        DataError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn config(option: &str, reason: impl Into<String>) -> Self {
+        DataError::Config {
+            option: option.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Result alias of the data crate.
+pub type Result<T, E = DataError> = std::result::Result<T, E>;

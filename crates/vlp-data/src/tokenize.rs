@@ -1,0 +1,260 @@
+//! Captions to token ids with HF `tokenizers`: a `tokenizer.json` loaded with its own
+//! padding/truncation settings overridden (truncate to `max_tokens` including `[CLS]`/`[SEP]`,
+//! pad to the longest caption of the batch, as ALBEF's `tokenizer(..., padding='longest',
+//! truncation=True, max_length=...)`), and a BERT-style WordPiece trainer.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use tokenizers::models::wordpiece::{WordPiece, WordPieceTrainerBuilder};
+use tokenizers::normalizers::bert::BertNormalizer;
+use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
+use tokenizers::processors::template::TemplateProcessing;
+use tokenizers::models::TrainerWrapper;
+use tokenizers::{AddedToken, Tokenizer, TruncationParams};
+
+use crate::error::{DataError, Result};
+
+/// BERT's special tokens, in the id order the trainer gives them (0..=4).
+pub const SPECIAL_TOKENS: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
+
+/// Token ids and mask of a batch, padded to its longest caption.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EncodedBatch {
+    /// Row-major `[batch, len]`.
+    pub ids: Vec<u32>,
+    /// Row-major `[batch, len]`, 1 for real tokens, 0 for padding.
+    pub mask: Vec<u32>,
+    pub batch: usize,
+    pub len: usize,
+}
+
+impl EncodedBatch {
+    /// `(input_ids, attention_mask)`, both `[batch, len]` u32.
+    pub fn to_tensors(&self, device: &Device) -> Result<(Tensor, Tensor)> {
+        let ids = Tensor::from_slice(&self.ids, (self.batch, self.len), device)?;
+        let mask = Tensor::from_slice(&self.mask, (self.batch, self.len), device)?;
+        Ok((ids, mask))
+    }
+}
+
+/// A tokenizer configured for vlp: truncation to `max_tokens`, padding done per batch.
+#[derive(Clone)]
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    source: String,
+    max_tokens: usize,
+    pad_id: u32,
+}
+
+impl std::fmt::Debug for TextTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextTokenizer")
+            .field("source", &self.source)
+            .field("max_tokens", &self.max_tokens)
+            .field("vocab_size", &self.vocab_size())
+            .finish()
+    }
+}
+
+impl TextTokenizer {
+    /// Loads a `tokenizer.json`. Its own padding is switched off and its truncation
+    /// replaced by `max_tokens` (special tokens included).
+    pub fn from_file(path: impl AsRef<Path>, max_tokens: usize) -> Result<Self> {
+        let path = path.as_ref();
+        let source = path.display().to_string();
+        if !path.exists() {
+            return Err(DataError::Tokenizer {
+                path: source,
+                reason: "file not found".into(),
+            });
+        }
+        let inner = Tokenizer::from_file(path).map_err(|e| DataError::Tokenizer {
+            path: source.clone(),
+            reason: e.to_string(),
+        })?;
+        Self::from_tokenizer(inner, source, max_tokens)
+    }
+
+    /// Wraps an in-memory tokenizer (e.g. one just trained).
+    pub fn from_tokenizer(mut inner: Tokenizer, source: String, max_tokens: usize) -> Result<Self> {
+        if max_tokens < 3 {
+            return Err(DataError::config("max_tokens", "must be at least 3 ([CLS] x [SEP])"));
+        }
+        let pad_token = inner
+            .get_padding()
+            .map(|p| p.pad_token.clone())
+            .unwrap_or_else(|| "[PAD]".to_string());
+        let pad_id = inner.token_to_id(&pad_token).ok_or_else(|| DataError::Tokenizer {
+            path: source.clone(),
+            reason: format!("no pad token `{pad_token}` in the vocabulary"),
+        })?;
+        inner.with_padding(None);
+        inner
+            .with_truncation(Some(TruncationParams {
+                max_length: max_tokens,
+                ..Default::default()
+            }))
+            .map_err(|e| DataError::Tokenizer {
+                path: source.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(TextTokenizer {
+            inner,
+            source,
+            max_tokens,
+            pad_id,
+        })
+    }
+
+    pub fn pad_id(&self) -> u32 {
+        self.pad_id
+    }
+
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// The id of a token such as `[CLS]`, `[SEP]`, `[MASK]`.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// The wrapped `tokenizers` tokenizer.
+    pub fn inner(&self) -> &Tokenizer {
+        &self.inner
+    }
+
+    /// Ids of one caption, special tokens added, truncated.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode_fast(text, true)
+            .map_err(|e| DataError::Tokenizer {
+                path: self.source.clone(),
+                reason: format!("encoding {text:?}: {e}"),
+            })?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Encodes a batch, sequentially (the loader already runs one batch per worker
+    /// thread), padded to its longest caption.
+    pub fn encode_batch(&self, texts: &[String]) -> Result<EncodedBatch> {
+        let encoded: Vec<Vec<u32>> = texts.iter().map(|t| self.encode(t)).collect::<Result<_>>()?;
+        let len = encoded.iter().map(Vec::len).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(texts.len() * len);
+        let mut mask = Vec::with_capacity(texts.len() * len);
+        for row in &encoded {
+            ids.extend_from_slice(row);
+            ids.resize(ids.len() + len - row.len(), self.pad_id);
+            mask.extend(std::iter::repeat_n(1u32, row.len()));
+            mask.resize(mask.len() + len - row.len(), 0);
+        }
+        Ok(EncodedBatch {
+            ids,
+            mask,
+            batch: texts.len(),
+            len,
+        })
+    }
+}
+
+/// Trains a lower-casing BERT WordPiece tokenizer (`[PAD]`=0, `[UNK]`=1, `[CLS]`=2,
+/// `[SEP]`=3, `[MASK]`=4; `[CLS] $A [SEP]` post-processing) on `texts`.
+pub fn train_wordpiece<I, S>(texts: I, vocab_size: usize, min_frequency: u64) -> Result<Tokenizer>
+where
+    I: Iterator<Item = S> + Send,
+    S: AsRef<str> + Send,
+{
+    let fail = |reason: String| DataError::Tokenizer {
+        path: "<training>".into(),
+        reason,
+    };
+    let mut trainer: TrainerWrapper = WordPieceTrainerBuilder::new()
+        .vocab_size(vocab_size)
+        .min_frequency(min_frequency)
+        .show_progress(false)
+        .special_tokens(SPECIAL_TOKENS.iter().map(|t| AddedToken::from(*t, true)).collect())
+        .build()
+        .into();
+    let mut tokenizer = Tokenizer::new(WordPiece::default());
+    tokenizer
+        .with_normalizer(Some(BertNormalizer::new(true, true, None, true)))
+        .map_err(|e| fail(e.to_string()))?;
+    tokenizer.with_pre_tokenizer(Some(BertPreTokenizer));
+    tokenizer.with_decoder(Some(tokenizers::decoders::wordpiece::WordPiece::default()));
+    tokenizer
+        .train(&mut trainer, texts)
+        .map_err(|e| fail(e.to_string()))?;
+    let id = |t: &str| {
+        tokenizer
+            .token_to_id(t)
+            .ok_or_else(|| fail(format!("trained vocabulary lacks {t}")))
+    };
+    let (cls, sep) = (id("[CLS]")?, id("[SEP]")?);
+    let template = TemplateProcessing::builder()
+        .try_single("[CLS] $A [SEP]")
+        .and_then(|b| b.try_pair("[CLS] $A [SEP] $B:1 [SEP]:1"))
+        .map_err(|e| fail(e.to_string()))?
+        .special_tokens(vec![("[CLS]", cls), ("[SEP]", sep)])
+        .build()
+        .map_err(|e| fail(e.to_string()))?;
+    tokenizer.with_post_processor(Some(template));
+    Ok(tokenizer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn corpus() -> Vec<String> {
+        let words = ["red", "blue", "circle", "square", "left", "of", "a", "large", "small"];
+        (0..200)
+            .map(|i| {
+                (0..6)
+                    .map(|j| words[(i * 7 + j * 3) % words.len()])
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect()
+    }
+
+    #[test]
+    fn trained_tokenizer_has_bert_specials_and_template() {
+        let tok = train_wordpiece(corpus().into_iter(), 100, 1).unwrap();
+        for (i, t) in SPECIAL_TOKENS.iter().enumerate() {
+            assert_eq!(tok.token_to_id(t), Some(i as u32));
+        }
+        let wrapped = TextTokenizer::from_tokenizer(tok, "mem".into(), 30).unwrap();
+        let ids = wrapped.encode("A Red circle").unwrap();
+        assert_eq!(ids.first(), Some(&2));
+        assert_eq!(ids.last(), Some(&3));
+        assert_eq!(ids.len(), 5, "lower-cased whole words: {ids:?}");
+    }
+
+    #[test]
+    fn batch_pads_to_longest_and_truncates() {
+        let tok = train_wordpiece(corpus().into_iter(), 100, 1).unwrap();
+        let wrapped = TextTokenizer::from_tokenizer(tok, "mem".into(), 6).unwrap();
+        let texts = ["red".to_string(), "a large blue square left of".to_string()];
+        let b = wrapped.encode_batch(&texts).unwrap();
+        assert_eq!((b.batch, b.len), (2, 6));
+        assert_eq!(&b.mask[..6], &[1, 1, 1, 0, 0, 0]);
+        assert_eq!(&b.mask[6..], &[1; 6]);
+        assert_eq!(&b.ids[3..6], &[0, 0, 0]);
+        assert_eq!(b.ids[11], 3, "truncation keeps [SEP] last");
+        let (ids, mask) = b.to_tensors(&Device::Cpu).unwrap();
+        assert_eq!(ids.dims(), &[2, 6]);
+        assert_eq!(mask.sum_all().unwrap().to_scalar::<u32>().unwrap(), 9);
+    }
+
+    #[test]
+    fn missing_file_is_an_error_naming_it() {
+        let err = TextTokenizer::from_file("/no/such/tokenizer.json", 30).unwrap_err();
+        assert!(err.to_string().contains("/no/such/tokenizer.json"));
+    }
+}

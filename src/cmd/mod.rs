@@ -1,0 +1,7 @@
+//! One module per subcommand: its arguments and its `run`.
+
+pub mod bench;
+pub mod shards_inspect;
+pub mod shards_synth;
+pub mod shards_write;
+pub mod tokenizer;

@@ -1,0 +1,76 @@
+//! `vlp`: the command-line program. Glue only: parse arguments, set up logging, call the
+//! library crates, map errors to exit codes.
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "vlp", version, about = "ALBEF/BLIP-style vision-language pretraining on candle")]
+struct Cli {
+    /// Log filter (tracing-subscriber EnvFilter syntax); RUST_LOG also works.
+    #[arg(long, global = true, default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Make and check WebDataset shards.
+    #[command(subcommand)]
+    Shards(ShardsCommand),
+    /// Train a WordPiece tokenizer on the captions of shards.
+    #[command(subcommand)]
+    Tokenizer(TokenizerCommand),
+    /// Benchmarks (throughput and peak memory).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum ShardsCommand {
+    /// Write shards from a JSON annotation list, a folder of images with .txt sidecars, or a CSV/TSV.
+    Write(cmd::shards_write::WriteArgs),
+    /// Generate a deterministic synthetic dataset of coloured shapes with compositional captions.
+    Synth(cmd::shards_synth::SynthArgs),
+    /// Count samples and extensions, decode-check every sample, report bad samples by reason.
+    Inspect(cmd::shards_inspect::InspectArgs),
+}
+
+#[derive(Subcommand)]
+enum TokenizerCommand {
+    /// Train a BERT-style WordPiece tokenizer on the (cleaned) captions of shards.
+    Train(cmd::tokenizer::TrainArgs),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Throughput and peak RSS of the full training data pipeline, and the decode-only limit.
+    Loader(cmd::bench::LoaderArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let result = match cli.command {
+        Command::Shards(ShardsCommand::Write(a)) => cmd::shards_write::run(a),
+        Command::Shards(ShardsCommand::Synth(a)) => cmd::shards_synth::run(a),
+        Command::Shards(ShardsCommand::Inspect(a)) => cmd::shards_inspect::run(a),
+        Command::Tokenizer(TokenizerCommand::Train(a)) => cmd::tokenizer::run(a),
+        Command::Bench(BenchCommand::Loader(a)) => cmd::bench::run(a),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

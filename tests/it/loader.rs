@@ -1,0 +1,364 @@
+//! The streaming loader end to end: coverage across ranks x workers, shuffling, resume,
+//! every bad-data case, img2dataset's layout, `pipe:` sources.
+
+use std::collections::{BTreeMap, HashSet};
+
+use vlp_data::image_ops::{EvalTransform, ImageTransform};
+use vlp_data::loader::{Batch, Loader, LoaderConfig, Mode};
+use vlp_data::stats::{BadDataPolicy, SkipReason};
+
+use crate::common::*;
+
+fn small_cfg() -> LoaderConfig {
+    LoaderConfig {
+        batch_size: 4,
+        workers: 2,
+        shuffle_buffer: 8,
+        shuffle_initial: 3,
+        max_epochs: Some(1),
+        image: ImageTransform::Train(vlp_data::image_ops::TrainTransform {
+            randaugment: None,
+            ..vlp_data::image_ops::TrainTransform::albef_finetune(8)
+        }),
+        ..LoaderConfig::default()
+    }
+}
+
+fn all_batches(loader: &mut Loader) -> Vec<Batch> {
+    let mut out = Vec::new();
+    while let Some(b) = loader.next_batch().unwrap() {
+        out.push(b);
+    }
+    out
+}
+
+fn captions(batches: &[Batch]) -> Vec<String> {
+    batches.iter().flat_map(|b| b.captions.clone()).collect()
+}
+
+fn images(batches: &[Batch]) -> Vec<Vec<f32>> {
+    batches
+        .iter()
+        .map(|b| b.images.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .collect()
+}
+
+#[test]
+fn every_sample_exactly_once_per_epoch_across_ranks_and_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_dataset(dir.path(), 7, 9);
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for rank in 0..2 {
+        let cfg = LoaderConfig {
+            rank,
+            world_size: 2,
+            workers: 2,
+            ..small_cfg()
+        };
+        let mut loader = Loader::new(&spec, cfg, tokenizer(16)).unwrap();
+        let batches = all_batches(&mut loader);
+        for b in &batches {
+            assert_eq!(b.images.dims()[1..], [3, 8, 8]);
+            assert_eq!(b.input_ids.dims(), b.attention_mask.dims());
+            assert_eq!(b.input_ids.dims()[0], b.len());
+        }
+        for c in captions(&batches) {
+            *seen.entry(c).or_default() += 1;
+        }
+        let summary = &loader.epoch_summaries()[0];
+        assert!(summary.skipped.is_empty());
+    }
+    let expected: BTreeMap<String, usize> =
+        (0..7).flat_map(|s| (0..9).map(move |i| (caption(s, i), 1))).collect();
+    assert_eq!(seen, expected);
+}
+
+#[test]
+fn shuffling_is_determined_by_the_seed() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_dataset(dir.path(), 4, 10);
+    let run = |seed| {
+        let cfg = LoaderConfig { seed, ..small_cfg() };
+        captions(&all_batches(&mut Loader::new(&spec, cfg, tokenizer(16)).unwrap()))
+    };
+    let (a, b, c) = (run(1), run(1), run(2));
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+    let mut sorted_a = a.clone();
+    sorted_a.sort();
+    let mut sorted_c = c.clone();
+    sorted_c.sort();
+    assert_eq!(sorted_a, sorted_c, "same samples, other order");
+    // Samples are mixed across shards, not read shard after shard.
+    let first_shards: HashSet<&str> = a[..8].iter().map(|c| &c[..3]).collect();
+    assert!(first_shards.len() > 1, "{a:?}");
+    // A new epoch reshuffles.
+    let cfg = LoaderConfig {
+        max_epochs: Some(2),
+        ..small_cfg()
+    };
+    let both = captions(&all_batches(&mut Loader::new(&spec, cfg, tokenizer(16)).unwrap()));
+    assert_eq!(both.len(), 80);
+    assert_ne!(both[..40], both[40..]);
+}
+
+/// Restoring the state taken after batch k reproduces batches k+1.. exactly: same
+/// samples, same captions, same augmented pixels.
+fn check_resume(cfg: LoaderConfig, spec: &str, total: usize) {
+    let mut full = Loader::new(spec, cfg.clone(), tokenizer(16)).unwrap();
+    let mut reference = Vec::new();
+    let mut states = Vec::new();
+    for _ in 0..total {
+        states.push(full.state().to_json().unwrap());
+        reference.push(full.next_batch().unwrap().expect("enough batches"));
+    }
+    for k in [1, 3, total / 2, total - 2] {
+        let mut resumed = Loader::new(spec, cfg.clone(), tokenizer(16)).unwrap();
+        let state = vlp_data::loader::LoaderState::from_json(&states[k]).unwrap();
+        resumed.restore(state).unwrap();
+        let rest: Vec<Batch> = (k..total).map(|_| resumed.next_batch().unwrap().unwrap()).collect();
+        assert_eq!(captions(&rest), captions(&reference[k..]), "resumed at batch {k}");
+        assert_eq!(images(&rest), images(&reference[k..]), "pixels after resume at {k}");
+        let keys: Vec<_> = rest.iter().map(|b| b.keys.clone()).collect();
+        let ref_keys: Vec<_> = reference[k..].iter().map(|b| b.keys.clone()).collect();
+        assert_eq!(keys, ref_keys);
+    }
+}
+
+#[test]
+fn resume_reproduces_the_uninterrupted_sequence_across_epochs() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_dataset(dir.path(), 5, 11);
+    let cfg = LoaderConfig {
+        max_epochs: Some(3),
+        ..small_cfg()
+    };
+    // 55 samples per epoch in batches of 4 from 2 workers: ~15 batches an epoch; 30 spans two epochs.
+    check_resume(cfg, &spec, 30);
+}
+
+#[test]
+fn resume_in_resampled_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_dataset(dir.path(), 3, 6);
+    let cfg = LoaderConfig {
+        mode: Mode::Resampled,
+        max_epochs: None,
+        ..small_cfg()
+    };
+    check_resume(cfg, &spec, 20);
+}
+
+#[test]
+fn resume_refuses_a_state_from_other_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_dataset(dir.path(), 3, 6);
+    let mut a = Loader::new(&spec, small_cfg(), tokenizer(16)).unwrap();
+    a.next_batch().unwrap();
+    let cfg = LoaderConfig {
+        seed: 9,
+        ..small_cfg()
+    };
+    let mut b = Loader::new(&spec, cfg, tokenizer(16)).unwrap();
+    let err = b.restore(a.state()).unwrap_err().to_string();
+    assert!(err.contains("seed"), "{err}");
+}
+
+#[test]
+fn resampled_mode_runs_past_the_dataset_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_dataset(dir.path(), 2, 5);
+    let cfg = LoaderConfig {
+        mode: Mode::Resampled,
+        max_epochs: None,
+        ..small_cfg()
+    };
+    let mut loader = Loader::new(&spec, cfg, tokenizer(16)).unwrap();
+    let n: usize = (0..10).map(|_| loader.next_batch().unwrap().unwrap().len()).sum();
+    assert_eq!(n, 40, "resampled mode yields full batches forever (10 samples on disk)");
+}
+
+/// Shards with one instance of every bad-data case, plus good samples around them.
+fn write_bad_dataset(dir: &std::path::Path) -> String {
+    let mut samples = vec![good_sample(0, 0)];
+    let bad = |key: &str, members: Vec<(&str, Vec<u8>)>| {
+        (
+            key.to_string(),
+            members.into_iter().map(|(e, b)| (e.to_string(), b)).collect::<Vec<_>>(),
+        )
+    };
+    samples.push(bad("corrupt", vec![("jpg", b"not a jpeg at all".to_vec()), ("txt", b"x".to_vec())]));
+    samples.push(bad("zerobyte", vec![("png", Vec::new()), ("txt", b"x".to_vec())]));
+    samples.push(bad("nocaption", vec![("png", png(4, 4, 1))]));
+    samples.push(bad("notutf8", vec![("png", png(4, 4, 2)), ("txt", vec![0xff, 0xfe, 0x41])]));
+    samples.push(bad(
+        "dup",
+        vec![("png", png(4, 4, 3)), ("txt", b"a".to_vec()), ("txt", b"b".to_vec())],
+    ));
+    samples.push(bad("huge", vec![("png", png(300, 300, 4)), ("txt", b"x".to_vec())]));
+    samples.push(good_sample(0, 1));
+    write_tar(&dir.join("bad-000000.tar"), &samples);
+    // A truncated shard: two good samples, then the stream is cut inside the third.
+    write_tar(&dir.join("full.tar"), &(0..3).map(|i| good_sample(1, i)).collect::<Vec<_>>());
+    let full = std::fs::read(dir.join("full.tar")).unwrap();
+    // From the end: two zero blocks, the txt member (header + block), then the png's data block.
+    let cut = full.len() - 1024 - 1024 - 512 + 40;
+    std::fs::write(dir.join("bad-000001.tar"), &full[..cut]).unwrap();
+    // An empty shard (zero bytes) and a missing one (000003).
+    std::fs::write(dir.join("bad-000002.tar"), b"").unwrap();
+    let base = dir.display();
+    format!("{base}/bad-{{000000..000003}}.tar::pipe:exit 7")
+}
+
+#[test]
+fn bad_data_is_skipped_and_counted_by_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_bad_dataset(dir.path());
+    let cfg = LoaderConfig {
+        workers: 1,
+        max_pixels: 200 * 200,
+        ..small_cfg()
+    };
+    let mut loader = Loader::new(&spec, cfg, tokenizer(16)).unwrap();
+    let batches = all_batches(&mut loader);
+    let mut got = captions(&batches);
+    got.sort();
+    assert_eq!(got, ["000_0", "000_1", "001_0", "001_1"]);
+    let skipped = &loader.epoch_summaries()[0].skipped;
+    for reason in [
+        SkipReason::BadImage,
+        SkipReason::MissingCaption,
+        SkipReason::BadText,
+        SkipReason::DuplicateField,
+        SkipReason::ImageTooLarge,
+        SkipReason::CorruptShard,
+        SkipReason::EmptyShard,
+        SkipReason::MissingShard,
+        SkipReason::PipeFailed,
+    ] {
+        assert!(skipped.get(reason) >= 1, "{reason} not counted: {skipped}");
+    }
+    assert_eq!(skipped.get(SkipReason::BadImage), 2, "corrupt + zero-byte");
+    assert_eq!(loader.epoch_summaries()[0].samples, 4);
+}
+
+#[test]
+fn fail_policy_names_shard_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut samples = vec![good_sample(0, 0)];
+    samples.push(("broken_key".into(), vec![("jpg".into(), b"garbage".to_vec()), ("txt".into(), b"x".to_vec())]));
+    write_tar(&dir.path().join("f.tar"), &samples);
+    let cfg = LoaderConfig {
+        workers: 1,
+        on_bad_data: BadDataPolicy::Fail,
+        shuffle_buffer: 1,
+        ..small_cfg()
+    };
+    let mut loader = Loader::new(&path_str(&dir.path().join("f.tar")), cfg.clone(), tokenizer(16)).unwrap();
+    let err = loop {
+        match loader.next_batch() {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the bad sample was not reported"),
+            Err(e) => break e.to_string(),
+        }
+    };
+    assert!(err.contains("f.tar") && err.contains("broken_key") && err.contains("bad_image"), "{err}");
+
+    let missing = path_str(&dir.path().join("missing.tar"));
+    let mut loader = Loader::new(&missing, cfg, tokenizer(16)).unwrap();
+    let err = loader.next_batch().unwrap_err().to_string();
+    assert!(err.contains("missing.tar") && err.contains("missing_shard"), "{err}");
+}
+
+#[test]
+fn img2dataset_folder_reads_as_is() {
+    let dir = tempfile::tempdir().unwrap();
+    for shard in 0..2 {
+        let samples: Vec<_> = (0..3)
+            .map(|i| {
+                let key = format!("{:09}", shard * 10_000 + i);
+                let cap = caption(shard, i);
+                let json = serde_json::json!({
+                    "url": "http://example.com/x.jpg", "caption": cap, "key": key, "status": "success",
+                    "width": 12, "height": 10, "original_width": 640, "original_height": 480,
+                    "exif": "{}", "sha256": "00"
+                });
+                (
+                    key,
+                    vec![
+                        ("jpg".to_string(), jpeg(12, 10)),
+                        ("txt".to_string(), cap.into_bytes()),
+                        ("json".to_string(), json.to_string().into_bytes()),
+                    ],
+                )
+            })
+            .collect();
+        write_tar(&dir.path().join(format!("{shard:05}.tar")), &samples);
+        std::fs::write(dir.path().join(format!("{shard:05}_stats.json")), b"{}").unwrap();
+        std::fs::write(dir.path().join(format!("{shard:05}.parquet")), b"PAR1").unwrap();
+    }
+    let cfg = LoaderConfig {
+        image: ImageTransform::Eval(EvalTransform { size: 8 }),
+        ..small_cfg()
+    };
+    let mut loader = Loader::new(&path_str(dir.path()), cfg, tokenizer(16)).unwrap();
+    let batches = all_batches(&mut loader);
+    let mut got = captions(&batches);
+    got.sort();
+    assert_eq!(got, ["000_0", "000_1", "000_2", "001_0", "001_1", "001_2"]);
+    let ids: HashSet<String> = batches.iter().flat_map(|b| b.image_ids.clone()).collect();
+    assert!(ids.contains("000010001"), "image id falls back to the key: {ids:?}");
+    assert!(batches.iter().all(|b| b.urls.iter().all(|u| u.ends_with(".tar"))));
+}
+
+fn jpeg(w: u32, h: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 20) as u8, (y * 20) as u8, 90]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Jpeg).unwrap();
+    out.into_inner()
+}
+
+#[test]
+fn grouping_and_pipe_sources() {
+    let dir = tempfile::tempdir().unwrap();
+    // Keys with dots in directories and multi-dot extensions, members in one group.
+    let samples = vec![
+        ("a.d/x1".to_string(), vec![("PNG".to_string(), png(6, 6, 1)), ("seg.txt".to_string(), b"s".to_vec()), ("txt".to_string(), b"one".to_vec())]),
+        ("a.d/x2".to_string(), vec![("png".to_string(), png(6, 6, 2)), ("txt".to_string(), b"two".to_vec())]),
+    ];
+    write_tar(&dir.path().join("g.tar"), &samples);
+    let spec = format!("pipe:cat {}", dir.path().join("g.tar").display());
+    let mut raw = Vec::new();
+    let url = vlp_data::spec::expand_spec(&spec).unwrap().remove(0);
+    let outcome = vlp_data::shard::read_shard(&url, 0, |s| {
+        raw.push(s);
+        std::ops::ControlFlow::Continue(())
+    });
+    assert!(outcome.problem.is_none(), "{:?}", outcome.problem);
+    assert_eq!(raw.len(), 2);
+    assert_eq!(raw[0].key, "a.d/x1");
+    let exts: Vec<&str> = raw[0].fields.iter().map(|(e, _)| e.as_str()).collect();
+    assert_eq!(exts, ["png", "seg.txt", "txt"], "extensions lower-cased, rest after the first dot");
+    assert_eq!(&*raw[1].url, spec.as_str());
+    let cfg = LoaderConfig { workers: 1, ..small_cfg() };
+    let batches = all_batches(&mut Loader::new(&spec, cfg, tokenizer(16)).unwrap());
+    let mut got = captions(&batches);
+    got.sort();
+    assert_eq!(got, ["one", "two"]);
+}
+
+#[test]
+fn epoch_length_comes_from_the_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_dataset(dir.path(), 3, 4);
+    let cfg = LoaderConfig { workers: 1, ..small_cfg() };
+    let loader = Loader::new(&spec, cfg.clone(), tokenizer(16)).unwrap();
+    assert_eq!(loader.samples_in_epoch(0), None, "no manifest yet");
+    let manifest = serde_json::json!({
+        "format": "vlp-shards/1", "samples": 12,
+        "shards": (0..3).map(|s| serde_json::json!({"file": format!("train-{s:06}.tar"), "samples": 4, "bytes": 1})).collect::<Vec<_>>()
+    });
+    std::fs::write(dir.path().join("train-manifest.json"), manifest.to_string()).unwrap();
+    let loader = Loader::new(&spec, cfg, tokenizer(16)).unwrap();
+    assert_eq!(loader.samples_in_epoch(0), Some(12));
+}

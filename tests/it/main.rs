@@ -1,0 +1,4 @@
+//! The one integration-test binary: end-to-end tests on tiny data written on the fly.
+
+mod common;
+mod loader;
