@@ -1,5 +1,164 @@
-#[derive(clap::Args)]
-pub struct WriteArgs {}
-pub fn run(_args: WriteArgs) -> anyhow::Result<()> {
-    anyhow::bail!("not built yet")
+//! `vlp shards write`: turn a JSON annotation list, a folder of images with `.txt` captions,
+//! or a CSV/TSV file into WebDataset tar shards plus a manifest.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use vlp_data::ingest::{self, EncodeOptions, IngestOptions, OutputFormat};
+use vlp_data::rng::Rng;
+
+/// Image format written to the shards.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum FormatArg {
+    /// Keep each image's own format (JPEG, PNG or WebP) and, unless resized, its bytes.
+    Keep,
+    /// Re-encode to JPEG (alpha composited onto white).
+    Jpg,
+    /// Re-encode to PNG (alpha composited onto white).
+    Png,
+}
+
+#[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["json", "folder", "csv"])))]
+pub struct WriteArgs {
+    /// ALBEF/BLIP JSON annotation list: [{"image": ..., "caption": ... | [...], "image_id": ...}].
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Folder of images (jpg/jpeg/png/webp, recursive), each with a same-stem .txt caption file.
+    #[arg(long, value_name = "DIR")]
+    pub folder: Option<PathBuf>,
+    /// CSV or TSV file with a header (open_clip style).
+    #[arg(long, value_name = "FILE")]
+    pub csv: Option<PathBuf>,
+    /// Output prefix: shards become PREFIX-000000.tar, ... and PREFIX-manifest.json.
+    #[arg(long, value_name = "PREFIX")]
+    pub out: PathBuf,
+    /// Samples per shard.
+    #[arg(long, default_value_t = 1000)]
+    pub per_shard: usize,
+    /// Directory relative image paths of --json/--csv are resolved against
+    /// (default: the directory of that file).
+    #[arg(long, value_name = "DIR")]
+    pub image_root: Option<PathBuf>,
+    /// Downscale so the longer side is at most PX pixels (Lanczos3, never upscales).
+    #[arg(long, value_name = "PX")]
+    pub resize_max: Option<u32>,
+    /// Image format in the shards.
+    #[arg(long, value_enum, default_value = "keep")]
+    pub format: FormatArg,
+    /// JPEG quality for re-encoded images (1-100).
+    #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub quality: u8,
+    /// Skip (and count) entries whose image is missing, or images without a caption file.
+    #[arg(long)]
+    pub skip_missing: bool,
+    /// Shuffle the records with this seed before writing (default: input order).
+    #[arg(long, value_name = "S")]
+    pub shuffle_seed: Option<u64>,
+    /// CSV column holding the image path (default: filepath, else image).
+    #[arg(long, value_name = "NAME")]
+    pub image_col: Option<String>,
+    /// CSV column holding the caption (default: title, else caption).
+    #[arg(long, value_name = "NAME")]
+    pub caption_col: Option<String>,
+    /// CSV field separator, one character or `tab` (default: tab for .tsv, else comma).
+    #[arg(long, value_name = "CHAR", value_parser = parse_sep)]
+    pub sep: Option<char>,
+    /// Threads reading and re-encoding images (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+fn parse_sep(s: &str) -> Result<char, String> {
+    match s {
+        "tab" | "\\t" | "\t" => Ok('\t'),
+        _ => {
+            let mut chars = s.chars();
+            match (chars.next(), chars.next()) {
+                (Some(c), None) if c != '"' && c != '\n' && c != '\r' => Ok(c),
+                _ => Err(format!("`{s}` is not a single separator character (or `tab`)")),
+            }
+        }
+    }
+}
+
+pub fn run(args: WriteArgs) -> anyhow::Result<()> {
+    if args.per_shard == 0 {
+        anyhow::bail!("--per-shard must be at least 1");
+    }
+    if args.resize_max == Some(0) {
+        anyhow::bail!("--resize-max must be at least 1");
+    }
+    let csv_only = args.image_col.is_some() || args.caption_col.is_some() || args.sep.is_some();
+    if csv_only && args.csv.is_none() {
+        anyhow::bail!("--image-col, --caption-col and --sep apply to --csv only");
+    }
+    if args.folder.is_some() && args.image_root.is_some() {
+        anyhow::bail!("--image-root applies to --json and --csv; a folder's images are found beside their captions");
+    }
+    let opts = IngestOptions {
+        image_root: args.image_root.clone(),
+        skip_missing: args.skip_missing,
+        image_col: args.image_col.clone(),
+        caption_col: args.caption_col.clone(),
+        sep: args.sep,
+    };
+    let (input, ingested) = if let Some(p) = &args.json {
+        (p, ingest::read_json_list(p, &opts))
+    } else if let Some(p) = &args.folder {
+        (p, ingest::read_folder(p, &opts))
+    } else if let Some(p) = &args.csv {
+        (p, ingest::read_csv(p, &opts))
+    } else {
+        unreachable!("clap requires one input")
+    };
+    let mut ingested = ingested.with_context(|| format!("reading {}", input.display()))?;
+    if ingested.records.is_empty() {
+        anyhow::bail!(
+            "{} holds no usable record ({} skipped); nothing to write",
+            input.display(),
+            ingested.skipped
+        );
+    }
+    let captions: usize = ingested.records.iter().map(|r| r.captions.len()).sum();
+    tracing::info!(
+        records = ingested.records.len(),
+        captions,
+        skipped = ingested.skipped,
+        "read {}",
+        input.display()
+    );
+    if let Some(seed) = args.shuffle_seed {
+        Rng::new(seed).shuffle(&mut ingested.records);
+    }
+    let encode = EncodeOptions {
+        format: match args.format {
+            FormatArg::Keep => OutputFormat::Keep,
+            FormatArg::Jpg => OutputFormat::Jpg,
+            FormatArg::Png => OutputFormat::Png,
+        },
+        resize_max: args.resize_max,
+        quality: args.quality,
+    };
+    let threads = args.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let summary = ingest::write_records(&ingested.records, &args.out, args.per_shard, &encode, threads)
+        .with_context(|| format!("writing shards to {}", args.out.display()))?;
+    let bytes: u64 = summary.manifest.shards.iter().map(|s| s.bytes).sum();
+    println!(
+        "wrote {} samples ({captions} captions) in {} shards, {} bytes; {} images re-encoded; skipped {}",
+        summary.manifest.samples,
+        summary.manifest.shards.len(),
+        bytes,
+        summary.reencoded,
+        ingested.skipped
+    );
+    if let (Some(first), Some(last)) = (summary.manifest.shards.first(), summary.manifest.shards.last()) {
+        println!("shards: {} .. {}", first.file, last.file);
+    }
+    println!("manifest: {}", summary.manifest_path.display());
+    Ok(())
 }

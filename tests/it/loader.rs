@@ -356,7 +356,11 @@ fn epoch_length_comes_from_the_manifest() {
     assert_eq!(loader.samples_in_epoch(0), None, "no manifest yet");
     let manifest = serde_json::json!({
         "format": "vlp-shards/1", "samples": 12,
-        "shards": (0..3).map(|s| serde_json::json!({"file": format!("train-{s:06}.tar"), "samples": 4, "bytes": 1})).collect::<Vec<_>>()
+        "shards": (0..3).map(|s| {
+            let file = format!("train-{s:06}.tar");
+            let bytes = std::fs::metadata(dir.path().join(&file)).unwrap().len();
+            serde_json::json!({"file": file, "samples": 4, "bytes": bytes})
+        }).collect::<Vec<_>>()
     });
     std::fs::write(dir.path().join("train-manifest.json"), manifest.to_string()).unwrap();
     let loader = Loader::new(&spec, cfg, tokenizer(16)).unwrap();

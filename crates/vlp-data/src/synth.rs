@@ -170,7 +170,7 @@ fn random_object(rng: &mut Rng, size: f32) -> Object {
 
 /// A random centre coordinate keeping a shape of half-extent `half` one pixel inside.
 fn coord(rng: &mut Rng, size: f32, half: f32) -> f32 {
-    rng.uniform_range(half + 1.0, size - half - 1.0) as f32
+    rng.uniform_range((half + 1.0) as f64, (size - half - 1.0) as f64) as f32
 }
 
 /// True when `a` is unambiguously `rel` of `b`: their extents are apart by `gap` along the
