@@ -28,7 +28,12 @@ def expand(spec):
                 raise SystemExit(f"no file matches {part}")
             urls.extend(found)
         else:
-            urls.append(part)
+            try:
+                from braceexpand import braceexpand  # a dependency of webdataset
+            except ImportError:
+                urls.append(part)
+            else:
+                urls.extend(braceexpand(part))
     return urls
 
 
@@ -57,8 +62,7 @@ def main(argv):
     import webdataset as wds
 
     urls = expand(spec)
-    # The default brace expansion of webdataset handles `{a..b}` inside a single URL.
-    dataset = wds.WebDataset(urls if len(urls) > 1 else urls[0], shardshuffle=False).decode("pil")
+    dataset = wds.WebDataset(urls, shardshuffle=False).decode("pil")
 
     count = 0
     errors = []

@@ -6,7 +6,11 @@ mod cmd;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "vlp", version, about = "ALBEF/BLIP-style vision-language pretraining on candle")]
+#[command(
+    name = "vlp",
+    version,
+    about = "ALBEF/BLIP-style vision-language pretraining on candle"
+)]
 struct Cli {
     /// Log filter (tracing-subscriber EnvFilter syntax); RUST_LOG also works.
     #[arg(long, global = true, default_value = "info")]

@@ -71,7 +71,9 @@ pub fn run(args: LoaderArgs) -> anyhow::Result<()> {
     let (mut batches, mut samples) = (0u64, 0u64);
     let mut last_shape = Vec::new();
     while t0.elapsed().as_secs_f64() < args.seconds {
-        let Some(batch) = loader.next_batch()? else { break };
+        let Some(batch) = loader.next_batch()? else {
+            break;
+        };
         batches += 1;
         samples += batch.len() as u64;
         last_shape = batch.images.dims().to_vec();
@@ -79,7 +81,10 @@ pub fn run(args: LoaderArgs) -> anyhow::Result<()> {
     let seconds = t0.elapsed().as_secs_f64();
     drop(loader);
     let pipeline_rss = peak_rss_mb();
-    eprintln!("warm-up {} batch(es): {warmup_s:.2}s; last batch images {last_shape:?}", args.warmup);
+    eprintln!(
+        "warm-up {} batch(es): {warmup_s:.2}s; last batch images {last_shape:?}",
+        args.warmup
+    );
 
     let decode = if args.decode_seconds > 0.0 {
         Some(decode_only(&args)?)

@@ -122,9 +122,16 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         println!("{out}");
         return Ok(());
     }
-    println!("{:<48} {:>8} {:>8} {:>9}  extensions / skipped", "shard", "samples", "good", "captions");
+    println!(
+        "{:<48} {:>8} {:>8} {:>9}  extensions / skipped",
+        "shard", "samples", "good", "captions"
+    );
     for r in reports.iter().chain(std::iter::once(&total)) {
-        let exts: Vec<String> = r.extensions.iter().map(|(e, n)| format!("{e}:{n}")).collect();
+        let exts: Vec<String> = r
+            .extensions
+            .iter()
+            .map(|(e, n)| format!("{e}:{n}"))
+            .collect();
         println!(
             "{:<48} {:>8} {:>8} {:>9}  {} / {}",
             r.shard,

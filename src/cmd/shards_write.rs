@@ -43,7 +43,8 @@ pub struct WriteArgs {
     /// Downscale so the longer side is at most PX pixels (Lanczos3, never upscales).
     #[arg(long, value_name = "PX")]
     pub resize_max: Option<u32>,
-    /// Image format in the shards.
+    /// Image format in the shards: `keep` stores the input bytes; `jpg`/`png` always
+    /// re-encode as RGB (alpha composited onto white).
     #[arg(long, value_enum, default_value = "keep")]
     pub format: FormatArg,
     /// JPEG quality for re-encoded images (1-100).
@@ -76,7 +77,9 @@ fn parse_sep(s: &str) -> Result<char, String> {
             let mut chars = s.chars();
             match (chars.next(), chars.next()) {
                 (Some(c), None) if c != '"' && c != '\n' && c != '\r' => Ok(c),
-                _ => Err(format!("`{s}` is not a single separator character (or `tab`)")),
+                _ => Err(format!(
+                    "`{s}` is not a single separator character (or `tab`)"
+                )),
             }
         }
     }
@@ -145,8 +148,14 @@ pub fn run(args: WriteArgs) -> anyhow::Result<()> {
             .map(|n| n.get())
             .unwrap_or(1)
     });
-    let summary = ingest::write_records(&ingested.records, &args.out, args.per_shard, &encode, threads)
-        .with_context(|| format!("writing shards to {}", args.out.display()))?;
+    let summary = ingest::write_records(
+        &ingested.records,
+        &args.out,
+        args.per_shard,
+        &encode,
+        threads,
+    )
+    .with_context(|| format!("writing shards to {}", args.out.display()))?;
     let bytes: u64 = summary.manifest.shards.iter().map(|s| s.bytes).sum();
     println!(
         "wrote {} samples ({captions} captions) in {} shards, {} bytes; {} images re-encoded; skipped {}",
@@ -156,7 +165,10 @@ pub fn run(args: WriteArgs) -> anyhow::Result<()> {
         summary.reencoded,
         ingested.skipped
     );
-    if let (Some(first), Some(last)) = (summary.manifest.shards.first(), summary.manifest.shards.last()) {
+    if let (Some(first), Some(last)) = (
+        summary.manifest.shards.first(),
+        summary.manifest.shards.last(),
+    ) {
         println!("shards: {} .. {}", first.file, last.file);
     }
     println!("manifest: {}", summary.manifest_path.display());

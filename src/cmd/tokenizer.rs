@@ -55,7 +55,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     anyhow::ensure!(!captions.is_empty(), "no caption found in {}", args.spec);
     let tokenizer = train_wordpiece(captions.iter(), args.vocab_size, args.min_frequency)?;
     if let Some(parent) = args.out.parent() {
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
     }
     tokenizer
         .save(&args.out, true)

@@ -63,12 +63,18 @@ pub fn write_dataset(dir: &Path, n_shards: usize, per_shard: usize) -> String {
         let samples: Vec<_> = (0..per_shard).map(|i| good_sample(s, i)).collect();
         write_tar(&dir.join(format!("train-{s:06}.tar")), &samples);
     }
-    format!("{}/train-{{000000..{:06}}}.tar", dir.display(), n_shards - 1)
+    format!(
+        "{}/train-{{000000..{:06}}}.tar",
+        dir.display(),
+        n_shards - 1
+    )
 }
 
 /// A tokenizer trained on the `SSS_I` captions: digits and `_` are its words.
 pub fn tokenizer(max_tokens: usize) -> TextTokenizer {
-    let corpus: Vec<String> = (0..50).flat_map(|s| (0..50).map(move |i| caption(s, i))).collect();
+    let corpus: Vec<String> = (0..50)
+        .flat_map(|s| (0..50).map(move |i| caption(s, i)))
+        .collect();
     let tok = train_wordpiece(corpus.iter(), 200, 1).unwrap();
     TextTokenizer::from_tokenizer(tok, "test".into(), max_tokens).unwrap()
 }

@@ -68,8 +68,9 @@ fn every_sample_exactly_once_per_epoch_across_ranks_and_workers() {
         let summary = &loader.epoch_summaries()[0];
         assert!(summary.skipped.is_empty());
     }
-    let expected: BTreeMap<String, usize> =
-        (0..7).flat_map(|s| (0..9).map(move |i| (caption(s, i), 1))).collect();
+    let expected: BTreeMap<String, usize> = (0..7)
+        .flat_map(|s| (0..9).map(move |i| (caption(s, i), 1)))
+        .collect();
     assert_eq!(seen, expected);
 }
 
@@ -78,8 +79,13 @@ fn shuffling_is_determined_by_the_seed() {
     let dir = tempfile::tempdir().unwrap();
     let spec = write_dataset(dir.path(), 4, 10);
     let run = |seed| {
-        let cfg = LoaderConfig { seed, ..small_cfg() };
-        captions(&all_batches(&mut Loader::new(&spec, cfg, tokenizer(16)).unwrap()))
+        let cfg = LoaderConfig {
+            seed,
+            ..small_cfg()
+        };
+        captions(&all_batches(
+            &mut Loader::new(&spec, cfg, tokenizer(16)).unwrap(),
+        ))
     };
     let (a, b, c) = (run(1), run(1), run(2));
     assert_eq!(a, b);
@@ -97,7 +103,9 @@ fn shuffling_is_determined_by_the_seed() {
         max_epochs: Some(2),
         ..small_cfg()
     };
-    let both = captions(&all_batches(&mut Loader::new(&spec, cfg, tokenizer(16)).unwrap()));
+    let both = captions(&all_batches(
+        &mut Loader::new(&spec, cfg, tokenizer(16)).unwrap(),
+    ));
     assert_eq!(both.len(), 80);
     assert_ne!(both[..40], both[40..]);
 }
@@ -116,9 +124,19 @@ fn check_resume(cfg: LoaderConfig, spec: &str, total: usize) {
         let mut resumed = Loader::new(spec, cfg.clone(), tokenizer(16)).unwrap();
         let state = vlp_data::loader::LoaderState::from_json(&states[k]).unwrap();
         resumed.restore(state).unwrap();
-        let rest: Vec<Batch> = (k..total).map(|_| resumed.next_batch().unwrap().unwrap()).collect();
-        assert_eq!(captions(&rest), captions(&reference[k..]), "resumed at batch {k}");
-        assert_eq!(images(&rest), images(&reference[k..]), "pixels after resume at {k}");
+        let rest: Vec<Batch> = (k..total)
+            .map(|_| resumed.next_batch().unwrap().unwrap())
+            .collect();
+        assert_eq!(
+            captions(&rest),
+            captions(&reference[k..]),
+            "resumed at batch {k}"
+        );
+        assert_eq!(
+            images(&rest),
+            images(&reference[k..]),
+            "pixels after resume at {k}"
+        );
         let keys: Vec<_> = rest.iter().map(|b| b.keys.clone()).collect();
         let ref_keys: Vec<_> = reference[k..].iter().map(|b| b.keys.clone()).collect();
         assert_eq!(keys, ref_keys);
@@ -174,8 +192,13 @@ fn resampled_mode_runs_past_the_dataset_size() {
         ..small_cfg()
     };
     let mut loader = Loader::new(&spec, cfg, tokenizer(16)).unwrap();
-    let n: usize = (0..10).map(|_| loader.next_batch().unwrap().unwrap().len()).sum();
-    assert_eq!(n, 40, "resampled mode yields full batches forever (10 samples on disk)");
+    let n: usize = (0..10)
+        .map(|_| loader.next_batch().unwrap().unwrap().len())
+        .sum();
+    assert_eq!(
+        n, 40,
+        "resampled mode yields full batches forever (10 samples on disk)"
+    );
 }
 
 /// Shards with one instance of every bad-data case, plus good samples around them.
@@ -184,22 +207,47 @@ fn write_bad_dataset(dir: &std::path::Path) -> String {
     let bad = |key: &str, members: Vec<(&str, Vec<u8>)>| {
         (
             key.to_string(),
-            members.into_iter().map(|(e, b)| (e.to_string(), b)).collect::<Vec<_>>(),
+            members
+                .into_iter()
+                .map(|(e, b)| (e.to_string(), b))
+                .collect::<Vec<_>>(),
         )
     };
-    samples.push(bad("corrupt", vec![("jpg", b"not a jpeg at all".to_vec()), ("txt", b"x".to_vec())]));
-    samples.push(bad("zerobyte", vec![("png", Vec::new()), ("txt", b"x".to_vec())]));
+    samples.push(bad(
+        "corrupt",
+        vec![
+            ("jpg", b"not a jpeg at all".to_vec()),
+            ("txt", b"x".to_vec()),
+        ],
+    ));
+    samples.push(bad(
+        "zerobyte",
+        vec![("png", Vec::new()), ("txt", b"x".to_vec())],
+    ));
     samples.push(bad("nocaption", vec![("png", png(4, 4, 1))]));
-    samples.push(bad("notutf8", vec![("png", png(4, 4, 2)), ("txt", vec![0xff, 0xfe, 0x41])]));
+    samples.push(bad(
+        "notutf8",
+        vec![("png", png(4, 4, 2)), ("txt", vec![0xff, 0xfe, 0x41])],
+    ));
     samples.push(bad(
         "dup",
-        vec![("png", png(4, 4, 3)), ("txt", b"a".to_vec()), ("txt", b"b".to_vec())],
+        vec![
+            ("png", png(4, 4, 3)),
+            ("txt", b"a".to_vec()),
+            ("txt", b"b".to_vec()),
+        ],
     ));
-    samples.push(bad("huge", vec![("png", png(300, 300, 4)), ("txt", b"x".to_vec())]));
+    samples.push(bad(
+        "huge",
+        vec![("png", png(300, 300, 4)), ("txt", b"x".to_vec())],
+    ));
     samples.push(good_sample(0, 1));
     write_tar(&dir.join("bad-000000.tar"), &samples);
     // A truncated shard: two good samples, then the stream is cut inside the third.
-    write_tar(&dir.join("full.tar"), &(0..3).map(|i| good_sample(1, i)).collect::<Vec<_>>());
+    write_tar(
+        &dir.join("full.tar"),
+        &(0..3).map(|i| good_sample(1, i)).collect::<Vec<_>>(),
+    );
     let full = std::fs::read(dir.join("full.tar")).unwrap();
     // From the end: two zero blocks, the txt member (header + block), then the png's data block.
     let cut = full.len() - 1024 - 1024 - 512 + 40;
@@ -246,7 +294,13 @@ fn bad_data_is_skipped_and_counted_by_reason() {
 fn fail_policy_names_shard_and_key() {
     let dir = tempfile::tempdir().unwrap();
     let mut samples = vec![good_sample(0, 0)];
-    samples.push(("broken_key".into(), vec![("jpg".into(), b"garbage".to_vec()), ("txt".into(), b"x".to_vec())]));
+    samples.push((
+        "broken_key".into(),
+        vec![
+            ("jpg".into(), b"garbage".to_vec()),
+            ("txt".into(), b"x".to_vec()),
+        ],
+    ));
     write_tar(&dir.path().join("f.tar"), &samples);
     let cfg = LoaderConfig {
         workers: 1,
@@ -254,7 +308,12 @@ fn fail_policy_names_shard_and_key() {
         shuffle_buffer: 1,
         ..small_cfg()
     };
-    let mut loader = Loader::new(&path_str(&dir.path().join("f.tar")), cfg.clone(), tokenizer(16)).unwrap();
+    let mut loader = Loader::new(
+        &path_str(&dir.path().join("f.tar")),
+        cfg.clone(),
+        tokenizer(16),
+    )
+    .unwrap();
     let err = loop {
         match loader.next_batch() {
             Ok(Some(_)) => continue,
@@ -262,12 +321,18 @@ fn fail_policy_names_shard_and_key() {
             Err(e) => break e.to_string(),
         }
     };
-    assert!(err.contains("f.tar") && err.contains("broken_key") && err.contains("bad_image"), "{err}");
+    assert!(
+        err.contains("f.tar") && err.contains("broken_key") && err.contains("bad_image"),
+        "{err}"
+    );
 
     let missing = path_str(&dir.path().join("missing.tar"));
     let mut loader = Loader::new(&missing, cfg, tokenizer(16)).unwrap();
     let err = loader.next_batch().unwrap_err().to_string();
-    assert!(err.contains("missing.tar") && err.contains("missing_shard"), "{err}");
+    assert!(
+        err.contains("missing.tar") && err.contains("missing_shard"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -307,12 +372,19 @@ fn img2dataset_folder_reads_as_is() {
     got.sort();
     assert_eq!(got, ["000_0", "000_1", "000_2", "001_0", "001_1", "001_2"]);
     let ids: HashSet<String> = batches.iter().flat_map(|b| b.image_ids.clone()).collect();
-    assert!(ids.contains("000010001"), "image id falls back to the key: {ids:?}");
-    assert!(batches.iter().all(|b| b.urls.iter().all(|u| u.ends_with(".tar"))));
+    assert!(
+        ids.contains("000010001"),
+        "image id falls back to the key: {ids:?}"
+    );
+    assert!(batches
+        .iter()
+        .all(|b| b.urls.iter().all(|u| u.ends_with(".tar"))));
 }
 
 fn jpeg(w: u32, h: u32) -> Vec<u8> {
-    let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 20) as u8, (y * 20) as u8, 90]));
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb([(x * 20) as u8, (y * 20) as u8, 90])
+    });
     let mut out = std::io::Cursor::new(Vec::new());
     img.write_to(&mut out, image::ImageFormat::Jpeg).unwrap();
     out.into_inner()
@@ -323,8 +395,21 @@ fn grouping_and_pipe_sources() {
     let dir = tempfile::tempdir().unwrap();
     // Keys with dots in directories and multi-dot extensions, members in one group.
     let samples = vec![
-        ("a.d/x1".to_string(), vec![("PNG".to_string(), png(6, 6, 1)), ("seg.txt".to_string(), b"s".to_vec()), ("txt".to_string(), b"one".to_vec())]),
-        ("a.d/x2".to_string(), vec![("png".to_string(), png(6, 6, 2)), ("txt".to_string(), b"two".to_vec())]),
+        (
+            "a.d/x1".to_string(),
+            vec![
+                ("PNG".to_string(), png(6, 6, 1)),
+                ("seg.txt".to_string(), b"s".to_vec()),
+                ("txt".to_string(), b"one".to_vec()),
+            ],
+        ),
+        (
+            "a.d/x2".to_string(),
+            vec![
+                ("png".to_string(), png(6, 6, 2)),
+                ("txt".to_string(), b"two".to_vec()),
+            ],
+        ),
     ];
     write_tar(&dir.path().join("g.tar"), &samples);
     let spec = format!("pipe:cat {}", dir.path().join("g.tar").display());
@@ -338,9 +423,16 @@ fn grouping_and_pipe_sources() {
     assert_eq!(raw.len(), 2);
     assert_eq!(raw[0].key, "a.d/x1");
     let exts: Vec<&str> = raw[0].fields.iter().map(|(e, _)| e.as_str()).collect();
-    assert_eq!(exts, ["png", "seg.txt", "txt"], "extensions lower-cased, rest after the first dot");
+    assert_eq!(
+        exts,
+        ["png", "seg.txt", "txt"],
+        "extensions lower-cased, rest after the first dot"
+    );
     assert_eq!(&*raw[1].url, spec.as_str());
-    let cfg = LoaderConfig { workers: 1, ..small_cfg() };
+    let cfg = LoaderConfig {
+        workers: 1,
+        ..small_cfg()
+    };
     let batches = all_batches(&mut Loader::new(&spec, cfg, tokenizer(16)).unwrap());
     let mut got = captions(&batches);
     got.sort();
@@ -351,7 +443,10 @@ fn grouping_and_pipe_sources() {
 fn epoch_length_comes_from_the_manifest() {
     let dir = tempfile::tempdir().unwrap();
     let spec = write_dataset(dir.path(), 3, 4);
-    let cfg = LoaderConfig { workers: 1, ..small_cfg() };
+    let cfg = LoaderConfig {
+        workers: 1,
+        ..small_cfg()
+    };
     let loader = Loader::new(&spec, cfg.clone(), tokenizer(16)).unwrap();
     assert_eq!(loader.samples_in_epoch(0), None, "no manifest yet");
     let manifest = serde_json::json!({

@@ -2,3 +2,4 @@
 
 mod common;
 mod loader;
+mod shards_write;

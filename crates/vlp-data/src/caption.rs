@@ -57,12 +57,18 @@ mod tests {
     //   pre_caption("one two three four", 2) == "one two"
     #[test]
     fn matches_albef_pre_caption() {
-        assert_eq!(pre_caption("A Man's  bike-rack, (red)!", 30), "a mans bike rack red");
+        assert_eq!(
+            pre_caption("A Man's  bike-rack, (red)!", 30),
+            "a mans bike rack red"
+        );
         assert_eq!(pre_caption("  Hello\tworld\n", 30), "hello\tworld");
         assert_eq!(pre_caption("a/b -- c", 30), "a b c");
         assert_eq!(pre_caption("<PERSON> rides", 30), "person rides");
         assert_eq!(pre_caption("one two three four", 2), "one two");
-        assert_eq!(pre_caption("grinning face: face, grin", 30), "grinning face face grin");
+        assert_eq!(
+            pre_caption("grinning face: face, grin", 30),
+            "grinning face face grin"
+        );
         assert_eq!(pre_caption("", 30), "");
     }
 }

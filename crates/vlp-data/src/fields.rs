@@ -65,18 +65,28 @@ pub fn parse_sample(mut raw: RawSample, cfg: &FieldsConfig) -> Result<ParsedSamp
     let captions: Vec<String> = if let Some(bytes) = raw.field("txt") {
         match std::str::from_utf8(bytes) {
             Ok(text) => vec![text.to_string()],
-            Err(e) => return Err(skip(&raw, SkipReason::BadText, format!("txt is not UTF-8: {e}"))),
+            Err(e) => {
+                return Err(skip(
+                    &raw,
+                    SkipReason::BadText,
+                    format!("txt is not UTF-8: {e}"),
+                ))
+            }
         }
     } else {
         match json.as_ref().and_then(|j| j.get(&cfg.caption_key)) {
             Some(serde_json::Value::String(s)) => vec![s.clone()],
-            Some(serde_json::Value::Array(items)) => {
-                items.iter().filter_map(|v| v.as_str().map(String::from)).collect()
-            }
+            Some(serde_json::Value::Array(items)) => items
+                .iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect(),
             _ => Vec::new(),
         }
     };
-    let captions: Vec<String> = captions.into_iter().filter(|c| !c.trim().is_empty()).collect();
+    let captions: Vec<String> = captions
+        .into_iter()
+        .filter(|c| !c.trim().is_empty())
+        .collect();
     if captions.is_empty() {
         return Err(skip(
             &raw,
@@ -122,7 +132,10 @@ mod tests {
             key: "000000007".into(),
             url: "s.tar".into(),
             index: 7,
-            fields: fields.iter().map(|(e, b)| (e.to_string(), b.to_vec())).collect(),
+            fields: fields
+                .iter()
+                .map(|(e, b)| (e.to_string(), b.to_vec()))
+                .collect(),
             problem: None,
         }
     }
@@ -130,7 +143,11 @@ mod tests {
     #[test]
     fn img2dataset_sample() {
         let s = parse_sample(
-            raw(&[("jpg", b"JPEG"), ("txt", b"a dog"), ("json", br#"{"caption":"a dog","key":"000000007"}"#)]),
+            raw(&[
+                ("jpg", b"JPEG"),
+                ("txt", b"a dog"),
+                ("json", br#"{"caption":"a dog","key":"000000007"}"#),
+            ]),
             &FieldsConfig::default(),
         )
         .unwrap();
@@ -142,7 +159,10 @@ mod tests {
     #[test]
     fn json_caption_list_and_image_id() {
         let s = parse_sample(
-            raw(&[("png", b"P"), ("json", br#"{"caption":["a","b",""],"image_id":42}"#)]),
+            raw(&[
+                ("png", b"P"),
+                ("json", br#"{"caption":["a","b",""],"image_id":42}"#),
+            ]),
             &FieldsConfig::default(),
         )
         .unwrap();
@@ -156,9 +176,18 @@ mod tests {
         let cfg = FieldsConfig::default();
         let reason = |r: RawSample| parse_sample(r, &cfg).unwrap_err().reason;
         assert_eq!(reason(raw(&[("jpg", b"J")])), SkipReason::MissingCaption);
-        assert_eq!(reason(raw(&[("jpg", b"J"), ("txt", b"  ")])), SkipReason::MissingCaption);
-        assert_eq!(reason(raw(&[("jpg", b"J"), ("txt", &[0xff, 0xfe])])), SkipReason::BadText);
-        assert_eq!(reason(raw(&[("jpg", b"J"), ("json", b"{oops")])), SkipReason::BadText);
+        assert_eq!(
+            reason(raw(&[("jpg", b"J"), ("txt", b"  ")])),
+            SkipReason::MissingCaption
+        );
+        assert_eq!(
+            reason(raw(&[("jpg", b"J"), ("txt", &[0xff, 0xfe])])),
+            SkipReason::BadText
+        );
+        assert_eq!(
+            reason(raw(&[("jpg", b"J"), ("json", b"{oops")])),
+            SkipReason::BadText
+        );
         assert_eq!(reason(raw(&[("txt", b"a cat")])), SkipReason::NoImage);
         let mut dup = raw(&[("jpg", b"J"), ("txt", b"x")]);
         dup.problem = Some((SkipReason::DuplicateField, "jpg twice".into()));

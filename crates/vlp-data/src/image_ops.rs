@@ -13,12 +13,15 @@ use fast_image_resize as fir;
 use image::{DynamicImage, ImageDecoder, ImageError, ImageReader, Limits, RgbImage};
 use serde::{Deserialize, Serialize};
 
-use crate::randaugment::{self, RandAugmentConfig};
+use crate::randaugment::{self, AugScratch, RandAugmentConfig};
 use crate::rng::Rng;
 
-/// CLIP's normalisation constants, which ALBEF and BLIP use.
-pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+/// CLIP's normalisation constants, which ALBEF and BLIP use. Written with the published
+/// digits; they parse to the same f32 values torchvision uses.
+#[allow(clippy::excessive_precision)]
+pub const CLIP_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
+#[allow(clippy::excessive_precision)]
+pub const CLIP_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
 /// The usual ImageNet normalisation constants.
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
@@ -329,8 +332,10 @@ pub struct ImageTransformer {
     options: fir::ResizeOptions,
     /// The resized `size` x `size` image before normalisation.
     resized: RgbImage,
-    /// Working memory of RandAugment's warps.
-    scratch: Vec<u8>,
+    /// The horizontally resampled crop (`size` x crop height) between the two passes.
+    between_passes: Vec<u8>,
+    /// Working memory of RandAugment.
+    scratch: AugScratch,
 }
 
 impl fmt::Debug for ImageTransformer {
@@ -360,7 +365,8 @@ impl ImageTransformer {
             options: fir::ResizeOptions::new()
                 .resize_alg(fir::ResizeAlg::Convolution(fir::FilterType::CatmullRom)),
             resized: RgbImage::new(size, size),
-            scratch: Vec::new(),
+            between_passes: Vec::new(),
+            scratch: AugScratch::default(),
         }
     }
 
@@ -407,6 +413,7 @@ impl ImageTransformer {
             resizer,
             options,
             resized,
+            between_passes,
             scratch,
         } = self;
         match transform {
@@ -414,7 +421,7 @@ impl ImageTransformer {
                 let crop = random_resized_crop_params(w, h, t.scale, t.ratio, rng);
                 // torchvision draws the flip coin even when it lands on "no flip".
                 let flip = rng.bernoulli(t.hflip_prob);
-                resize_crop(resizer, options, img, crop, resized);
+                resize_crop(resizer, options, img, crop, between_passes, resized);
                 match &t.randaugment {
                     Some(cfg) => {
                         // RandAugment's ops are not mirror-symmetric, so the flip must
@@ -430,37 +437,69 @@ impl ImageTransformer {
                 }
             }
             ImageTransform::Eval(_) => {
-                resize_crop(resizer, options, img, (0, 0, w, h), resized);
+                resize_crop(resizer, options, img, (0, 0, w, h), between_passes, resized);
                 write_chw(resized, lut, false, out);
             }
         }
     }
 }
 
-/// Resamples the `(left, top, width, height)` box of `src` to the size of `dst`.
+/// Resamples the `(left, top, width, height)` box of `src` to the size of `dst`, as
+/// Pillow's `crop(box).resize(size, BICUBIC)` does.
 ///
-/// The box is presented to the resizer as a cropped *view*: torchvision crops first and
-/// then resizes the crop, so the filter must not read source pixels outside the box.
-/// (`ResizeOptions::crop` would behave like Pillow's `resize(box=...)`, which does read
-/// them; see the `pil_box_down_24` fixture.) The view also avoids copying the crop.
+/// Two details make the result match Pillow rather than merely resemble it:
+/// - The box is given to the resizer as a cropped *view*: torchvision crops first and then
+///   resizes the crop, so the filter must not read source pixels outside the box.
+///   (`ResizeOptions::crop` behaves like Pillow's `resize(box=...)`, which does read them;
+///   see the `pil_box_down_24` fixture.) The view also avoids copying the crop.
+/// - Pillow resamples horizontally first and stores the intermediate rows as clipped u8,
+///   while fast_image_resize runs the vertical pass first for u8 images. With bicubic
+///   overshoot at edges the order changes results by up to ~10 levels, so when both axes
+///   change the passes are run one at a time, horizontal first, through `between_passes`.
 fn resize_crop(
     resizer: &mut fir::Resizer,
     options: &fir::ResizeOptions,
     src: &RgbImage,
     (left, top, width, height): (u32, u32, u32, u32),
+    between_passes: &mut Vec<u8>,
     dst: &mut RgbImage,
 ) {
+    const EXPECT_BUF: &str = "buffers hold width*height*3 bytes";
+    const EXPECT_RESIZE: &str = "source and destination are both U8x3";
     let (sw, sh) = src.dimensions();
     let (dw, dh) = dst.dimensions();
-    let src_view = fir::images::ImageRef::new(sw, sh, src.as_raw(), fir::PixelType::U8x3)
-        .expect("an RgbImage buffer holds width*height*3 bytes");
+    let src_view =
+        fir::images::ImageRef::new(sw, sh, src.as_raw(), fir::PixelType::U8x3).expect(EXPECT_BUF);
     let cropped = fir::images::CroppedImage::new(&src_view, left, top, width, height)
         .expect("crop box lies inside the image");
-    let mut dst_view = fir::images::Image::from_slice_u8(dw, dh, &mut **dst, fir::PixelType::U8x3)
-        .expect("an RgbImage buffer holds width*height*3 bytes");
+    let mut dst_view =
+        fir::images::Image::from_slice_u8(dw, dh, dst, fir::PixelType::U8x3).expect(EXPECT_BUF);
+    if width == dw || height == dh {
+        // At most one pass is needed; the resizer skips the other.
+        resizer
+            .resize(&cropped, &mut dst_view, options)
+            .expect(EXPECT_RESIZE);
+        return;
+    }
+    let len = dw as usize * height as usize * 3;
+    if between_passes.len() < len {
+        between_passes.resize(len, 0);
+    }
+    let mut mid = fir::images::Image::from_slice_u8(
+        dw,
+        height,
+        &mut between_passes[..len],
+        fir::PixelType::U8x3,
+    )
+    .expect(EXPECT_BUF);
+    // Same height: horizontal pass only.
     resizer
-        .resize(&cropped, &mut dst_view, options)
-        .expect("source and destination are both U8x3");
+        .resize(&cropped, &mut mid, options)
+        .expect(EXPECT_RESIZE);
+    // Same width: vertical pass only.
+    resizer
+        .resize(&mid, &mut dst_view, options)
+        .expect(EXPECT_RESIZE);
 }
 
 /// HWC u8 -> CHW normalised f32 in one pass, optionally reading each row mirrored.
@@ -538,7 +577,14 @@ mod tests {
             Normalization::Clip,
         );
         let mut dst = RgbImage::new(size, size);
-        resize_crop(&mut t.resizer, &t.options, img, crop, &mut dst);
+        resize_crop(
+            &mut t.resizer,
+            &t.options,
+            img,
+            crop,
+            &mut Vec::new(),
+            &mut dst,
+        );
         dst
     }
 
@@ -549,7 +595,8 @@ mod tests {
     #[test]
     fn crop_resize_matches_pil() {
         let img = input_png();
-        // Measured: 0 (bit-identical) for both, Pillow 13.0.
+        // Measured against Pillow 13.0: down bit-identical; up 8 of 1728 values off by 1
+        // (fixed-point coefficient precision).
         let down = resize_with(&img, CROP_DOWN, 24);
         assert!(max_abs_diff(&down, &fixture("pil_crop_down_24.bin")) <= 1);
         let up = resize_with(&img, CROP_UP, 24);
@@ -561,6 +608,7 @@ mod tests {
     #[test]
     fn eval_transform_matches_pil_and_torchvision() {
         let img = input_png();
+        // Measured: 10 of 3072 values off by 1.
         let full = resize_with(&img, (0, 0, 61, 47), 32);
         assert!(max_abs_diff(&full, &fixture("pil_resize_32.bin")) <= 1);
 
@@ -600,10 +648,18 @@ mod tests {
         let ours = decode_rgb(&fixture("input_q90.jpg"), 1 << 20).unwrap();
         assert_eq!(ours.dimensions(), (61, 47));
         let pil = fixture("pil_jpeg_decode.bin");
-        // Measured against Pillow 13.0 (libjpeg-turbo): max abs diff 1 (IDCT / chroma
-        // upsampling rounding).
+        // Measured against Pillow 13.0 (libjpeg-turbo) on this noisy q90 4:2:0 image:
+        // max abs diff 3, 73% of values identical, mean abs diff 0.33. zune-jpeg's IDCT
+        // and chroma upsampling round differently from libjpeg-turbo's.
         let diff = max_abs_diff(&ours, &pil);
-        assert!(diff <= 2, "max abs diff {diff}");
+        assert!(diff <= 3, "max abs diff {diff}");
+        let mean = ours
+            .iter()
+            .zip(&pil)
+            .map(|(a, b)| f64::from(a.abs_diff(*b)))
+            .sum::<f64>()
+            / pil.len() as f64;
+        assert!(mean < 0.5, "mean abs diff {mean}");
     }
 
     #[test]
@@ -737,7 +793,15 @@ mod tests {
     #[test]
     fn crop_params_always_in_bounds() {
         let mut rng = Rng::new(11);
-        let sizes = [(1, 1), (1, 300), (300, 1), (2, 3), (500, 375), (375, 500), (4000, 7)];
+        let sizes = [
+            (1, 1),
+            (1, 300),
+            (300, 1),
+            (2, 3),
+            (500, 375),
+            (375, 500),
+            (4000, 7),
+        ];
         let configs = [
             ((0.2, 1.0), (3.0 / 4.0, 4.0 / 3.0)),
             ((0.5, 1.0), (3.0 / 4.0, 4.0 / 3.0)),
@@ -764,19 +828,25 @@ mod tests {
         let mut rng = Rng::new(12);
         let (w, h) = (500u32, 375u32);
         let n = 20_000;
-        let mut sum = 0.0;
-        for _ in 0..n {
-            let (_, _, cw, ch) =
-                random_resized_crop_params(w, h, (0.2, 1.0), (3.0 / 4.0, 4.0 / 3.0), &mut rng);
-            let frac = f64::from(cw * ch) / f64::from(w * h);
-            // Rounding w and h moves the area a little outside the drawn fraction.
-            assert!((0.18..=1.0).contains(&frac), "{frac}");
-            sum += frac;
+        // Mean area fractions of torchvision 0.29's get_params on a 500x375 image over
+        // 40000 draws: rejected attempts (boxes too wide or too tall, which happen at large
+        // areas) pull them below the midpoints of the scale ranges.
+        for (scale, torchvision_mean) in [((0.2, 1.0), 0.4962), ((0.5, 1.0), 0.6621)] {
+            let mut sum = 0.0;
+            for _ in 0..n {
+                let (_, _, cw, ch) =
+                    random_resized_crop_params(w, h, scale, (3.0 / 4.0, 4.0 / 3.0), &mut rng);
+                let frac = f64::from(cw * ch) / f64::from(w * h);
+                // Rounding w and h moves the area a little outside the drawn fraction.
+                assert!(frac >= scale.0 * 0.98 && frac <= 1.0, "{frac}");
+                sum += frac;
+            }
+            let mean = sum / f64::from(n);
+            assert!(
+                (mean - torchvision_mean).abs() < 0.01,
+                "{scale:?}: mean area fraction {mean}, torchvision {torchvision_mean}"
+            );
         }
-        // Rejections of too-wide/too-tall boxes at large areas pull the mean a little
-        // below the uniform 0.6.
-        let mean = sum / f64::from(n);
-        assert!((0.5..0.62).contains(&mean), "mean area fraction {mean}");
     }
 
     #[test]
@@ -849,7 +919,10 @@ mod tests {
         );
         let rgb = decode_rgb(&gray_jpeg, 1000).unwrap();
         let p = rgb.get_pixel(8, 8).0;
-        assert!(p[0] == p[1] && p[1] == p[2] && p[0].abs_diff(90) <= 1, "{p:?}");
+        assert!(
+            p[0] == p[1] && p[1] == p[2] && p[0].abs_diff(90) <= 1,
+            "{p:?}"
+        );
     }
 
     #[test]
@@ -922,7 +995,11 @@ mod tests {
 
     #[test]
     fn empty_and_garbage_are_corrupt() {
-        for bytes in [&b""[..], b"hello, not an image", &[0xFF, 0xD8, 0xFF, 0xE0, 0, 0]] {
+        for bytes in [
+            &b""[..],
+            b"hello, not an image",
+            &[0xFF, 0xD8, 0xFF, 0xE0, 0, 0],
+        ] {
             assert!(
                 matches!(decode_rgb(bytes, 1 << 20), Err(DecodeError::Corrupt(_))),
                 "{bytes:?}"
@@ -946,10 +1023,15 @@ mod tests {
 
     #[test]
     fn huge_header_is_refused_before_decoding() {
-        // Only a header: a 20000x20000 RGB PNG would need 1.2 GB. The IDAT is absent, so
-        // reaching the pixel decoder would give Corrupt, not TooLarge.
+        // Only a header: a 20000x20000 RGB PNG would need 1.2 GB. The IDAT holds no valid
+        // data, so reaching the pixel decoder would give Corrupt, not TooLarge.
         let mut bytes = png_header(20_000, 20_000, 2);
+        png_chunk(&mut bytes, b"IDAT", &[0x78, 0x01]);
         png_chunk(&mut bytes, b"IEND", &[]);
+        assert!(matches!(
+            decode_rgb(&bytes, u64::MAX),
+            Err(DecodeError::Corrupt(_))
+        ));
         assert_eq!(image_dimensions(&bytes), Ok((20_000, 20_000)));
         let err = decode_rgb(&bytes, 50_000_000).unwrap_err();
         assert_eq!(
@@ -966,7 +1048,11 @@ mod tests {
         let png = fixture("input.png");
         assert!(matches!(
             decode_rgb(&png, 61 * 47 - 1),
-            Err(DecodeError::TooLarge { width: 61, height: 47, .. })
+            Err(DecodeError::TooLarge {
+                width: 61,
+                height: 47,
+                ..
+            })
         ));
         assert!(decode_rgb(&png, 61 * 47).is_ok());
         let jpg = fixture("input_q90.jpg");
@@ -977,9 +1063,12 @@ mod tests {
     }
 
     #[test]
-    fn webp_and_misnamed_formats_are_sniffed() {
+    fn webp_decodes_losslessly() {
         let img = input_png();
-        let webp = encode(&DynamicImage::ImageRgb8(img.clone()), image::ImageFormat::WebP);
+        let webp = encode(
+            &DynamicImage::ImageRgb8(img.clone()),
+            image::ImageFormat::WebP,
+        );
         // Lossless WebP round-trips exactly.
         assert_eq!(decode_rgb(&webp, 1 << 20).unwrap(), img);
         assert_eq!(image_dimensions(&webp), Ok((61, 47)));

@@ -109,7 +109,13 @@ impl Merger {
         }
     }
 
-    fn add(&mut self, source: &str, captions: Vec<String>, image_id: Option<String>, origin: String) {
+    fn add(
+        &mut self,
+        source: &str,
+        captions: Vec<String>,
+        image_id: Option<String>,
+        origin: String,
+    ) {
         if let Some(&i) = self.by_source.get(source) {
             let rec = &mut self.records[i];
             rec.captions.extend(captions);
@@ -120,7 +126,8 @@ impl Merger {
             }
             return;
         }
-        self.by_source.insert(source.to_string(), self.records.len());
+        self.by_source
+            .insert(source.to_string(), self.records.len());
         self.records.push(Record {
             image: self.base.join(source),
             captions,
@@ -463,14 +470,23 @@ pub fn read_csv(path: impl AsRef<Path>, opts: &IngestOptions) -> Result<Ingested
         }
     });
     if matches!(sep, '"' | '\n' | '\r') {
-        return Err(DataError::config("sep", format!("{sep:?} cannot separate fields")));
+        return Err(DataError::config(
+            "sep",
+            format!("{sep:?} cannot separate fields"),
+        ));
     }
     let text = read_text(path)?;
     let mut rows = DelimitedRows::new(&text, sep);
-    let row_err = |(line, reason): (usize, String)| input_err(format!("{name}, line {line}"), reason);
+    let row_err =
+        |(line, reason): (usize, String)| input_err(format!("{name}, line {line}"), reason);
     let header: Vec<String> = match rows.next() {
         None => return Err(input_err(name, "empty file (a header row is needed)")),
-        Some(r) => r.map_err(row_err)?.1.into_iter().map(|h| h.trim().to_string()).collect(),
+        Some(r) => r
+            .map_err(row_err)?
+            .1
+            .into_iter()
+            .map(|h| h.trim().to_string())
+            .collect(),
     };
     let image_col = pick_column(
         &header,
@@ -508,7 +524,10 @@ pub fn read_csv(path: impl AsRef<Path>, opts: &IngestOptions) -> Result<Ingested
             return Err(input_err(origin, format!("empty `{}`", header[image_col])));
         }
         let Some(caption) = clean_caption(&fields[caption_col]) else {
-            return Err(input_err(origin, format!("empty `{}`", header[caption_col])));
+            return Err(input_err(
+                origin,
+                format!("empty `{}`", header[caption_col]),
+            ));
         };
         let image_id = id_col
             .map(|c| fields[c].trim())
@@ -551,7 +570,7 @@ impl Default for EncodeOptions {
 
 /// Turns an image file's bytes into `(extension, bytes)` to store. The input format is
 /// detected from the bytes (a PNG named `.jpg` is stored as `png`). The original bytes are
-/// kept unless the image must shrink for `resize_max` or change format; re-encoded images
+/// kept unless the image must shrink for `resize_max` or a format other than `Keep` is asked for (then it is always re-encoded); re-encoded images
 /// are RGB, with any alpha composited onto white. WebP is re-encoded losslessly.
 pub fn prepare_image(
     bytes: Vec<u8>,
@@ -569,8 +588,8 @@ fn prepare(
 ) -> Result<(&'static str, Vec<u8>, bool)> {
     use image::ImageFormat;
     let bad = |reason: String| input_err(source_name, reason);
-    let format = image::guess_format(&bytes)
-        .map_err(|_| bad("not a JPEG, PNG or WebP image".into()))?;
+    let format =
+        image::guess_format(&bytes).map_err(|_| bad("not a JPEG, PNG or WebP image".into()))?;
     let src_ext = match format {
         ImageFormat::Jpeg => "jpg",
         ImageFormat::Png => "png",
@@ -588,7 +607,8 @@ fn prepare(
         return Err(bad(format!("image is {w}x{h}")));
     }
     let target = opts.resize_max.filter(|&m| w.max(h) > m).map(|m| {
-        let scale = |a: u32, b: u32| ((a as u64 * m as u64 + b as u64 / 2) / b as u64).max(1) as u32;
+        let scale =
+            |a: u32, b: u32| ((a as u64 * m as u64 + b as u64 / 2) / b as u64).max(1) as u32;
         if w >= h {
             (m, scale(h, w))
         } else {
@@ -600,7 +620,9 @@ fn prepare(
         OutputFormat::Jpg => "jpg",
         OutputFormat::Png => "png",
     };
-    if target.is_none() && out_ext == src_ext {
+    // An explicit format always re-encodes, so the stored image is plain RGB (alpha
+    // flattened onto white) whatever the input was.
+    if target.is_none() && opts.format == OutputFormat::Keep {
         return Ok((src_ext, bytes, false));
     }
     let decoded = image::load_from_memory_with_format(&bytes, format)
@@ -610,7 +632,8 @@ fn prepare(
     if let Some((tw, th)) = target {
         rgb = image::imageops::resize(&rgb, tw, th, image::imageops::FilterType::Lanczos3);
     }
-    let encoded = encode_rgb(&rgb, out_ext, opts.quality).map_err(|e| bad(format!("cannot encode: {e}")))?;
+    let encoded =
+        encode_rgb(&rgb, out_ext, opts.quality).map_err(|e| bad(format!("cannot encode: {e}")))?;
     Ok((out_ext, encoded, true))
 }
 
@@ -640,9 +663,21 @@ pub fn encode_rgb(img: &image::RgbImage, ext: &str, quality: u8) -> image::Image
     match ext {
         "jpg" => image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, quality)
             .write_image(img.as_raw(), w, h, color)?,
-        "png" => image::codecs::png::PngEncoder::new(&mut buf).write_image(img.as_raw(), w, h, color)?,
-        _ => image::codecs::webp::WebPEncoder::new_lossless(&mut buf)
-            .write_image(img.as_raw(), w, h, color)?,
+        "png" => {
+            // Shards are written once and read many times: spend the time on compression.
+            image::codecs::png::PngEncoder::new_with_quality(
+                &mut buf,
+                image::codecs::png::CompressionType::Best,
+                image::codecs::png::FilterType::Adaptive,
+            )
+            .write_image(img.as_raw(), w, h, color)?
+        }
+        _ => image::codecs::webp::WebPEncoder::new_lossless(&mut buf).write_image(
+            img.as_raw(),
+            w,
+            h,
+            color,
+        )?,
     }
     Ok(buf)
 }
@@ -667,7 +702,10 @@ pub fn write_records(
     threads: usize,
 ) -> Result<WriteSummary> {
     if !(1..=100).contains(&opts.quality) {
-        return Err(DataError::config("quality", format!("{} is not in 1..=100", opts.quality)));
+        return Err(DataError::config(
+            "quality",
+            format!("{} is not in 1..=100", opts.quality),
+        ));
     }
     if opts.resize_max == Some(0) {
         return Err(DataError::config("resize-max", "must be at least 1"));
@@ -764,14 +802,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         png(dir.path(), "root/a.png", 4, 4);
         let ann = dir.path().join("ann.json");
-        fs::write(&ann, r#"[{"image": "a.png", "caption": "x"}, {"image": "gone.png", "caption": "y"}]"#)
-            .unwrap();
+        fs::write(
+            &ann,
+            r#"[{"image": "a.png", "caption": "x"}, {"image": "gone.png", "caption": "y"}]"#,
+        )
+        .unwrap();
         let opts = IngestOptions {
             image_root: Some(dir.path().join("root")),
             ..Default::default()
         };
         let e = read_json_list(&ann, &opts).unwrap_err().to_string();
-        assert!(e.contains("ann.json, entry 1") && e.contains("gone.png"), "{e}");
+        assert!(
+            e.contains("ann.json, entry 1") && e.contains("gone.png"),
+            "{e}"
+        );
         let got = read_json_list(
             &ann,
             &IngestOptions {
@@ -782,15 +826,25 @@ mod tests {
         .unwrap();
         assert_eq!((got.records.len(), got.skipped), (1, 1));
 
-        fs::write(&ann, r#"[{"image": "a.png", "caption": "x"}, {"caption": "y"}]"#).unwrap();
+        fs::write(
+            &ann,
+            r#"[{"image": "a.png", "caption": "x"}, {"caption": "y"}]"#,
+        )
+        .unwrap();
         let e = read_json_list(&ann, &opts).unwrap_err().to_string();
         assert!(e.contains("entry 1") && e.contains("no `image`"), "{e}");
         fs::write(&ann, r#"[{"image": "a.png", "caption": 3}]"#).unwrap();
-        assert!(read_json_list(&ann, &opts).unwrap_err().to_string().contains("entry 0"));
+        assert!(read_json_list(&ann, &opts)
+            .unwrap_err()
+            .to_string()
+            .contains("entry 0"));
         fs::write(&ann, r#"{"image": "a.png"}"#).unwrap();
         assert!(read_json_list(&ann, &opts).is_err());
         fs::write(&ann, "[{").unwrap();
-        assert!(read_json_list(&ann, &opts).unwrap_err().to_string().contains("ann.json"));
+        assert!(read_json_list(&ann, &opts)
+            .unwrap_err()
+            .to_string()
+            .contains("ann.json"));
     }
 
     #[test]
@@ -865,11 +919,21 @@ mod tests {
         assert_eq!(got.records[1].source, "i/b.png");
 
         fs::write(&csv, "filepath,title\ni/a.png,a dog, unquoted\n").unwrap();
-        let e = read_csv(&csv, &IngestOptions::default()).unwrap_err().to_string();
-        assert!(e.contains("data.csv, line 2") && e.contains("3 fields"), "{e}");
+        let e = read_csv(&csv, &IngestOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("data.csv, line 2") && e.contains("3 fields"),
+            "{e}"
+        );
         fs::write(&csv, "path,text\ni/a.png,x\n").unwrap();
-        let e = read_csv(&csv, &IngestOptions::default()).unwrap_err().to_string();
-        assert!(e.contains("`path`, `text`") && e.contains("--image-col"), "{e}");
+        let e = read_csv(&csv, &IngestOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`path`, `text`") && e.contains("--image-col"),
+            "{e}"
+        );
         let got = read_csv(
             &csv,
             &IngestOptions {
@@ -888,7 +952,11 @@ mod tests {
         png(dir.path(), "imgs/a.png", 4, 4);
         let tsv = dir.path().join("meta/data.tsv");
         fs::create_dir_all(tsv.parent().unwrap()).unwrap();
-        fs::write(&tsv, "caption\timage\timage_id\na cat, sitting\ta.png\t42\n").unwrap();
+        fs::write(
+            &tsv,
+            "caption\timage\timage_id\na cat, sitting\ta.png\t42\n",
+        )
+        .unwrap();
         let opts = IngestOptions {
             image_root: Some(dir.path().join("imgs")),
             ..Default::default()
@@ -899,8 +967,13 @@ mod tests {
         assert_eq!(got.records[0].image_id.as_deref(), Some("42"));
         assert_eq!(got.records[0].image, dir.path().join("imgs/a.png"));
         // Without the root, the path is relative to the TSV's directory: missing.
-        let e = read_csv(&tsv, &IngestOptions::default()).unwrap_err().to_string();
-        assert!(e.contains("data.tsv, line 2") && e.contains("not found"), "{e}");
+        let e = read_csv(&tsv, &IngestOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("data.tsv, line 2") && e.contains("not found"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -918,7 +991,10 @@ mod tests {
             resize_max: Some(100),
             ..Default::default()
         };
-        assert_eq!(prepare_image(png_bytes.clone(), "x", &small).unwrap().1, png_bytes);
+        assert_eq!(
+            prepare_image(png_bytes.clone(), "x", &small).unwrap().1,
+            png_bytes
+        );
 
         let to_jpg = EncodeOptions {
             format: OutputFormat::Jpg,
@@ -930,9 +1006,14 @@ mod tests {
         let img = image::load_from_memory(&out).unwrap().to_rgb8();
         assert_eq!(img.dimensions(), (10, 5));
         let p = img.get_pixel(9, 4);
-        assert!(p.0.iter().all(|&c| c > 240), "transparent became white: {p:?}");
+        assert!(
+            p.0.iter().all(|&c| c > 240),
+            "transparent became white: {p:?}"
+        );
 
-        let e = prepare_image(b"hello".to_vec(), "notes.jpg", &keep).unwrap_err().to_string();
+        let e = prepare_image(b"hello".to_vec(), "notes.jpg", &keep)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("notes.jpg"), "{e}");
         let mut truncated = png_bytes.clone();
         truncated.truncate(20);
@@ -964,6 +1045,13 @@ mod tests {
                 fs::read(dir.path().join("t").join(&s.file)).unwrap()
             );
         }
-        assert!(write_records(&records, dir.path().join("q"), 2, &EncodeOptions { quality: 0, ..opts }, 1).is_err());
+        assert!(write_records(
+            &records,
+            dir.path().join("q"),
+            2,
+            &EncodeOptions { quality: 0, ..opts },
+            1
+        )
+        .is_err());
     }
 }

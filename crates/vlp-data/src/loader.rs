@@ -27,7 +27,9 @@ use serde::{Deserialize, Serialize};
 use crate::caption::pre_caption;
 use crate::error::{DataError, Result};
 use crate::fields::{parse_sample, FieldsConfig};
-use crate::image_ops::{decode_rgb, DecodeError, ImageTransform, ImageTransformer, Normalization, TrainTransform};
+use crate::image_ops::{
+    decode_rgb, DecodeError, ImageTransform, ImageTransformer, Normalization, TrainTransform,
+};
 use crate::rng::{derive_seed, Rng};
 use crate::shard::{read_shard, RawSample};
 use crate::spec::{expand_spec, ShardUrl};
@@ -139,7 +141,10 @@ impl LoaderConfig {
         if self.rank >= self.world_size {
             return Err(DataError::config(
                 "rank",
-                format!("rank {} is not below world_size {}", self.rank, self.world_size),
+                format!(
+                    "rank {} is not below world_size {}",
+                    self.rank, self.world_size
+                ),
             ));
         }
         if self.image_size() == 0 {
@@ -321,10 +326,16 @@ impl Loader {
         Self::from_urls(expand_spec(spec)?, cfg, tokenizer)
     }
 
-    pub fn from_urls(urls: Vec<ShardUrl>, cfg: LoaderConfig, tokenizer: TextTokenizer) -> Result<Self> {
+    pub fn from_urls(
+        urls: Vec<ShardUrl>,
+        cfg: LoaderConfig,
+        tokenizer: TextTokenizer,
+    ) -> Result<Self> {
         cfg.validate()?;
         if urls.is_empty() {
-            return Err(DataError::NoShards { spec: String::new() });
+            return Err(DataError::NoShards {
+                spec: String::new(),
+            });
         }
         let slots = cfg.world_size * cfg.workers;
         if cfg.mode == Mode::Epochs && urls.len() < slots {
@@ -397,7 +408,10 @@ impl Loader {
     pub fn restore(&mut self, state: LoaderState) -> Result<()> {
         if state.version != STATE_VERSION {
             return Err(DataError::Resume {
-                reason: format!("state version {} (this build reads {STATE_VERSION})", state.version),
+                reason: format!(
+                    "state version {} (this build reads {STATE_VERSION})",
+                    state.version
+                ),
             });
         }
         if state.fingerprint != self.state.fingerprint {
@@ -573,16 +587,24 @@ impl Iterator for Loader {
 fn hash_urls(urls: &[ShardUrl]) -> u64 {
     urls.iter().fold(0, |acc, u| {
         let bytes = u.to_string();
-        let h = bytes
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+        let h = bytes.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
         crate::rng::mix64(acc ^ h)
     })
 }
 
 fn fresh_workers(cfg: &LoaderConfig, epoch: u64) -> Vec<WorkerState> {
     (0..cfg.workers)
-        .map(|w| WorkerState::fresh(derive_seed(&[cfg.seed, epoch, cfg.rank as u64, w as u64, 1])))
+        .map(|w| {
+            WorkerState::fresh(derive_seed(&[
+                cfg.seed,
+                epoch,
+                cfg.rank as u64,
+                w as u64,
+                1,
+            ]))
+        })
         .collect()
 }
 
@@ -773,12 +795,21 @@ impl Worker {
                     reason: format!("buffer points to shard cursor {cursor} beyond the epoch"),
                 }));
             };
-            let indices: std::collections::HashSet<u64> =
-                wanted.iter().filter(|p| p.cursor == cursor).map(|p| p.index).collect();
+            let indices: std::collections::HashSet<u64> = wanted
+                .iter()
+                .filter(|p| p.cursor == cursor)
+                .map(|p| p.index)
+                .collect();
             let first = indices.iter().copied().min().unwrap_or(0);
             read_shard(&self.ctx.urls[shard], first, |raw| {
                 if indices.contains(&raw.index) {
-                    found.insert(SamplePos { cursor, index: raw.index }, raw);
+                    found.insert(
+                        SamplePos {
+                            cursor,
+                            index: raw.index,
+                        },
+                        raw,
+                    );
                 }
                 if self.ctx.stop.load(Ordering::Relaxed) {
                     ControlFlow::Break(())
@@ -879,7 +910,10 @@ impl Worker {
         };
         let caption = pre_caption(&parsed.captions[choice], cfg.max_words);
         if caption.is_empty() {
-            return Err(skip(SkipReason::MissingCaption, "caption is empty after cleaning".into()));
+            return Err(skip(
+                SkipReason::MissingCaption,
+                "caption is empty after cleaning".into(),
+            ));
         }
         let image = decode_rgb(&parsed.image_bytes, cfg.max_pixels).map_err(|e| match e {
             DecodeError::TooLarge { .. } => skip(SkipReason::ImageTooLarge, e.to_string()),

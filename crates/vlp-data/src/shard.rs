@@ -40,7 +40,11 @@ impl RawSample {
 
     /// Approximate memory held by the sample.
     pub fn byte_size(&self) -> usize {
-        self.fields.iter().map(|(e, b)| e.len() + b.len()).sum::<usize>() + self.key.len()
+        self.fields
+            .iter()
+            .map(|(e, b)| e.len() + b.len())
+            .sum::<usize>()
+            + self.key.len()
     }
 }
 
@@ -209,7 +213,10 @@ fn finish(
         // A failed command explains a broken stream better than the tar error does.
         outcome.problem = Some(shard_problem(SkipReason::PipeFailed, e.to_string()));
     } else if outcome.problem.is_none() && outcome.samples == 0 {
-        outcome.problem = Some(shard_problem(SkipReason::EmptyShard, "no sample in shard".into()));
+        outcome.problem = Some(shard_problem(
+            SkipReason::EmptyShard,
+            "no sample in shard".into(),
+        ));
     }
     outcome
 }

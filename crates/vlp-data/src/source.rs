@@ -121,7 +121,11 @@ impl ShardStream {
         if status.success() {
             return Ok(());
         }
-        let tail = pipe.stderr.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let tail = pipe
+            .stderr
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let tail = String::from_utf8_lossy(&tail);
         let tail = tail.trim();
         Err(OpenError::PipeFailed(if tail.is_empty() {

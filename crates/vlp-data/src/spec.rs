@@ -104,7 +104,11 @@ pub fn expand_braces(pattern: &str) -> std::result::Result<Vec<String>, String> 
         .find('}')
         .map(|i| open + i)
         .ok_or_else(|| format!("unmatched `{{` in `{pattern}`"))?;
-    let (prefix, body, rest) = (&pattern[..open], &pattern[open + 1..close], &pattern[close + 1..]);
+    let (prefix, body, rest) = (
+        &pattern[..open],
+        &pattern[open + 1..close],
+        &pattern[close + 1..],
+    );
     if body.contains('{') {
         return Err(format!("nested braces are not supported in `{pattern}`"));
     }
@@ -141,7 +145,9 @@ fn brace_alternatives(body: &str) -> std::result::Result<Vec<String>, String> {
     } else if body.contains(',') {
         Ok(body.split(',').map(str::to_string).collect())
     } else {
-        Err(format!("`{{{body}}}` is neither a range `{{a..b}}` nor a list `{{a,b}}`"))
+        Err(format!(
+            "`{{{body}}}` is neither a range `{{a..b}}` nor a list `{{a,b}}`"
+        ))
     }
 }
 
@@ -152,7 +158,15 @@ mod tests {
     #[test]
     fn numeric_range_keeps_zero_padding() {
         let v = expand_braces("s-{000008..000011}.tar").unwrap();
-        assert_eq!(v, ["s-000008.tar", "s-000009.tar", "s-000010.tar", "s-000011.tar"]);
+        assert_eq!(
+            v,
+            [
+                "s-000008.tar",
+                "s-000009.tar",
+                "s-000010.tar",
+                "s-000011.tar"
+            ]
+        );
         assert_eq!(expand_braces("{8..10}").unwrap(), ["8", "9", "10"]);
     }
 
@@ -191,7 +205,12 @@ mod tests {
     #[test]
     fn directory_expands_to_its_sorted_tars() {
         let dir = tempfile::tempdir().unwrap();
-        for name in ["00001.tar", "00000.tar", "00000_stats.json", "00000.parquet"] {
+        for name in [
+            "00001.tar",
+            "00000.tar",
+            "00000_stats.json",
+            "00000.parquet",
+        ] {
             std::fs::write(dir.path().join(name), b"").unwrap();
         }
         let urls = expand_spec(dir.path().to_str().unwrap()).unwrap();

@@ -265,6 +265,10 @@ mod tests {
             detail: "no txt".into(),
         };
         let msg = skip.into_error().to_string();
-        assert!(msg.contains("s-000001.tar") && msg.contains("000000017") && msg.contains("missing_caption"));
+        assert!(
+            msg.contains("s-000001.tar")
+                && msg.contains("000000017")
+                && msg.contains("missing_caption")
+        );
     }
 }

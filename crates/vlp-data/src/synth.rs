@@ -376,12 +376,11 @@ pub fn write_synth(
     };
     for index in 0..count {
         let sample = synth_sample(index, seed, size);
-        let bytes = encode_rgb(&sample.image, ext, SYNTH_JPEG_QUALITY).map_err(|e| {
-            DataError::Input {
+        let bytes =
+            encode_rgb(&sample.image, ext, SYNTH_JPEG_QUALITY).map_err(|e| DataError::Input {
                 source_name: format!("synthetic sample {index}"),
                 reason: format!("cannot encode: {e}"),
-            }
-        })?;
+            })?;
         writer.write_captioned(
             &sample_key(index),
             ext,
@@ -399,7 +398,9 @@ mod tests {
     use super::*;
 
     fn pixel_close(p: &Rgb<u8>, c: [u8; 3]) -> bool {
-        p.0.iter().zip(c).all(|(&a, b)| (a as i32 - b as i32).abs() <= 14)
+        p.0.iter()
+            .zip(c)
+            .all(|(&a, b)| (a as i32 - b as i32).abs() <= 14)
     }
 
     /// Mean position of the pixels close to `colour`.
@@ -429,7 +430,8 @@ mod tests {
                     assert!(relation_holds(a, b, rel, 2.0), "{index}: {:?}", s.scene);
                     let expect = format!("{} {} {}", a.phrase(), rel.words(), b.phrase());
                     assert_eq!(s.captions[0], expect);
-                    let converse = format!("{} {} {}", b.phrase(), rel.converse().words(), a.phrase());
+                    let converse =
+                        format!("{} {} {}", b.phrase(), rel.converse().words(), a.phrase());
                     assert_eq!(s.captions[1], converse);
                     // Check the pixels themselves when the two colours differ.
                     if a.colour != b.colour {
@@ -454,12 +456,18 @@ mod tests {
                         Shape::Triangle => a.cy + a.half / 3.0,
                         _ => a.cy,
                     };
-                    assert!((c.0 - a.cx).abs() < 1.5 && (c.1 - ey).abs() < 1.5, "{c:?} {a:?}");
+                    assert!(
+                        (c.0 - a.cx).abs() < 1.5 && (c.1 - ey).abs() < 1.5,
+                        "{c:?} {a:?}"
+                    );
                 }
                 other => panic!("unexpected scene {other:?}"),
             }
         }
-        assert!(pairs > 30 && singles > 5, "{pairs} pairs, {singles} singles");
+        assert!(
+            pairs > 30 && singles > 5,
+            "{pairs} pairs, {singles} singles"
+        );
     }
 
     #[test]

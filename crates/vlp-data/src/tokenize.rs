@@ -7,10 +7,10 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use tokenizers::models::wordpiece::{WordPiece, WordPieceTrainerBuilder};
+use tokenizers::models::TrainerWrapper;
 use tokenizers::normalizers::bert::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::processors::template::TemplateProcessing;
-use tokenizers::models::TrainerWrapper;
 use tokenizers::{AddedToken, Tokenizer, TruncationParams};
 
 use crate::error::{DataError, Result};
@@ -79,16 +79,21 @@ impl TextTokenizer {
     /// Wraps an in-memory tokenizer (e.g. one just trained).
     pub fn from_tokenizer(mut inner: Tokenizer, source: String, max_tokens: usize) -> Result<Self> {
         if max_tokens < 3 {
-            return Err(DataError::config("max_tokens", "must be at least 3 ([CLS] x [SEP])"));
+            return Err(DataError::config(
+                "max_tokens",
+                "must be at least 3 ([CLS] x [SEP])",
+            ));
         }
         let pad_token = inner
             .get_padding()
             .map(|p| p.pad_token.clone())
             .unwrap_or_else(|| "[PAD]".to_string());
-        let pad_id = inner.token_to_id(&pad_token).ok_or_else(|| DataError::Tokenizer {
-            path: source.clone(),
-            reason: format!("no pad token `{pad_token}` in the vocabulary"),
-        })?;
+        let pad_id = inner
+            .token_to_id(&pad_token)
+            .ok_or_else(|| DataError::Tokenizer {
+                path: source.clone(),
+                reason: format!("no pad token `{pad_token}` in the vocabulary"),
+            })?;
         inner.with_padding(None);
         inner
             .with_truncation(Some(TruncationParams {
@@ -144,7 +149,10 @@ impl TextTokenizer {
     /// Encodes a batch, sequentially (the loader already runs one batch per worker
     /// thread), padded to its longest caption.
     pub fn encode_batch(&self, texts: &[String]) -> Result<EncodedBatch> {
-        let encoded: Vec<Vec<u32>> = texts.iter().map(|t| self.encode(t)).collect::<Result<_>>()?;
+        let encoded: Vec<Vec<u32>> = texts
+            .iter()
+            .map(|t| self.encode(t))
+            .collect::<Result<_>>()?;
         let len = encoded.iter().map(Vec::len).max().unwrap_or(0);
         let mut ids = Vec::with_capacity(texts.len() * len);
         let mut mask = Vec::with_capacity(texts.len() * len);
@@ -178,7 +186,12 @@ where
         .vocab_size(vocab_size)
         .min_frequency(min_frequency)
         .show_progress(false)
-        .special_tokens(SPECIAL_TOKENS.iter().map(|t| AddedToken::from(*t, true)).collect())
+        .special_tokens(
+            SPECIAL_TOKENS
+                .iter()
+                .map(|t| AddedToken::from(*t, true))
+                .collect(),
+        )
         .build()
         .into();
     let mut tokenizer = Tokenizer::new(WordPiece::default());
@@ -212,7 +225,9 @@ mod tests {
     use super::*;
 
     fn corpus() -> Vec<String> {
-        let words = ["red", "blue", "circle", "square", "left", "of", "a", "large", "small"];
+        let words = [
+            "red", "blue", "circle", "square", "left", "of", "a", "large", "small",
+        ];
         (0..200)
             .map(|i| {
                 (0..6)

@@ -176,7 +176,9 @@ fn manifests_in(dir: &Path) -> BTreeMap<String, ManifestShard> {
                     out.entry(shard.file.clone()).or_insert(shard);
                 }
             }
-            Err(e) => tracing::warn!(manifest = %path.display(), error = %e, "ignoring a broken manifest"),
+            Err(e) => {
+                tracing::warn!(manifest = %path.display(), error = %e, "ignoring a broken manifest")
+            }
         }
     }
     out
@@ -663,10 +665,7 @@ mod tests {
         );
         // A shard rewritten after its manifest (different size) gets no count.
         fs::write(dir.path().join("b-000000.tar"), b"changed").unwrap();
-        assert_eq!(
-            manifest_counts(&[dir.path().join("b-000000.tar")]),
-            [None]
-        );
+        assert_eq!(manifest_counts(&[dir.path().join("b-000000.tar")]), [None]);
     }
 
     #[test]
@@ -678,18 +677,31 @@ mod tests {
             r#"{"format":"vlp-shards/1","samples":3,"shards":[{"file":"m-000000.tar","samples":2,"bytes":10}]}"#,
         )
         .unwrap();
-        assert!(Manifest::load(&p).unwrap_err().to_string().contains("hold 2"));
+        assert!(Manifest::load(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("hold 2"));
         fs::write(&p, r#"{"format":"other","samples":0,"shards":[]}"#).unwrap();
         assert!(Manifest::load(&p).is_err());
-        assert_eq!(manifest_path("out/train"), PathBuf::from("out/train-manifest.json"));
+        assert_eq!(
+            manifest_path("out/train"),
+            PathBuf::from("out/train-manifest.json")
+        );
     }
 
     #[test]
     fn captioned_samples_have_txt_only_for_one_caption() {
         let dir = tempfile::tempdir().unwrap();
         let mut w = ShardWriter::create(dir.path().join("c"), 10).unwrap();
-        w.write_captioned("000000000", "png", b"img", &["one".into()], Some("7"), "a.png")
-            .unwrap();
+        w.write_captioned(
+            "000000000",
+            "png",
+            b"img",
+            &["one".into()],
+            Some("7"),
+            "a.png",
+        )
+        .unwrap();
         w.write_captioned(
             "000000001",
             "jpg",
