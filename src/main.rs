@@ -54,7 +54,29 @@ enum BenchCommand {
     Loader(cmd::bench::LoaderArgs),
 }
 
+/// Keeps freed batch buffers in the process for reuse.
+///
+/// A batch of 64 images at 256 px is a 50 MB allocation. glibc serves allocations that
+/// large with a fresh `mmap` and returns them with `munmap` on free, so every batch
+/// page-faults 12,000 zeroed pages in, and worker threads' arenas cannot hold them at all.
+/// Raising the mmap and trim thresholds and using one arena lets the next batch reuse the
+/// last one's memory: +30% loader throughput on 2 cores (see docs/benchmarks.md). Peak
+/// memory is unchanged (the loader bounds the batches in flight).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn tune_allocator() {
+    // SAFETY: mallopt only changes allocator parameters; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn tune_allocator() {}
+
 fn main() -> std::process::ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));

@@ -8,6 +8,7 @@
 
 use std::fmt;
 use std::io::Cursor;
+use std::mem::MaybeUninit;
 
 use fast_image_resize as fir;
 use image::{DynamicImage, ImageDecoder, ImageError, ImageReader, Limits, RgbImage};
@@ -397,6 +398,21 @@ impl ImageTransformer {
     /// receives a CHW tensor (channel planes R, G, B, each row-major `S x S`) holding
     /// `(x / 255 - mean) / std`, exactly torchvision's `ToTensor` + `Normalize` layout.
     pub fn apply(&mut self, img: &image::RgbImage, rng: &mut Rng, out: &mut [f32]) {
+        // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and `apply_uninit` only ever
+        // stores initialised values, so `out` stays valid `f32`s.
+        let out = unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) };
+        self.apply_uninit(img, rng, out);
+    }
+
+    /// [`ImageTransformer::apply`] into memory that need not be initialised: every element
+    /// of `out` is written. The loader writes straight into a batch's spare capacity, which
+    /// saves zero-filling 786 KB per 256 px sample.
+    pub fn apply_uninit(
+        &mut self,
+        img: &image::RgbImage,
+        rng: &mut Rng,
+        out: &mut [MaybeUninit<f32>],
+    ) {
         assert_eq!(
             out.len(),
             self.output_len(),
@@ -404,7 +420,7 @@ impl ImageTransformer {
         );
         let (w, h) = img.dimensions();
         if w == 0 || h == 0 {
-            out.fill(0.0);
+            out.fill(MaybeUninit::new(0.0));
             return;
         }
         let Self {
@@ -503,7 +519,7 @@ fn resize_crop(
 }
 
 /// HWC u8 -> CHW normalised f32 in one pass, optionally reading each row mirrored.
-fn write_chw(img: &RgbImage, lut: &[[f32; 256]; 3], flip: bool, out: &mut [f32]) {
+fn write_chw(img: &RgbImage, lut: &[[f32; 256]; 3], flip: bool, out: &mut [MaybeUninit<f32>]) {
     let s = img.width() as usize;
     let plane = s * img.height() as usize;
     debug_assert_eq!(out.len(), 3 * plane);
@@ -521,10 +537,11 @@ fn write_chw(img: &RgbImage, lut: &[[f32; 256]; 3], flip: bool, out: &mut [f32])
     let [lr, lg, lb] = lut;
     for (((src, r), g), b) in rows {
         let dst = r.iter_mut().zip(g.iter_mut()).zip(b.iter_mut());
-        let put = |((r, g), b): ((&mut f32, &mut f32), &mut f32), px: &[u8]| {
-            *r = lr[px[0] as usize];
-            *g = lg[px[1] as usize];
-            *b = lb[px[2] as usize];
+        type Slot<'a> = &'a mut MaybeUninit<f32>;
+        let put = |((r, g), b): ((Slot, Slot), Slot), px: &[u8]| {
+            r.write(lr[px[0] as usize]);
+            g.write(lg[px[1] as usize]);
+            b.write(lb[px[2] as usize]);
         };
         if flip {
             dst.zip(src.chunks_exact(3).rev())
@@ -538,6 +555,15 @@ fn write_chw(img: &RgbImage, lut: &[[f32; 256]; 3], flip: bool, out: &mut [f32])
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn write_chw_init(img: &RgbImage, lut: &[[f32; 256]; 3], flip: bool, out: &mut [f32]) {
+        let mut slots: Vec<MaybeUninit<f32>> = out.iter().map(|&v| MaybeUninit::new(v)).collect();
+        write_chw(img, lut, flip, &mut slots);
+        for (o, s) in out.iter_mut().zip(slots) {
+            // SAFETY: write_chw initialises every slot (and they started initialised).
+            *o = unsafe { s.assume_init() };
+        }
+    }
     use std::path::PathBuf;
 
     fn fixture(name: &str) -> Vec<u8> {
@@ -639,7 +665,7 @@ mod tests {
             Normalization::Clip,
         );
         let mut out = vec![0.0; 3 * 32 * 32];
-        write_chw(&pil, &t.lut, false, &mut out);
+        write_chw_init(&pil, &t.lut, false, &mut out);
         assert_eq!(out, fixture_f32("tv_resize_32_clip.f32"));
     }
 
@@ -701,8 +727,8 @@ mod tests {
         );
         let mut plain = vec![0.0; 192];
         let mut flipped = vec![0.0; 192];
-        write_chw(&img, &t.lut, false, &mut plain);
-        write_chw(&img, &t.lut, true, &mut flipped);
+        write_chw_init(&img, &t.lut, false, &mut plain);
+        write_chw_init(&img, &t.lut, true, &mut flipped);
         for c in 0..3 {
             for y in 0..8 {
                 for x in 0..8 {

@@ -19,7 +19,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -736,10 +735,7 @@ impl Worker {
             return self.send_done();
         }
         self.refill_buffer()?;
-        loop {
-            let Some(shard) = self.ctx.shards.at(self.st.cursor) else {
-                break;
-            };
+        while let Some(shard) = self.ctx.shards.at(self.st.cursor) {
             let url = self.ctx.urls[shard].clone();
             let mut halt = None;
             let outcome = read_shard(&url, self.st.offset, |raw| {
@@ -920,11 +916,16 @@ impl Worker {
             DecodeError::Corrupt(_) => skip(SkipReason::BadImage, e.to_string()),
         })?;
         let mut sample_rng = Rng::new(self.st.rng.next_u64());
-        let s = cfg.image_size();
-        let start = self.pending.images.len();
-        self.pending.images.resize(start + 3 * s * s, 0.0);
-        self.transformer
-            .apply(&image, &mut sample_rng, &mut self.pending.images[start..]);
+        let n = 3 * cfg.image_size() * cfg.image_size();
+        let images = &mut self.pending.images;
+        images.reserve(n);
+        self.transformer.apply_uninit(
+            &image,
+            &mut sample_rng,
+            &mut images.spare_capacity_mut()[..n],
+        );
+        // SAFETY: `apply_uninit` wrote all `n` values after the current length.
+        unsafe { images.set_len(images.len() + n) };
         self.pending.keys.push(parsed.key);
         self.pending.urls.push(parsed.url);
         self.pending.image_ids.push(parsed.image_id);
@@ -959,23 +960,4 @@ impl Worker {
             worker: self.ctx.worker,
         })
     }
-}
-
-/// Throughput helper for benchmarks: batches per second over a time budget.
-pub fn time_batches(loader: &mut Loader, warmup: usize, seconds: f64) -> Result<(u64, u64, f64)> {
-    for _ in 0..warmup {
-        loader.next_batch()?;
-    }
-    let start = Instant::now();
-    let (mut batches, mut samples) = (0u64, 0u64);
-    while start.elapsed().as_secs_f64() < seconds {
-        match loader.next_batch()? {
-            Some(b) => {
-                batches += 1;
-                samples += b.len() as u64;
-            }
-            None => break,
-        }
-    }
-    Ok((batches, samples, start.elapsed().as_secs_f64()))
 }
