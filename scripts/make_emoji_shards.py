@@ -76,7 +76,7 @@ def main() -> None:
         shards = {}
         for style in ("google", "twitter"):
             records = [{
-                "image": str(pkgs[style] / "img" / style / "64" / e["image"]),
+                "image": f"img/{style}/64/{e['image']}",
                 "caption": [e["name"].lower(), second_caption(e, emojibase)],
                 "image_id": e["unified"].lower(),
             } for e in chosen]
@@ -84,7 +84,7 @@ def main() -> None:
             ann.write_text(json.dumps(records))
             prefix = args.out / f"emoji-{style}"
             # The same seed shuffles both styles identically, so shard k of each holds the same emoji.
-            subprocess.run([args.vlp, "shards", "write", "--json", str(ann), "--image-root", "/",
+            subprocess.run([args.vlp, "shards", "write", "--json", str(ann), "--image-root", str(pkgs[style]),
                             "--out", str(prefix), "--per-shard", str(args.per_shard), "--format", "png",
                             "--shuffle-seed", str(args.seed)], check=True)
             last = (len(records) - 1) // args.per_shard

@@ -461,3 +461,82 @@ fn epoch_length_comes_from_the_manifest() {
     let loader = Loader::new(&spec, cfg, tokenizer(16)).unwrap();
     assert_eq!(loader.samples_in_epoch(0), Some(12));
 }
+
+#[test]
+fn shards_written_by_vlp_read_back_identically() {
+    use vlp_data::image_ops::{Normalization, CLIP_MEAN, CLIP_STD};
+    use vlp_data::loader::CaptionChoice;
+    let dir = tempfile::tempdir().unwrap();
+    let mut records = Vec::new();
+    let mut originals = Vec::new();
+    for i in 0..7u32 {
+        let img = image::RgbImage::from_fn(8, 8, |x, y| {
+            image::Rgb([(x * 30) as u8, (y * 30) as u8, (i * 35) as u8])
+        });
+        let name = format!("img{i}.png");
+        img.save(dir.path().join(&name)).unwrap();
+        originals.push(img);
+        records.push(serde_json::json!({
+            "image": name,
+            "caption": [format!("Caption {i}, first!"), format!("caption {i} second")],
+            "image_id": format!("id{i}"),
+        }));
+    }
+    let ann = dir.path().join("ann.json");
+    std::fs::write(&ann, serde_json::to_string(&records).unwrap()).unwrap();
+    let prefix = dir.path().join("out/rt");
+    let status = std::process::Command::new(vlp_bin())
+        .args([
+            "shards",
+            "write",
+            "--json",
+            ann.to_str().unwrap(),
+            "--out",
+            prefix.to_str().unwrap(),
+            "--per-shard",
+            "3",
+        ])
+        .env("RUST_LOG", "warn")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let spec = format!("{}-{{000000..000002}}.tar", prefix.display());
+    let cfg = LoaderConfig {
+        workers: 1,
+        batch_size: 7,
+        shuffle_shards: false,
+        shuffle_buffer: 1,
+        caption_choice: CaptionChoice::First,
+        image: ImageTransform::Eval(EvalTransform { size: 8 }),
+        normalization: Normalization::Clip,
+        ..small_cfg()
+    };
+    let mut loader = Loader::new(&spec, cfg, tokenizer(16)).unwrap();
+    assert_eq!(loader.samples_in_epoch(0), Some(7), "from the manifest");
+    let batches = all_batches(&mut loader);
+    assert_eq!(batches.len(), 1);
+    let b = &batches[0];
+    assert_eq!(
+        b.captions,
+        (0..7)
+            .map(|i| format!("caption {i} first"))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        b.image_ids,
+        (0..7).map(|i| format!("id{i}")).collect::<Vec<_>>()
+    );
+    let pixels = b.images.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for (i, img) in originals.iter().enumerate() {
+        for c in 0..3 {
+            for (p, px) in img.pixels().enumerate() {
+                let expected = (px[c] as f32 / 255.0 - CLIP_MEAN[c]) / CLIP_STD[c];
+                let got = pixels[i * 192 + c * 64 + p];
+                assert!(
+                    (got - expected).abs() < 1e-5,
+                    "sample {i} channel {c} pixel {p}: {got} vs {expected}"
+                );
+            }
+        }
+    }
+}
