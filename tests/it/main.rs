@@ -1,5 +1,6 @@
 //! The one integration-test binary: end-to-end tests on tiny data written on the fly.
 
+mod cli;
 mod common;
 mod loader;
 mod shards_write;

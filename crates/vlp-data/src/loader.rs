@@ -117,7 +117,7 @@ impl Default for LoaderConfig {
             caption_choice: CaptionChoice::Random,
             max_words: 30,
             max_tokens: 30,
-            image: ImageTransform::Train(TrainTransform::albef_finetune(256)),
+            image: ImageTransform::Train(TrainTransform::albef_pretrain(256)),
             normalization: Normalization::Clip,
         }
     }

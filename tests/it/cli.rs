@@ -1,0 +1,125 @@
+//! The data commands end to end through the binary: synth -> tokenizer train -> inspect
+//! -> bench loader, and `inspect` reporting bad samples by reason.
+
+use std::process::Command;
+
+use crate::common::*;
+
+fn vlp(args: &[&str]) -> String {
+    let out = Command::new(vlp_bin())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run vlp");
+    assert!(
+        out.status.success(),
+        "vlp {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn last_json(stdout: &str) -> serde_json::Value {
+    serde_json::from_str(stdout.lines().last().expect("output")).expect("JSON last line")
+}
+
+#[test]
+fn synth_tokenizer_inspect_bench() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path().join("synth");
+    let prefix = prefix.to_str().unwrap();
+    vlp(&[
+        "shards",
+        "synth",
+        "--out",
+        prefix,
+        "--count",
+        "40",
+        "--per-shard",
+        "10",
+        "--image-size",
+        "32",
+    ]);
+    let spec = format!("{prefix}-{{000000..000003}}.tar");
+    let tok = dir.path().join("tok.json");
+    let said = vlp(&[
+        "tokenizer",
+        "train",
+        &spec,
+        "--out",
+        tok.to_str().unwrap(),
+        "--vocab-size",
+        "120",
+        "--min-frequency",
+        "1",
+    ]);
+    assert!(said.contains("trained on 80 captions"), "{said}");
+    let t = vlp_data::tokenize::TextTokenizer::from_file(&tok, 30).unwrap();
+    assert_eq!(t.token_id("[MASK]"), Some(4));
+    let ids = t.encode("a small red circle").unwrap();
+    assert!(
+        !ids.contains(&1),
+        "caption words are in the vocabulary, no [UNK]: {ids:?}"
+    );
+
+    let report = last_json(&vlp(&["shards", "inspect", &spec, "--json"]));
+    assert_eq!(report["total"]["samples"], 40);
+    assert_eq!(report["total"]["good"], 40);
+    assert_eq!(report["total"]["captions"], 80);
+    assert_eq!(report["shards"].as_array().unwrap().len(), 4);
+
+    let bench = last_json(&vlp(&[
+        "bench",
+        "loader",
+        &spec,
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--seconds",
+        "0.5",
+        "--decode-seconds",
+        "0.2",
+        "--batch-size",
+        "8",
+        "--image-size",
+        "32",
+    ]));
+    assert!(bench["samples_per_s"].as_f64().unwrap() > 0.0, "{bench}");
+    assert!(
+        bench["decode_only_samples_per_s"].as_f64().unwrap() > 0.0,
+        "{bench}"
+    );
+    assert!(bench["peak_rss_mb"].as_f64().unwrap() > 1.0, "{bench}");
+}
+
+#[test]
+fn inspect_reports_bad_samples_by_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let samples = vec![
+        good_sample(0, 0),
+        (
+            "bad".to_string(),
+            vec![
+                ("jpg".to_string(), b"xx".to_vec()),
+                ("txt".to_string(), b"c".to_vec()),
+            ],
+        ),
+        ("nocap".to_string(), vec![("png".to_string(), png(4, 4, 0))]),
+    ];
+    let shard = dir.path().join("s.tar");
+    write_tar(&shard, &samples);
+    let spec = format!(
+        "{}::{}",
+        shard.display(),
+        dir.path().join("gone.tar").display()
+    );
+    let report = last_json(&vlp(&["shards", "inspect", &spec, "--json"]));
+    let skipped = &report["total"]["skipped"];
+    assert_eq!(skipped["bad_image"], 1, "{report}");
+    assert_eq!(skipped["missing_caption"], 1, "{report}");
+    assert_eq!(skipped["missing_shard"], 1, "{report}");
+    assert_eq!(report["total"]["good"], 1);
+    assert!(
+        report["bad"].to_string().contains("s.tar bad: bad_image"),
+        "{report}"
+    );
+}
