@@ -1,0 +1,1 @@
+//! vlp-models (being built).
