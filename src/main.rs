@@ -30,6 +30,8 @@ enum Command {
     /// Benchmarks (throughput and peak memory).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Convert a published checkpoint (HF BERT/ViT/BLIP, timm/DeiT, ALBEF .pth) to vlp's format.
+    Convert(cmd::convert::ConvertArgs),
 }
 
 #[derive(Subcommand)]
@@ -52,6 +54,8 @@ enum TokenizerCommand {
 enum BenchCommand {
     /// Throughput and peak RSS of the full training data pipeline, and the decode-only limit.
     Loader(cmd::bench::LoaderArgs),
+    /// Forward + backward samples/s and memory of a model preset on random batches.
+    Step(cmd::bench_step::StepArgs),
 }
 
 /// Keeps freed batch buffers in the process for reuse.
@@ -91,6 +95,8 @@ fn main() -> std::process::ExitCode {
         Command::Shards(ShardsCommand::Inspect(a)) => cmd::shards_inspect::run(a),
         Command::Tokenizer(TokenizerCommand::Train(a)) => cmd::tokenizer::run(a),
         Command::Bench(BenchCommand::Loader(a)) => cmd::bench::run(a),
+        Command::Bench(BenchCommand::Step(a)) => cmd::bench_step::run(a),
+        Command::Convert(a) => cmd::convert::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

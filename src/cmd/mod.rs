@@ -1,6 +1,8 @@
 //! One module per subcommand: its arguments and its `run`.
 
 pub mod bench;
+pub mod bench_step;
+pub mod convert;
 pub mod shards_inspect;
 pub mod shards_synth;
 pub mod shards_write;

@@ -1,0 +1,1145 @@
+//! The ALBEF model (ALBEF paper §3.1 architecture, §3.3 momentum distillation): image
+//! encoder, text/fusion encoder with MLM head, ITC projections, ITM head, learned
+//! temperature, the momentum twin and the feature queues. Losses are not here; the model
+//! exposes encoders and heads, and [`smoke_loss`] is only a check that every parameter is
+//! reachable by gradients.
+//!
+//! Parameter names are ALBEF's checkpoint names, so our checkpoints have ALBEF's layout.
+
+use candle_core::{DType, IndexOp, Tensor, Var, D};
+use candle_nn::{Init, VarBuilder};
+
+use crate::bert::{BertModel, FusionText};
+use crate::config::{AlbefConfig, Layout};
+use crate::error::{ModelError, Result};
+use crate::nn::{self, Linear};
+use crate::params;
+use crate::vit::VisionTransformer;
+
+/// Bounds the learned temperature is clamped to before every training forward.
+pub const TEMP_RANGE: (f64, f64) = (0.001, 0.5);
+
+/// Top-level names of the momentum twin and of the online modules they shadow.
+pub const MOMENTUM_ROOTS: [(&str, &str); 4] = [
+    ("visual_encoder_m", "visual_encoder"),
+    ("text_encoder_m", "text_encoder"),
+    ("vision_proj_m", "vision_proj"),
+    ("text_proj_m", "text_proj"),
+];
+
+/// Names of the checkpointed, never-trained state tensors.
+pub const STATE_NAMES: [&str; 4] = ["image_queue", "text_queue", "idx_queue", "queue_ptr"];
+
+/// One momentum parameter and the online parameter it follows.
+#[derive(Debug, Clone)]
+struct MomentumPair {
+    name: String,
+    online: Tensor,
+    momentum: Tensor,
+}
+
+/// The ALBEF model. Build it from a `VarBuilder` over a `VarMap` to train it: online
+/// parameters are then `Var`s ([`AlbefModel::trainable_vars`]); momentum parameters and
+/// queues are `Var`s too, so `VarMap::save` checkpoints them, but they are updated only by
+/// [`AlbefModel::momentum_update`] and [`AlbefModel::enqueue`], never by gradients.
+/// `VarMap::load` after construction writes into the same storage, so it restores a
+/// checkpoint into a built model.
+#[derive(Debug, Clone)]
+pub struct AlbefModel {
+    cfg: AlbefConfig,
+    visual_encoder: VisionTransformer,
+    text_encoder: BertModel,
+    vision_proj: Linear,
+    text_proj: Linear,
+    itm_head: Linear,
+    temp: Tensor,
+    visual_encoder_m: VisionTransformer,
+    text_encoder_m: BertModel,
+    vision_proj_m: Linear,
+    text_proj_m: Linear,
+    online: Vec<(String, Tensor)>,
+    momentum: Vec<MomentumPair>,
+    image_queue: Var,
+    text_queue: Var,
+    idx_queue: Var,
+    queue_ptr: Var,
+}
+
+impl AlbefModel {
+    /// Loads (or, from a `VarMap`, creates) every tensor under `vb` with ALBEF's names.
+    /// Fresh queues are random-normal columns, L2-normalised; `idx_queue` is -100 (empty)
+    /// and `queue_ptr` 0. Call [`AlbefModel::copy_params_to_momentum`] after creating a
+    /// fresh model, as ALBEF does.
+    pub fn new(cfg: &AlbefConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let (vh, th, e) = (cfg.vision.hidden, cfg.text.hidden, cfg.embed_dim);
+
+        let (ovb, online) = params::recording(&vb, false);
+        let visual_encoder = VisionTransformer::new(&cfg.vision, ovb.pp("visual_encoder"))?
+            .with_attention(cfg.attention);
+        let text_encoder =
+            BertModel::new(&cfg.text, vh, ovb.pp("text_encoder"))?.with_attention(cfg.attention);
+        let vision_proj = Linear::load(ovb.pp("vision_proj"), vh, e, true)?;
+        let text_proj = Linear::load(ovb.pp("text_proj"), th, e, true)?;
+        let itm_head = Linear::load(ovb.pp("itm_head"), th, 2, true)?;
+        let temp = ovb.get_with_hints((), "temp", Init::Const(cfg.temp))?;
+        let online = params::take(&online);
+
+        // The twin gets detached views: its forwards build no autograd graph, and
+        // `momentum_update` writes the recorded originals in place.
+        let (mvb, momentum) = params::recording(&vb, true);
+        let visual_encoder_m = VisionTransformer::new(&cfg.vision, mvb.pp("visual_encoder_m"))?
+            .with_attention(cfg.attention);
+        let text_encoder_m =
+            BertModel::new(&cfg.text, vh, mvb.pp("text_encoder_m"))?.with_attention(cfg.attention);
+        let vision_proj_m = Linear::load(mvb.pp("vision_proj_m"), vh, e, true)?;
+        let text_proj_m = Linear::load(mvb.pp("text_proj_m"), th, e, true)?;
+        let momentum = pair_with_online(params::take(&momentum), &online)?;
+
+        let q = cfg.queue_size;
+        let unit = Init::Randn {
+            mean: 0.0,
+            stdev: 1.0,
+        };
+        let queue = |name: &str| -> Result<Var> {
+            let t = vb.get_with_hints((e, q), name, unit)?;
+            let var = Var::from_tensor(&t)?;
+            // Columns are unit vectors (a no-op for queues read from a checkpoint).
+            var.set(&normalize_columns(&t.detach())?)?;
+            Ok(var)
+        };
+        let image_queue = queue("image_queue")?;
+        let text_queue = queue("text_queue")?;
+        let idx_queue = Var::from_tensor(&vb.get_with_hints_dtype(
+            (1, q),
+            "idx_queue",
+            Init::Const(-100.0),
+            DType::I64,
+        )?)?;
+        let queue_ptr = Var::from_tensor(&vb.get_with_hints_dtype(
+            1,
+            "queue_ptr",
+            Init::Const(0.0),
+            DType::I64,
+        )?)?;
+
+        Ok(Self {
+            cfg: cfg.clone(),
+            visual_encoder,
+            text_encoder,
+            vision_proj,
+            text_proj,
+            itm_head,
+            temp,
+            visual_encoder_m,
+            text_encoder_m,
+            vision_proj_m,
+            text_proj_m,
+            online,
+            momentum,
+            image_queue,
+            text_queue,
+            idx_queue,
+            queue_ptr,
+        })
+    }
+
+    pub fn config(&self) -> &AlbefConfig {
+        &self.cfg
+    }
+
+    pub fn visual_encoder(&self) -> &VisionTransformer {
+        &self.visual_encoder
+    }
+
+    pub fn text_encoder(&self) -> &BertModel {
+        &self.text_encoder
+    }
+
+    /// The online parameters, the only ones an optimizer may update, in a fixed order
+    /// (construction order). Momentum parameters and queues are not in it.
+    ///
+    /// Errors if the model was not built from a `VarMap` (its tensors are not variables).
+    pub fn trainable_vars(&self) -> Result<Vec<(String, Var)>> {
+        self.online
+            .iter()
+            .map(|(name, t)| Ok((name.clone(), as_var(name, t)?)))
+            .collect()
+    }
+
+    /// Names of the online (trainable) parameters.
+    pub fn trainable_names(&self) -> Vec<&str> {
+        self.online.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
+    /// Names of the momentum parameters.
+    pub fn momentum_names(&self) -> Vec<&str> {
+        self.momentum.iter().map(|p| p.name.as_str()).collect()
+    }
+
+    /// The EMA step of the momentum twin, over every pair: `p_m = m * p_m + (1 - m) * p`.
+    pub fn momentum_update(&self, m: f64) -> Result<()> {
+        for pair in &self.momentum {
+            let var = as_var(&pair.name, &pair.momentum)?;
+            let blended = (pair.momentum.detach().affine(m, 0.0)?
+                + pair.online.detach().affine(1.0 - m, 0.0)?)?;
+            var.set(&blended)?;
+        }
+        Ok(())
+    }
+
+    /// Sets every momentum parameter to its online parameter (ALBEF's `copy_params`).
+    pub fn copy_params_to_momentum(&self) -> Result<()> {
+        for pair in &self.momentum {
+            as_var(&pair.name, &pair.momentum)?.set(&pair.online.detach())?;
+        }
+        Ok(())
+    }
+
+    /// The learned ITC temperature, a 0-d tensor.
+    pub fn temp(&self) -> &Tensor {
+        &self.temp
+    }
+
+    /// Clamps the temperature to [`TEMP_RANGE`] in place (ALBEF does this, without a
+    /// gradient, before every training forward).
+    pub fn clamp_temp(&self) -> Result<()> {
+        let clamped = self.temp.detach().clamp(TEMP_RANGE.0, TEMP_RANGE.1)?;
+        as_var("temp", &self.temp)?.set(&clamped)?;
+        Ok(())
+    }
+
+    /// Image tokens and the normalised ITC feature of [CLS].
+    ///
+    /// # Shapes
+    /// `images`: `[B, 3, S, S]` -> (`[B, 1 + N, Dv]`, `[B, embed_dim]`).
+    pub fn encode_image(&self, images: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
+        let tokens = self.visual_encoder.forward(images, train)?;
+        let feat = nn::l2_normalize(&self.vision_proj.forward(&cls(&tokens)?)?)?;
+        Ok((tokens, feat))
+    }
+
+    /// Text-only states and the normalised ITC feature of [CLS].
+    ///
+    /// # Shapes
+    /// `input_ids`, `attention_mask`: `[B, L]` -> (`[B, L, H]`, `[B, embed_dim]`).
+    pub fn encode_text(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        train: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        let states = self
+            .text_encoder
+            .forward_text(input_ids, attention_mask, train)?;
+        let feat = nn::l2_normalize(&self.text_proj.forward(&cls(&states)?)?)?;
+        Ok((states, feat))
+    }
+
+    /// The fusion encoder on text and image tokens.
+    ///
+    /// # Shapes
+    /// `text`: `[B, L, H]` or `[B, L]` (see [`FusionText`]), `attention_mask`: `[B, L]`,
+    /// `image_tokens`: `[B, 1 + N, Dv]` -> `[B, L, H]`.
+    pub fn fuse(
+        &self,
+        text: FusionText,
+        attention_mask: &Tensor,
+        image_tokens: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
+        self.text_encoder
+            .forward_fusion(text, attention_mask, image_tokens, train)
+    }
+
+    /// ITM logits (column 1 = "match").
+    ///
+    /// # Shapes
+    /// `fused_cls`: `[B, H]` -> `[B, 2]`.
+    pub fn itm_logits(&self, fused_cls: &Tensor) -> Result<Tensor> {
+        Ok(self.itm_head.forward(fused_cls)?)
+    }
+
+    /// MLM logits of the online text encoder.
+    ///
+    /// # Shapes
+    /// `fused`: `[.., H]` -> `[.., vocab_size]`.
+    pub fn mlm_logits(&self, fused: &Tensor) -> Result<Tensor> {
+        self.text_encoder.mlm_logits(fused)
+    }
+
+    /// [`AlbefModel::encode_image`] of the momentum twin; outputs carry no gradient.
+    pub fn encode_image_m(&self, images: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
+        let tokens = self.visual_encoder_m.forward(&images.detach(), train)?;
+        let feat = nn::l2_normalize(&self.vision_proj_m.forward(&cls(&tokens)?)?)?;
+        Ok((tokens.detach(), feat.detach()))
+    }
+
+    /// [`AlbefModel::encode_text`] of the momentum twin; outputs carry no gradient.
+    pub fn encode_text_m(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        train: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        let states = self
+            .text_encoder_m
+            .forward_text(input_ids, attention_mask, train)?;
+        let feat = nn::l2_normalize(&self.text_proj_m.forward(&cls(&states)?)?)?;
+        Ok((states.detach(), feat.detach()))
+    }
+
+    /// [`AlbefModel::fuse`] of the momentum twin; the output carries no gradient.
+    pub fn fuse_m(
+        &self,
+        text: FusionText,
+        attention_mask: &Tensor,
+        image_tokens: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
+        let fused = self.text_encoder_m.forward_fusion(
+            text,
+            attention_mask,
+            &image_tokens.detach(),
+            train,
+        )?;
+        Ok(fused.detach())
+    }
+
+    /// MLM logits of the momentum twin (the distillation teacher); no gradient.
+    pub fn mlm_logits_m(&self, fused_m: &Tensor) -> Result<Tensor> {
+        Ok(self.text_encoder_m.mlm_logits(&fused_m.detach())?.detach())
+    }
+
+    /// The image-feature queue, one normalised feature per column.
+    ///
+    /// # Shapes
+    /// `[embed_dim, queue_size]`.
+    pub fn image_queue(&self) -> Tensor {
+        self.image_queue.as_detached_tensor()
+    }
+
+    /// The text-feature queue, one normalised feature per column.
+    ///
+    /// # Shapes
+    /// `[embed_dim, queue_size]`.
+    pub fn text_queue(&self) -> Tensor {
+        self.text_queue.as_detached_tensor()
+    }
+
+    /// Image ids of the queued features (-100 = empty slot).
+    ///
+    /// # Shapes
+    /// `[1, queue_size]`, i64.
+    pub fn idx_queue(&self) -> Tensor {
+        self.idx_queue.as_detached_tensor()
+    }
+
+    /// Column the next [`AlbefModel::enqueue`] writes to.
+    pub fn queue_ptr(&self) -> Result<usize> {
+        let ptr = self.queue_ptr.as_detached_tensor().to_vec1::<i64>()?[0];
+        usize::try_from(ptr)
+            .ok()
+            .filter(|p| *p < self.cfg.queue_size)
+            .ok_or_else(|| {
+                ModelError::param(
+                    "queue_ptr",
+                    format!("{ptr} is outside the queue of {}", self.cfg.queue_size),
+                )
+            })
+    }
+
+    /// Writes features (already gathered over ranks) into the queues FIFO from
+    /// `queue_ptr`, wrapping around the end: any queue size works with any batch size.
+    /// A batch larger than the queue keeps its last `queue_size` rows.
+    ///
+    /// # Shapes
+    /// `image_feats`, `text_feats`: `[N, embed_dim]`; `image_ids`: `[N]` (int).
+    pub fn enqueue(
+        &self,
+        image_feats: &Tensor,
+        text_feats: &Tensor,
+        image_ids: Option<&Tensor>,
+    ) -> Result<()> {
+        let q = self.cfg.queue_size;
+        let (n, e) = image_feats.dims2()?;
+        if text_feats.dims() != [n, e] || e != self.cfg.embed_dim {
+            return Err(ModelError::input(
+                "enqueue",
+                format!(
+                    "image feats {:?} and text feats {:?} must both be [N, {}]",
+                    image_feats.dims(),
+                    text_feats.dims(),
+                    self.cfg.embed_dim
+                ),
+            ));
+        }
+        let keep = n.min(q);
+        let skip = n - keep;
+        let ptr = self.queue_ptr()?;
+        let dtype = self.image_queue.dtype();
+        let columns = |t: &Tensor| -> Result<Tensor> {
+            Ok(t.detach()
+                .narrow(0, skip, keep)?
+                .t()?
+                .to_dtype(dtype)?
+                .contiguous()?)
+        };
+        write_columns(&self.image_queue, ptr, &columns(image_feats)?)?;
+        write_columns(&self.text_queue, ptr, &columns(text_feats)?)?;
+        if let Some(ids) = image_ids {
+            let ids = ids
+                .detach()
+                .flatten_all()?
+                .narrow(0, skip, keep)?
+                .to_dtype(DType::I64)?
+                .reshape((1, keep))?;
+            write_columns(&self.idx_queue, ptr, &ids)?;
+        }
+        let next = Tensor::new(&[((ptr + keep) % q) as i64], self.queue_ptr.device())?;
+        self.queue_ptr.set(&next)?;
+        Ok(())
+    }
+}
+
+fn as_var(name: &str, t: &Tensor) -> Result<Var> {
+    if !t.is_variable() {
+        return Err(ModelError::param(
+            name,
+            "is not a variable: build the model from a VarBuilder over a VarMap to train it",
+        ));
+    }
+    Ok(Var::from_tensor(t)?)
+}
+
+fn pair_with_online(
+    momentum: Vec<(String, Tensor)>,
+    online: &[(String, Tensor)],
+) -> Result<Vec<MomentumPair>> {
+    momentum
+        .into_iter()
+        .map(|(name, t)| {
+            let online_name = MOMENTUM_ROOTS
+                .iter()
+                .find_map(|(m, o)| name.strip_prefix(m).map(|rest| format!("{o}{rest}")))
+                .ok_or_else(|| ModelError::param(&name, "not under a momentum root"))?;
+            let (_, online_t) =
+                online
+                    .iter()
+                    .find(|(n, _)| *n == online_name)
+                    .ok_or_else(|| {
+                        ModelError::param(&name, format!("no online twin `{online_name}`"))
+                    })?;
+            if online_t.dims() != t.dims() {
+                return Err(ModelError::param(
+                    &name,
+                    format!(
+                        "shape {:?} but its twin has {:?}",
+                        t.dims(),
+                        online_t.dims()
+                    ),
+                ));
+            }
+            Ok(MomentumPair {
+                name,
+                online: online_t.clone(),
+                momentum: t,
+            })
+        })
+        .collect()
+}
+
+/// Writes `src` (`[rows, k]`) into columns `ptr..ptr + k` of `var`, wrapping around.
+fn write_columns(var: &Var, ptr: usize, src: &Tensor) -> Result<()> {
+    let (rows, q) = var.dims2()?;
+    let k = src.dim(1)?;
+    let first = k.min(q - ptr);
+    let mut t = var
+        .as_detached_tensor()
+        .slice_assign(&[0..rows, ptr..ptr + first], &src.narrow(1, 0, first)?)?;
+    if first < k {
+        let rest = src.narrow(1, first, k - first)?.contiguous()?;
+        t = t.slice_assign(&[0..rows, 0..k - first], &rest)?;
+    }
+    var.set(&t)?;
+    Ok(())
+}
+
+/// Each column divided by its L2 norm.
+fn normalize_columns(t: &Tensor) -> Result<Tensor> {
+    Ok(nn::l2_normalize(&t.t()?)?.t()?.contiguous()?)
+}
+
+/// The [CLS] row of token states.
+///
+/// # Shapes
+/// `[B, L, H]` -> `[B, H]`.
+pub fn cls(states: &Tensor) -> Result<Tensor> {
+    Ok(states.i((.., 0))?)
+}
+
+/// The parts of [`smoke_loss`].
+#[derive(Debug, Clone)]
+pub struct SmokeLoss {
+    pub total: Tensor,
+    pub itc: Tensor,
+    pub itm: Tensor,
+    pub mlm: Tensor,
+}
+
+/// A model-only check, not the training objective: a loss in the shape of ALBEF's
+/// (ITC over in-batch pairs + queue with the learned temperature, ITM on the fused [CLS]
+/// of positives and rolled-by-one negatives, MLM at every third real token) that reaches
+/// every trainable parameter, so a backward pass through it shows any op without a
+/// gradient. No momentum distillation, no hard-negative sampling, no random masking.
+/// Shared by the gradient tests and `vlp bench step`.
+///
+/// # Shapes
+/// `images`: `[B, 3, S, S]`, `input_ids`, `attention_mask`: `[B, L]` with `B >= 2`.
+pub fn smoke_loss(
+    model: &AlbefModel,
+    images: &Tensor,
+    input_ids: &Tensor,
+    attention_mask: &Tensor,
+    train: bool,
+) -> Result<SmokeLoss> {
+    let text_cfg = &model.config().text;
+    let (b, l) = input_ids.dims2()?;
+    if b < 2 {
+        return Err(ModelError::input(
+            "input_ids",
+            "the smoke loss needs a batch of 2 or more",
+        ));
+    }
+    let dev = input_ids.device();
+    let (image_tokens, image_feat) = model.encode_image(images, train)?;
+    let (text_states, text_feat) = model.encode_text(input_ids, attention_mask, train)?;
+
+    // ITC: positives on the diagonal, the queue as extra negatives.
+    let temp = model.temp();
+    let text_all = Tensor::cat(&[&text_feat.t()?, &model.text_queue()], 1)?;
+    let image_all = Tensor::cat(&[&image_feat.t()?, &model.image_queue()], 1)?;
+    let sim_i2t = image_feat.matmul(&text_all)?.broadcast_div(temp)?;
+    let sim_t2i = text_feat.matmul(&image_all)?.broadcast_div(temp)?;
+    let diagonal = Tensor::arange(0u32, b as u32, dev)?;
+    let itc = ((cross_entropy(&sim_i2t, &diagonal)? + cross_entropy(&sim_t2i, &diagonal)?)? * 0.5)?;
+
+    // ITM: [positives; (text, next image); (next text, image)].
+    let roll: Vec<u32> = (0..b as u32).map(|i| (i + 1) % b as u32).collect();
+    let roll = Tensor::new(roll.as_slice(), dev)?;
+    let image_in = Tensor::cat(
+        &[
+            &image_tokens,
+            &image_tokens.index_select(&roll, 0)?,
+            &image_tokens,
+        ],
+        0,
+    )?;
+    let mask_in = Tensor::cat(
+        &[
+            attention_mask,
+            attention_mask,
+            &attention_mask.index_select(&roll, 0)?,
+        ],
+        0,
+    )?;
+    let fused = match text_cfg.layout {
+        Layout::Albef { .. } => {
+            let text_in = Tensor::cat(
+                &[
+                    &text_states,
+                    &text_states,
+                    &text_states.index_select(&roll, 0)?,
+                ],
+                0,
+            )?;
+            model.fuse(FusionText::States(&text_in), &mask_in, &image_in, train)?
+        }
+        Layout::Blip => {
+            let ids = with_enc_token(input_ids, text_cfg.enc_id)?;
+            let ids_in = Tensor::cat(&[&ids, &ids, &ids.index_select(&roll, 0)?], 0)?;
+            model.fuse(FusionText::Ids(&ids_in), &mask_in, &image_in, train)?
+        }
+    };
+    let itm_labels: Vec<u32> = (0..3 * b).map(|i| u32::from(i < b)).collect();
+    let itm_labels = Tensor::new(itm_labels.as_slice(), dev)?;
+    let itm = cross_entropy(&model.itm_logits(&cls(&fused)?)?, &itm_labels)?;
+
+    // MLM at fixed positions: every third real token that is not [CLS]/[SEP]/[PAD].
+    let ids = input_ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+    let keep = attention_mask.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+    let (mut masked, mut positions, mut labels) = (ids.clone(), Vec::new(), Vec::new());
+    for (r, row) in ids.iter().enumerate() {
+        for (p, &id) in row.iter().enumerate() {
+            let special = [text_cfg.cls_id, text_cfg.sep_id, text_cfg.pad_id].contains(&id);
+            if p % 3 == 1 && keep[r][p] != 0 && !special {
+                masked[r][p] = text_cfg.mask_id;
+                positions.push((r * l + p) as u32);
+                labels.push(id);
+            }
+        }
+    }
+    let mlm = if positions.is_empty() || !model.text_encoder().has_mlm_head() {
+        temp.zeros_like()?
+    } else {
+        let masked = Tensor::new(masked, dev)?;
+        let fused = match text_cfg.layout {
+            Layout::Albef { .. } => {
+                let (states, _) = model.encode_text(&masked, attention_mask, train)?;
+                model.fuse(
+                    FusionText::States(&states),
+                    attention_mask,
+                    &image_tokens,
+                    train,
+                )?
+            }
+            Layout::Blip => model.fuse(
+                FusionText::Ids(&masked),
+                attention_mask,
+                &image_tokens,
+                train,
+            )?,
+        };
+        let h = fused.dim(2)?;
+        let picked = fused
+            .reshape((b * l, h))?
+            .index_select(&Tensor::new(positions.as_slice(), dev)?, 0)?;
+        cross_entropy(
+            &model.mlm_logits(&picked)?,
+            &Tensor::new(labels.as_slice(), dev)?,
+        )?
+    };
+
+    let total = ((&itc + &itm)? + &mlm)?;
+    Ok(SmokeLoss {
+        total,
+        itc,
+        itm,
+        mlm,
+    })
+}
+
+/// Mean cross-entropy of `logits` `[N, C]` against class indices `labels` `[N]` (u32).
+fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let n = logits.dim(0)?;
+    let picked = nn::log_softmax(logits)?.gather(&labels.reshape((n, 1))?, D::Minus1)?;
+    Ok((picked.sum_all()? * (-1.0 / n as f64))?)
+}
+
+/// BLIP's image-grounded input: `[ENC]` in place of the first token, when the config has one.
+fn with_enc_token(input_ids: &Tensor, enc_id: Option<u32>) -> Result<Tensor> {
+    let Some(enc) = enc_id else {
+        return Ok(input_ids.clone());
+    };
+    let (b, l) = input_ids.dims2()?;
+    let first = Tensor::full(enc, (b, 1), input_ids.device())?.to_dtype(input_ids.dtype())?;
+    Ok(Tensor::cat(&[&first, &input_ids.narrow(1, 1, l - 1)?], 1)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attention::AttentionBackend;
+    use crate::bert::attention_mask_from_ids;
+    use crate::config::{TextConfig, VisionConfig};
+    use candle_core::Device;
+    use candle_nn::VarMap;
+
+    /// hidden 32, 2 + 2 layers, 32 x 32 images.
+    pub(crate) fn micro() -> AlbefConfig {
+        AlbefConfig {
+            vision: VisionConfig {
+                image_size: 32,
+                patch_size: 8,
+                hidden: 32,
+                layers: 2,
+                heads: 4,
+                mlp_ratio: 2.0,
+                eps: 1e-6,
+                qkv_bias: true,
+            },
+            text: TextConfig {
+                vocab_size: 50,
+                hidden: 32,
+                layers: 2,
+                heads: 4,
+                intermediate: 64,
+                max_positions: 16,
+                eps: 1e-12,
+                dropout: 0.1,
+                type_vocab_size: 2,
+                layout: Layout::Albef { fusion_layer: 1 },
+                has_mlm_head: true,
+                pad_id: 0,
+                cls_id: 2,
+                sep_id: 3,
+                mask_id: 4,
+                enc_id: None,
+            },
+            embed_dim: 16,
+            temp: 0.07,
+            momentum: 0.995,
+            queue_size: 8,
+            attention: AttentionBackend::Generic,
+        }
+    }
+
+    fn build(cfg: &AlbefConfig, dtype: DType) -> Result<(VarMap, AlbefModel)> {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu);
+        let model = AlbefModel::new(cfg, vb)?;
+        model.copy_params_to_momentum()?;
+        Ok((varmap, model))
+    }
+
+    /// Images, ids (with padding) and mask for a batch of 3.
+    fn batch(cfg: &AlbefConfig, dtype: DType) -> Result<(Tensor, Tensor, Tensor)> {
+        let dev = Device::Cpu;
+        let s = cfg.vision.image_size;
+        let images = Tensor::randn(0f32, 1.0, (3, 3, s, s), &dev)?.to_dtype(dtype)?;
+        let ids = Tensor::new(
+            &[
+                [2u32, 17, 9, 33, 12, 3, 0, 0],
+                [2, 5, 21, 3, 0, 0, 0, 0],
+                [2, 40, 41, 42, 43, 44, 45, 3],
+            ],
+            &dev,
+        )?;
+        let mask = attention_mask_from_ids(&ids, cfg.text.pad_id)?;
+        Ok((images, ids, mask))
+    }
+
+    /// Normal values from a fixed seed (splitmix64 + Box-Muller), f64 on the CPU.
+    fn fixed_normal(seed: u64, dims: &[usize], mean: f64, std: f64) -> Result<Tensor> {
+        let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0xd1b5_4a32_d192_ed03;
+        let mut uniform = move || {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let n: usize = dims.iter().product();
+        let values: Vec<f64> = (0..n)
+            .map(|_| {
+                let (u, v) = (uniform().max(1e-300), uniform());
+                mean + std * (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+            })
+            .collect();
+        Ok(Tensor::from_vec(values, dims, &Device::Cpu)?)
+    }
+
+    fn max_abs(t: &Tensor) -> f64 {
+        t.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    #[test]
+    fn every_trainable_parameter_gets_a_gradient() -> Result<()> {
+        let cfg = micro();
+        let (varmap, model) = build(&cfg, DType::F32)?;
+        let (images, ids, mask) = batch(&cfg, DType::F32)?;
+        let loss = smoke_loss(&model, &images, &ids, &mask, true)?;
+        for part in [&loss.itc, &loss.itm, &loss.mlm] {
+            let v = part.to_scalar::<f32>()?;
+            assert!(v.is_finite() && v > 0.0, "{v}");
+        }
+        let grads = loss.total.backward()?;
+
+        let trainable = model.trainable_vars()?;
+        let mut checked = 0;
+        for (name, var) in &trainable {
+            let g = grads
+                .get(var)
+                .unwrap_or_else(|| panic!("{name} gets no gradient"));
+            let (gmax, wmax) = (max_abs(g), max_abs(var));
+            assert!(gmax.is_finite(), "{name}: gradient {gmax}");
+            if name.ends_with("self.key.bias") {
+                // A key bias adds q.b to every score of a row; softmax ignores such a
+                // shift, so its exact gradient is zero (what remains is rounding).
+                assert!(gmax < 1e-6, "{name}: {gmax}");
+            } else {
+                assert!(gmax > 0.0, "{name}: zero gradient (weights up to {wmax})");
+                checked += 1;
+            }
+        }
+        assert!(checked > 50, "only {checked} parameters checked");
+
+        // The twin and the queues are variables of the VarMap, never in the trainable list,
+        // and get no gradient.
+        let names = model.trainable_names();
+        let all = varmap.data().lock().unwrap();
+        for (name, var) in all.iter() {
+            let twin = MOMENTUM_ROOTS
+                .iter()
+                .any(|(m, _)| name.starts_with(&format!("{m}.")));
+            let state = STATE_NAMES.contains(&name.as_str());
+            assert_eq!(names.contains(&name.as_str()), !twin && !state, "{name}");
+            if twin || state {
+                assert!(grads.get(var).is_none(), "{name} got a gradient");
+            }
+        }
+        assert_eq!(
+            names.len() + model.momentum_names().len() + STATE_NAMES.len(),
+            all.len()
+        );
+        assert!(names.contains(&"temp"));
+        assert!(!all.contains_key("text_encoder.cls.predictions.decoder.weight"));
+        Ok(())
+    }
+
+    /// Central differences in f64 against autograd, for a handful of parameters of
+    /// different kinds. Weights are re-drawn at a larger scale than the 0.02 init so every
+    /// gradient is far from rounding noise.
+    #[test]
+    fn finite_differences_match_autograd_in_f64() -> Result<()> {
+        let cfg = micro();
+        let (varmap, model) = build(&cfg, DType::F64)?;
+        let dev = Device::Cpu;
+        // Fixed values (candle's CPU generator cannot be seeded), so the test is exact.
+        let mut names: Vec<String> = varmap.data().lock().unwrap().keys().cloned().collect();
+        names.sort();
+        for (seed, name) in names.iter().enumerate() {
+            let var = varmap.data().lock().unwrap()[name].clone();
+            let (mean, std) = if name == "temp" {
+                (0.1, 0.0)
+            } else if name.ends_with("norm1.weight")
+                || name.ends_with("norm2.weight")
+                || name.ends_with("norm.weight")
+                || name.ends_with("LayerNorm.weight")
+            {
+                (1.0, 0.2)
+            } else {
+                (0.0, 0.3)
+            };
+            if var.dtype() == DType::F64 {
+                var.set(&fixed_normal(seed as u64, var.dims(), mean, std)?)?;
+            }
+        }
+        let (_, ids, mask) = batch(&cfg, DType::F64)?;
+        let images = fixed_normal(1000, &[3, 3, 32, 32], 0.0, 1.0)?;
+        let loss_at = || -> Result<f64> {
+            Ok(smoke_loss(&model, &images, &ids, &mask, false)?
+                .total
+                .to_scalar::<f64>()?)
+        };
+        let grads = smoke_loss(&model, &images, &ids, &mask, false)?
+            .total
+            .backward()?;
+        let vars = varmap.data().lock().unwrap().clone();
+
+        // (parameter, flat index of the entry to move)
+        let probes: [(&str, usize); 7] = [
+            (
+                "text_encoder.bert.encoder.layer.0.attention.output.LayerNorm.weight",
+                5,
+            ),
+            ("visual_encoder.blocks.1.norm1.weight", 7),
+            ("visual_encoder.blocks.0.attn.qkv.weight", 3 * 32 + 7),
+            (
+                "visual_encoder.blocks.0.attn.qkv.weight",
+                (32 + 11) * 32 + 2,
+            ),
+            (
+                "text_encoder.bert.encoder.layer.1.crossattention.self.key.weight",
+                2 * 32 + 9,
+            ),
+            ("visual_encoder.pos_embed", 3 * 32 + 4),
+            ("temp", 0),
+        ];
+        let h = 1e-6;
+        let check = |what: String, var: &Var, direction: &Tensor| -> Result<()> {
+            let base = var.as_detached_tensor().copy()?;
+            let autograd = (grads.get(var).expect("gradient") * direction)?
+                .sum_all()?
+                .to_scalar::<f64>()?;
+            var.set(&(&base + (direction * h)?)?)?;
+            let up = loss_at()?;
+            var.set(&(&base - (direction * h)?)?)?;
+            let down = loss_at()?;
+            var.set(&base)?;
+            let numeric = (up - down) / (2.0 * h);
+            let rel = (numeric - autograd).abs() / numeric.abs().max(autograd.abs());
+            println!("{what}: numeric {numeric:e} autograd {autograd:e} rel {rel:e}");
+            assert!(
+                rel < 1e-5,
+                "{what}: numeric {numeric:e} vs autograd {autograd:e} (rel {rel:e})"
+            );
+            assert!(
+                autograd.abs() > 1e-6,
+                "{what}: gradient {autograd:e} too small to test"
+            );
+            Ok(())
+        };
+        for (name, index) in probes {
+            let var = &vars[name];
+            let mut e = vec![0.0f64; var.elem_count()];
+            e[index] = 1.0;
+            let direction = Tensor::from_vec(e, var.shape(), &dev)?;
+            check(format!("{name}[{index}]"), var, &direction)?;
+        }
+        // A whole word-embedding row (token 17, used once), along a random direction.
+        let name = "text_encoder.bert.embeddings.word_embeddings.weight";
+        let var = &vars[name];
+        let row = fixed_normal(2000, &[1, 32], 0.0, 1.0)?;
+        let direction =
+            Tensor::zeros(var.shape(), DType::F64, &dev)?.slice_assign(&[17..18, 0..32], &row)?;
+        check(format!("{name}[17, :]"), var, &direction)?;
+        Ok(())
+    }
+
+    /// Runs training steps and reads this process's resident memory: after the first
+    /// steps, nothing may accumulate (no graph or gradient kept alive between steps).
+    /// Run in a fresh process by [`resident_memory_stays_flat_across_steps`] so that
+    /// other tests' allocations do not blur the numbers.
+    #[test]
+    #[ignore = "run in a child process by resident_memory_stays_flat_across_steps"]
+    fn resident_memory_child() {
+        let cfg = AlbefConfig::preset("tiny").unwrap();
+        let (_varmap, model) = build(&cfg, DType::F32).unwrap();
+        let vars = model.trainable_vars().unwrap();
+        let dev = Device::Cpu;
+        let b = 8;
+        let images = Tensor::randn(0f32, 1.0, (b, 3, 64, 64), &dev).unwrap();
+        let ids = Tensor::rand(5f32, 1999.0, (b, 20), &dev)
+            .unwrap()
+            .to_dtype(DType::U32)
+            .unwrap();
+        let mask = Tensor::ones((b, 20), DType::U32, &dev).unwrap();
+        let rss_mb = || {
+            let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+            let pages: f64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+            pages * 4096.0 / (1024.0 * 1024.0)
+        };
+        let mut at = Vec::new();
+        for step in 1..=30 {
+            model.clamp_temp().unwrap();
+            model.momentum_update(cfg.momentum).unwrap();
+            let (_, image_feat_m) = model.encode_image_m(&images, true).unwrap();
+            let (_, text_feat_m) = model.encode_text_m(&ids, &mask, true).unwrap();
+            let loss = smoke_loss(&model, &images, &ids, &mask, true).unwrap();
+            let grads = loss.total.backward().unwrap();
+            for (_, var) in &vars {
+                let g = grads.get(var).unwrap();
+                var.set(&(var.as_tensor() - (g * 1e-4).unwrap()).unwrap())
+                    .unwrap();
+            }
+            model.enqueue(&image_feat_m, &text_feat_m, None).unwrap();
+            if step == 10 || step == 30 {
+                at.push(rss_mb());
+            }
+        }
+        let growth = at[1] - at[0];
+        println!(
+            "rss after step 10: {:.1} MB, after step 30: {:.1} MB",
+            at[0], at[1]
+        );
+        assert!(
+            growth < 8.0,
+            "resident memory grew {growth:.1} MB over 20 steps"
+        );
+    }
+
+    #[test]
+    fn resident_memory_stays_flat_across_steps() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            // candle's elementwise thread pool spin-waits; on a busy machine that costs
+            // minutes, and this test is about memory, not speed.
+            .env("CANDLE_NUM_THREADS", "1")
+            .args([
+                "--exact",
+                "albef::tests::resident_memory_child",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{text}");
+        assert!(
+            text.contains("1 passed"),
+            "the child test did not run:\n{text}"
+        );
+    }
+
+    #[test]
+    fn momentum_update_is_an_ema_of_online_parameters() -> Result<()> {
+        let cfg = micro();
+        let (varmap, model) = build(&cfg, DType::F64)?;
+        let vars = varmap.data().lock().unwrap().clone();
+        let online = &vars["text_proj.weight"];
+        let twin = &vars["text_proj_m.weight"];
+        let dev = Device::Cpu;
+        assert_eq!(max_abs(&(online.as_tensor() - twin.as_tensor())?), 0.0);
+        let p = Tensor::randn(0f64, 1.0, online.shape(), &dev)?;
+        let p_m = Tensor::randn(0f64, 1.0, online.shape(), &dev)?;
+        online.set(&p)?;
+        twin.set(&p_m)?;
+        model.momentum_update(0.9)?;
+        let expect = ((&p_m * 0.9)? + (&p * 0.1)?)?;
+        assert!(max_abs(&(twin.as_tensor() - expect)?) < 1e-15);
+        assert_eq!(
+            max_abs(&(online.as_tensor() - &p)?),
+            0.0,
+            "online untouched"
+        );
+        // The twin's forward sees the update (it holds views of the same storage).
+        let (images, _, _) = batch(&cfg, DType::F64)?;
+        let (_, before) = model.encode_image_m(&images, false)?;
+        vars["vision_proj_m.bias"].set(&Tensor::ones(16, DType::F64, &dev)?)?;
+        let (_, after) = model.encode_image_m(&images, false)?;
+        assert!(max_abs(&(before - after)?) > 1e-3);
+        // Every momentum name has an online twin with the same shape.
+        for name in model.momentum_names() {
+            let (m, o) = MOMENTUM_ROOTS
+                .iter()
+                .find(|(m, _)| name.starts_with(m))
+                .unwrap();
+            let online = name.replacen(m, o, 1);
+            assert_eq!(vars[name].dims(), vars[online.as_str()].dims(), "{name}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn fresh_queues_are_normalised_and_enqueue_wraps_around() -> Result<()> {
+        let mut cfg = micro();
+        cfg.queue_size = 5;
+        let (varmap, model) = build(&cfg, DType::F32)?;
+        let dev = Device::Cpu;
+        for queue in [model.image_queue(), model.text_queue()] {
+            assert_eq!(queue.dims(), &[16, 5]);
+            let norms = queue.sqr()?.sum(0)?.sqrt()?.to_vec1::<f32>()?;
+            for n in norms {
+                assert!((n - 1.0).abs() < 1e-5, "{n}");
+            }
+        }
+        assert_eq!(model.idx_queue().to_vec2::<i64>()?, vec![vec![-100i64; 5]]);
+        assert_eq!(model.queue_ptr()?, 0);
+        let stored = varmap.data().lock().unwrap()["queue_ptr"].dtype();
+        assert_eq!(stored, DType::I64);
+
+        // 3 rows at 0..3, then 3 rows at 3, 4 and (wrapping) 0.
+        let feats = |start: f32| -> Result<Tensor> {
+            let rows: Vec<f32> = (0..3)
+                .flat_map(|r| (0..16).map(move |c| start + r as f32 + c as f32 * 0.0))
+                .collect();
+            Ok(Tensor::from_vec(rows, (3, 16), &dev)?)
+        };
+        model.enqueue(
+            &feats(10.0)?,
+            &feats(20.0)?,
+            Some(&Tensor::new(&[7i64, 8, 9], &dev)?),
+        )?;
+        assert_eq!(model.queue_ptr()?, 3);
+        model.enqueue(
+            &feats(30.0)?,
+            &feats(40.0)?,
+            Some(&Tensor::new(&[4u32, 5, 6], &dev)?),
+        )?;
+        assert_eq!(model.queue_ptr()?, 1);
+        let first_row = model.image_queue().get(0)?.to_vec1::<f32>()?;
+        assert_eq!(first_row, vec![32.0, 11.0, 12.0, 30.0, 31.0]);
+        let text_row = model.text_queue().get(15)?.to_vec1::<f32>()?;
+        assert_eq!(text_row, vec![42.0, 21.0, 22.0, 40.0, 41.0]);
+        assert_eq!(
+            model.idx_queue().to_vec2::<i64>()?,
+            vec![vec![6i64, 8, 9, 4, 5]]
+        );
+        // A batch larger than the queue keeps its last rows.
+        let big = Tensor::arange(0f32, 7.0, &dev)?
+            .reshape((7, 1))?
+            .broadcast_as((7, 16))?
+            .contiguous()?;
+        model.enqueue(&big, &big, None)?;
+        assert_eq!(model.queue_ptr()?, 1);
+        assert_eq!(
+            model.image_queue().get(3)?.to_vec1::<f32>()?,
+            vec![6.0, 2.0, 3.0, 4.0, 5.0]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn temp_is_a_scalar_clamped_in_place() -> Result<()> {
+        let (varmap, model) = build(&micro(), DType::F32)?;
+        assert_eq!(model.temp().dims(), &[] as &[usize]);
+        assert!((model.temp().to_scalar::<f32>()? - 0.07).abs() < 1e-7);
+        varmap.data().lock().unwrap()["temp"].set(&Tensor::new(2.0f32, &Device::Cpu)?)?;
+        model.clamp_temp()?;
+        assert_eq!(model.temp().to_scalar::<f32>()?, 0.5);
+        Ok(())
+    }
+
+    #[test]
+    fn encoders_and_heads_shapes() -> Result<()> {
+        let cfg = micro();
+        let (_, model) = build(&cfg, DType::F32)?;
+        let (images, ids, mask) = batch(&cfg, DType::F32)?;
+        let (tokens, image_feat) = model.encode_image(&images, false)?;
+        assert_eq!(tokens.dims(), &[3, 17, 32]);
+        assert_eq!(image_feat.dims(), &[3, 16]);
+        let norms = image_feat.sqr()?.sum(1)?.sqrt()?.to_vec1::<f32>()?;
+        assert!(norms.iter().all(|n| (n - 1.0).abs() < 1e-5));
+        let (states, text_feat) = model.encode_text(&ids, &mask, false)?;
+        assert_eq!(
+            (states.dims(), text_feat.dims()),
+            (&[3, 8, 32][..], &[3, 16][..])
+        );
+        let fused = model.fuse(FusionText::States(&states), &mask, &tokens, false)?;
+        assert_eq!(model.itm_logits(&cls(&fused)?)?.dims(), &[3, 2]);
+        assert_eq!(model.mlm_logits(&fused)?.dims(), &[3, 8, 50]);
+        // Right after copy_params_to_momentum the twin computes the same thing.
+        let (tokens_m, image_feat_m) = model.encode_image_m(&images, false)?;
+        assert!(max_abs(&(&image_feat - image_feat_m)?) < 1e-6);
+        let (states_m, _) = model.encode_text_m(&ids, &mask, false)?;
+        let fused_m = model.fuse_m(FusionText::States(&states_m), &mask, &tokens_m, false)?;
+        assert!(max_abs(&(model.mlm_logits_m(&fused_m)? - model.mlm_logits(&fused)?)?) < 1e-5);
+        Ok(())
+    }
+
+    #[test]
+    fn blip_layout_model_trains_its_cross_attention_everywhere() -> Result<()> {
+        let mut cfg = micro();
+        cfg.text.layout = Layout::Blip;
+        cfg.text.type_vocab_size = 0;
+        cfg.text.has_mlm_head = false;
+        cfg.text.vocab_size = 52;
+        cfg.text.enc_id = Some(51);
+        let (_, model) = build(&cfg, DType::F32)?;
+        let (images, ids, mask) = batch(&cfg, DType::F32)?;
+        let loss = smoke_loss(&model, &images, &ids, &mask, false)?;
+        let grads = loss.total.backward()?;
+        for (name, var) in model.trainable_vars()? {
+            if name.contains("crossattention.self.query.weight") {
+                assert!(max_abs(grads.get(&var).expect(&name)) > 0.0, "{name}");
+            }
+        }
+        assert!(model
+            .trainable_names()
+            .iter()
+            .any(|n| n.contains("layer.0.crossattention")));
+        Ok(())
+    }
+
+    #[test]
+    fn models_not_built_from_a_varmap_cannot_train() -> Result<()> {
+        let cfg = micro();
+        let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+        let model = AlbefModel::new(&cfg, vb)?;
+        let err = model.trainable_vars().unwrap_err().to_string();
+        assert!(err.contains("VarMap"), "{err}");
+        assert!(model.momentum_update(0.5).is_err());
+        Ok(())
+    }
+}

@@ -1,0 +1,506 @@
+//! The BERT text encoder and fusion encoder with BERT's MLM head (ALBEF paper §3.1: the
+//! first 6 layers of BERT-base encode text, the last 6 add cross-attention to the image
+//! tokens; BLIP puts cross-attention in every layer), under `text_encoder`.
+//!
+//! Parameter names are ALBEF's `xbert` names (`bert.embeddings.*`,
+//! `bert.encoder.layer.j.{attention, crossattention, intermediate, output}`,
+//! `cls.predictions.*`); layers are post-norm.
+
+use candle_core::{DType, Tensor};
+use candle_nn::{Init, VarBuilder};
+
+use crate::attention::{attention, merge_heads, padding_mask, split_heads, AttentionBackend};
+use crate::config::TextConfig;
+use crate::error::{ModelError, Result};
+use crate::nn::{self, Dropout, Embedding, LayerNorm, Linear};
+
+/// What a fusion pass starts from.
+#[derive(Debug, Clone, Copy)]
+pub enum FusionText<'a> {
+    /// Hidden states entering the first fusion layer: the output of
+    /// [`BertModel::forward_text`] for ALBEF (layers `fusion_layer..`); for BLIP, where
+    /// fusion starts at layer 0, the embeddings' output.
+    States(&'a Tensor),
+    /// Token ids: embed them and run every layer, with cross-attention where the layer has
+    /// it (ALBEF's `multi_modal` mode; BLIP's image-grounded pass, `[ENC]` first).
+    Ids(&'a Tensor),
+}
+
+/// Self- or cross-attention with its output sub-layer: `LayerNorm(x + dropout(dense(attn)))`.
+#[derive(Debug, Clone)]
+struct BertAttention {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    dense: Linear,
+    norm: LayerNorm,
+    heads: usize,
+    dropout: Dropout,
+}
+
+impl BertAttention {
+    /// `vb` is `attention` or `crossattention`; keys/values come from `kv_dim`-wide states.
+    fn new(cfg: &TextConfig, kv_dim: usize, vb: VarBuilder) -> Result<Self> {
+        let h = cfg.hidden;
+        let s = vb.pp("self");
+        let o = vb.pp("output");
+        Ok(Self {
+            query: Linear::load(s.pp("query"), h, h, true)?,
+            key: Linear::load(s.pp("key"), kv_dim, h, true)?,
+            value: Linear::load(s.pp("value"), kv_dim, h, true)?,
+            dense: Linear::load(o.pp("dense"), h, h, true)?,
+            norm: LayerNorm::load(o.pp("LayerNorm"), h, cfg.eps)?,
+            heads: cfg.heads,
+            dropout: Dropout::new(cfg.dropout),
+        })
+    }
+
+    /// `context` = `None` for self-attention, the image tokens for cross-attention.
+    fn forward(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        mask: Option<&Tensor>,
+        train: bool,
+        backend: AttentionBackend,
+    ) -> Result<Tensor> {
+        let source = context.unwrap_or(x);
+        let q = split_heads(&self.query.forward(x)?, self.heads)?;
+        let k = split_heads(&self.key.forward(source)?, self.heads)?;
+        let v = split_heads(&self.value.forward(source)?, self.heads)?;
+        let a = attention(&q, &k, &v, mask, self.dropout.active_p(train), backend)?;
+        let out = self
+            .dropout
+            .forward(&self.dense.forward(&merge_heads(&a)?)?, train)?;
+        Ok(self.norm.forward(&(out + x)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct BertLayer {
+    attention: BertAttention,
+    crossattention: Option<BertAttention>,
+    intermediate: Linear,
+    output: Linear,
+    output_norm: LayerNorm,
+    dropout: Dropout,
+}
+
+impl BertLayer {
+    fn new(cfg: &TextConfig, cross_kv_dim: Option<usize>, vb: VarBuilder) -> Result<Self> {
+        let h = cfg.hidden;
+        Ok(Self {
+            attention: BertAttention::new(cfg, h, vb.pp("attention"))?,
+            crossattention: cross_kv_dim
+                .map(|kv| BertAttention::new(cfg, kv, vb.pp("crossattention")))
+                .transpose()?,
+            intermediate: Linear::load(
+                vb.pp("intermediate").pp("dense"),
+                h,
+                cfg.intermediate,
+                true,
+            )?,
+            output: Linear::load(vb.pp("output").pp("dense"), cfg.intermediate, h, true)?,
+            output_norm: LayerNorm::load(vb.pp("output").pp("LayerNorm"), h, cfg.eps)?,
+            dropout: Dropout::new(cfg.dropout),
+        })
+    }
+
+    /// `image` = `None` skips the cross-attention (text-only pass).
+    fn forward(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        image: Option<&Tensor>,
+        train: bool,
+        backend: AttentionBackend,
+    ) -> Result<Tensor> {
+        let mut x = self
+            .attention
+            .forward(x, None, Some(mask), train, backend)?;
+        if let (Some(cross), Some(image)) = (&self.crossattention, image) {
+            // The image mask is all ones: no additive mask at all.
+            x = cross.forward(&x, Some(image), None, train, backend)?;
+        }
+        let h = nn::gelu(&self.intermediate.forward(&x)?)?;
+        let out = self.dropout.forward(&self.output.forward(&h)?, train)?;
+        Ok(self.output_norm.forward(&(out + x)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct BertEmbeddings {
+    word: Embedding,
+    position: Embedding,
+    token_type: Option<Embedding>,
+    norm: LayerNorm,
+    dropout: Dropout,
+}
+
+impl BertEmbeddings {
+    fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+        let h = cfg.hidden;
+        Ok(Self {
+            word: Embedding::load(vb.pp("word_embeddings"), cfg.vocab_size, h)?,
+            position: Embedding::load(vb.pp("position_embeddings"), cfg.max_positions, h)?,
+            token_type: (cfg.type_vocab_size > 0)
+                .then(|| Embedding::load(vb.pp("token_type_embeddings"), cfg.type_vocab_size, h))
+                .transpose()?,
+            norm: LayerNorm::load(vb.pp("LayerNorm"), h, cfg.eps)?,
+            dropout: Dropout::new(cfg.dropout),
+        })
+    }
+
+    /// Word + position (+ token type 0, as ALBEF always passes) -> LayerNorm -> dropout.
+    fn forward(&self, ids: &Tensor, train: bool) -> Result<Tensor> {
+        let (_, l) = ids.dims2()?;
+        let max = self.position.weight().dim(0)?;
+        if l > max {
+            return Err(ModelError::input(
+                "input_ids",
+                format!("{l} tokens exceed max_positions {max}"),
+            ));
+        }
+        let positions = self.position.weight().narrow(0, 0, l)?; // [L, H]
+        let mut x = self.word.forward(ids)?.broadcast_add(&positions)?;
+        if let Some(tt) = &self.token_type {
+            x = x.broadcast_add(&tt.weight().narrow(0, 0, 1)?)?;
+        }
+        Ok(self.dropout.forward(&self.norm.forward(&x)?, train)?)
+    }
+}
+
+/// BERT's MLM head: `dense -> GELU -> LayerNorm -> decoder`; the decoder weight is the
+/// word-embedding matrix (tied), with its own `bias`.
+#[derive(Debug, Clone)]
+struct MlmHead {
+    dense: Linear,
+    norm: LayerNorm,
+    bias: Tensor,
+}
+
+impl MlmHead {
+    fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+        let t = vb.pp("transform");
+        Ok(Self {
+            dense: Linear::load(t.pp("dense"), cfg.hidden, cfg.hidden, true)?,
+            norm: LayerNorm::load(t.pp("LayerNorm"), cfg.hidden, cfg.eps)?,
+            bias: vb.get_with_hints(cfg.vocab_size, "bias", Init::Const(0.0))?,
+        })
+    }
+
+    fn forward(&self, states: &Tensor, word_embeddings: &Tensor) -> Result<Tensor> {
+        let h = self
+            .norm
+            .forward(&nn::gelu(&self.dense.forward(states)?)?)?;
+        Ok(nn::linear(&h, word_embeddings, Some(&self.bias))?)
+    }
+}
+
+/// The text/fusion BERT with its optional MLM head.
+#[derive(Debug, Clone)]
+pub struct BertModel {
+    cfg: TextConfig,
+    embeddings: BertEmbeddings,
+    layers: Vec<BertLayer>,
+    mlm: Option<MlmHead>,
+    backend: AttentionBackend,
+}
+
+impl BertModel {
+    /// Loads (or creates) the parameters under `vb`, ALBEF's `text_encoder`: the BERT
+    /// under `bert.`, the MLM head (if `cfg.has_mlm_head`) under `cls.predictions.`.
+    /// Cross-attention keys/values read `vision_hidden`-wide image tokens.
+    pub fn new(cfg: &TextConfig, vision_hidden: usize, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let bert = vb.pp("bert");
+        let layers = (0..cfg.layers)
+            .map(|j| {
+                let cross = cfg.has_cross_attention(j).then_some(vision_hidden);
+                BertLayer::new(cfg, cross, bert.pp("encoder").pp("layer").pp(j))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            embeddings: BertEmbeddings::new(cfg, bert.pp("embeddings"))?,
+            layers,
+            mlm: cfg
+                .has_mlm_head
+                .then(|| MlmHead::new(cfg, vb.pp("cls").pp("predictions")))
+                .transpose()?,
+            backend: AttentionBackend::Generic,
+        })
+    }
+
+    /// Uses `backend` for every attention.
+    pub fn with_attention(mut self, backend: AttentionBackend) -> Self {
+        self.backend = backend;
+        self
+    }
+
+    pub fn config(&self) -> &TextConfig {
+        &self.cfg
+    }
+
+    pub fn has_mlm_head(&self) -> bool {
+        self.mlm.is_some()
+    }
+
+    /// The word-embedding matrix (also the MLM decoder weight).
+    pub fn word_embeddings(&self) -> &Tensor {
+        self.embeddings.word.weight()
+    }
+
+    /// Embeddings' output, the input of layer 0.
+    ///
+    /// # Shapes
+    /// `input_ids`: `[B, L]` -> `[B, L, H]`.
+    pub fn embed(&self, input_ids: &Tensor, train: bool) -> Result<Tensor> {
+        self.embeddings.forward(input_ids, train)
+    }
+
+    /// The text-only pass: ALBEF layers `[0, fusion_layer)`; BLIP all layers with the
+    /// cross-attention skipped.
+    ///
+    /// # Shapes
+    /// `input_ids`, `attention_mask` (1 = token, 0 = pad; any int dtype): `[B, L]` ->
+    /// `[B, L, H]`.
+    pub fn forward_text(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
+        let x = self.embed(input_ids, train)?;
+        let mask = self.key_mask(attention_mask, &x)?;
+        self.run_layers(x, &mask, 0..self.cfg.text_layers(), None, train)
+    }
+
+    /// The image-grounded pass (see [`FusionText`] for where it starts); layers with
+    /// cross-attention attend to all of `image_states`.
+    ///
+    /// # Shapes
+    /// `text`: `[B, L, H]` states or `[B, L]` ids, `attention_mask`: `[B, L]`,
+    /// `image_states`: `[B, Li, vision_hidden]` -> `[B, L, H]`.
+    pub fn forward_fusion(
+        &self,
+        text: FusionText,
+        attention_mask: &Tensor,
+        image_states: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (x, start) = match text {
+            FusionText::States(s) => (s.clone(), self.cfg.fusion_start()),
+            FusionText::Ids(ids) => (self.embed(ids, train)?, 0),
+        };
+        let (b, _, _) = x.dims3()?;
+        if image_states.dim(0)? != b {
+            return Err(ModelError::input(
+                "image_states",
+                format!("batch {} for {b} texts", image_states.dim(0)?),
+            ));
+        }
+        let mask = self.key_mask(attention_mask, &x)?;
+        self.run_layers(x, &mask, start..self.cfg.layers, Some(image_states), train)
+    }
+
+    /// MLM logits over the vocabulary.
+    ///
+    /// # Shapes
+    /// `states`: `[.., H]` -> `[.., vocab_size]`.
+    pub fn mlm_logits(&self, states: &Tensor) -> Result<Tensor> {
+        let head = self.mlm.as_ref().ok_or_else(|| {
+            ModelError::config("text.has_mlm_head", "this text encoder has no MLM head")
+        })?;
+        head.forward(states, self.word_embeddings())
+    }
+
+    fn key_mask(&self, attention_mask: &Tensor, x: &Tensor) -> Result<Tensor> {
+        let (b, l, _) = x.dims3()?;
+        if attention_mask.dims() != [b, l] {
+            return Err(ModelError::input(
+                "attention_mask",
+                format!(
+                    "shape {:?} for text states {:?}",
+                    attention_mask.dims(),
+                    x.dims()
+                ),
+            ));
+        }
+        Ok(padding_mask(attention_mask, x.dtype())?)
+    }
+
+    fn run_layers(
+        &self,
+        mut x: Tensor,
+        mask: &Tensor,
+        layers: std::ops::Range<usize>,
+        image: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        for layer in &self.layers[layers] {
+            x = layer.forward(&x, mask, image, train, self.backend)?;
+        }
+        Ok(x)
+    }
+}
+
+/// The attention mask of a padded batch: 1 for tokens, 0 for `pad_id`.
+///
+/// # Shapes
+/// `[B, L]` ids -> `[B, L]` u32.
+pub fn attention_mask_from_ids(input_ids: &Tensor, pad_id: u32) -> Result<Tensor> {
+    Ok(input_ids.ne(pad_id)?.to_dtype(DType::U32)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Layout;
+    use candle_core::Device;
+    use candle_nn::VarMap;
+
+    pub(crate) fn micro_text(layout: Layout) -> TextConfig {
+        TextConfig {
+            vocab_size: 50,
+            hidden: 32,
+            layers: 2,
+            heads: 4,
+            intermediate: 64,
+            max_positions: 16,
+            eps: 1e-12,
+            dropout: 0.1,
+            type_vocab_size: 2,
+            layout,
+            has_mlm_head: true,
+            pad_id: 0,
+            cls_id: 2,
+            sep_id: 3,
+            mask_id: 4,
+            enc_id: None,
+        }
+    }
+
+    fn batch(dev: &Device) -> Result<(Tensor, Tensor)> {
+        let ids = Tensor::new(&[[2u32, 7, 9, 11, 3, 0], [2, 5, 3, 0, 0, 0]], dev)?;
+        let mask = attention_mask_from_ids(&ids, 0)?;
+        Ok((ids, mask))
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn albef_layout_names_and_shapes() -> Result<()> {
+        let dev = Device::Cpu;
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev).pp("text_encoder");
+        let cfg = micro_text(Layout::Albef { fusion_layer: 1 });
+        let bert = BertModel::new(&cfg, 24, vb)?;
+        let (ids, mask) = batch(&dev)?;
+        let text = bert.forward_text(&ids, &mask, false)?;
+        assert_eq!(text.dims(), &[2, 6, 32]);
+        let image = Tensor::randn(0f32, 1.0, (2, 5, 24), &dev)?;
+        let fused = bert.forward_fusion(FusionText::States(&text), &mask, &image, false)?;
+        assert_eq!(fused.dims(), &[2, 6, 32]);
+        assert_eq!(bert.mlm_logits(&fused)?.dims(), &[2, 6, 50]);
+        let names = varmap.data().lock().unwrap();
+        let key = "text_encoder.bert.encoder.layer.1.crossattention.self.key.weight";
+        assert_eq!(names[key].dims(), &[32, 24]);
+        assert!(
+            !names.contains_key("text_encoder.bert.encoder.layer.0.crossattention.self.key.weight")
+        );
+        assert!(names.contains_key("text_encoder.cls.predictions.bias"));
+        assert!(names.contains_key("text_encoder.cls.predictions.transform.LayerNorm.weight"));
+        assert!(!names.contains_key("text_encoder.cls.predictions.decoder.weight"));
+        assert!(names.contains_key("text_encoder.bert.embeddings.token_type_embeddings.weight"));
+        Ok(())
+    }
+
+    #[test]
+    fn padded_tokens_do_not_change_real_tokens() -> Result<()> {
+        let dev = Device::Cpu;
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+        let cfg = micro_text(Layout::Albef { fusion_layer: 1 });
+        let bert = BertModel::new(&cfg, 24, vb)?;
+        let (ids, mask) = batch(&dev)?;
+        let out = bert.forward_text(&ids, &mask, false)?;
+        // Different pad ids in the padded slots, same mask: real tokens unchanged.
+        let ids2 = Tensor::new(&[[2u32, 7, 9, 11, 3, 17], [2, 5, 3, 30, 8, 1]], &dev)?;
+        let out2 = bert.forward_text(&ids2, &mask, false)?;
+        let real = |t: &Tensor| t.narrow(1, 0, 3).unwrap();
+        assert!(max_abs_diff(&real(&out), &real(&out2)) < 1e-5);
+        Ok(())
+    }
+
+    #[test]
+    fn blip_layout_skips_cross_attention_in_text_mode() -> Result<()> {
+        let dev = Device::Cpu;
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev).pp("text_encoder");
+        let mut cfg = micro_text(Layout::Blip);
+        cfg.type_vocab_size = 0;
+        cfg.has_mlm_head = false;
+        let bert = BertModel::new(&cfg, 24, vb)?;
+        let (ids, mask) = batch(&dev)?;
+        let image = Tensor::randn(0f32, 1.0, (2, 5, 24), &dev)?;
+        let text = bert.forward_text(&ids, &mask, false)?;
+        let fused = bert.forward_fusion(FusionText::Ids(&ids), &mask, &image, false)?;
+        assert!(
+            max_abs_diff(&text, &fused) > 1e-3,
+            "cross-attention ran in fusion"
+        );
+        // Perturbing every cross-attention weight changes the fusion pass, not the text pass.
+        let data = varmap.data().lock().unwrap();
+        for (name, var) in data.iter() {
+            if name.contains(".crossattention.") {
+                assert!(name.starts_with("text_encoder.bert.encoder.layer."));
+                var.set(&(var.as_tensor() + 0.5)?)?;
+            }
+        }
+        assert!(!data
+            .keys()
+            .any(|n| n.contains("token_type") || n.contains(".cls.")));
+        drop(data);
+        assert!(varmap
+            .data()
+            .lock()
+            .unwrap()
+            .contains_key("text_encoder.bert.encoder.layer.0.crossattention.self.query.weight"));
+        let text2 = bert.forward_text(&ids, &mask, false)?;
+        assert_eq!(max_abs_diff(&text, &text2), 0.0);
+        let fused2 = bert.forward_fusion(FusionText::Ids(&ids), &mask, &image, false)?;
+        assert!(max_abs_diff(&fused, &fused2) > 1e-3);
+        assert!(bert.mlm_logits(&text).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn tied_decoder_gets_gradient_through_the_embedding_table() -> Result<()> {
+        let dev = Device::Cpu;
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev).pp("text_encoder");
+        let cfg = micro_text(Layout::Albef { fusion_layer: 1 });
+        let bert = BertModel::new(&cfg, 24, vb)?;
+        let (ids, mask) = batch(&dev)?;
+        let states = bert.forward_text(&ids, &mask, false)?;
+        // Only the decoder uses row 40 (no input token is 40).
+        let loss = bert.mlm_logits(&states)?.narrow(2, 40, 1)?.sum_all()?;
+        let grads = loss.backward()?;
+        let g = grads
+            .get(bert.word_embeddings())
+            .expect("word embeddings get a gradient");
+        let row = g.get(40)?.abs()?.sum_all()?.to_scalar::<f32>()?;
+        assert!(row > 0.0);
+        Ok(())
+    }
+}

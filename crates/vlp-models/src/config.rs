@@ -1,0 +1,471 @@
+//! Architecture configs of the image encoder, the text/fusion encoder and the whole ALBEF
+//! model (ALBEF paper §3.1, "Model Architecture"), their named presets, and `config.json`.
+//!
+//! Architecture fields have no defaults: a config file must name every one, and unknown
+//! keys are an error, so a typo cannot silently change the network.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::attention::AttentionBackend;
+use crate::error::{ModelError, Result};
+
+/// The ViT image encoder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VisionConfig {
+    /// Side of the square input image, in pixels; `pos_embed` covers this grid.
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    /// MLP width = `mlp_ratio * hidden`.
+    pub mlp_ratio: f64,
+    /// LayerNorm epsilon (ALBEF/DeiT: 1e-6).
+    pub eps: f64,
+    /// Whether the fused qkv projection has a bias.
+    pub qkv_bias: bool,
+}
+
+impl VisionConfig {
+    /// Patches per side.
+    pub fn grid(&self) -> usize {
+        self.image_size / self.patch_size
+    }
+
+    /// Tokens out of the encoder: [CLS] + patches.
+    pub fn tokens(&self) -> usize {
+        1 + self.grid() * self.grid()
+    }
+
+    /// Width of the MLP's hidden layer.
+    pub fn mlp_hidden(&self) -> usize {
+        (self.hidden as f64 * self.mlp_ratio).round() as usize
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        positive("vision.image_size", self.image_size)?;
+        positive("vision.patch_size", self.patch_size)?;
+        positive("vision.layers", self.layers)?;
+        heads_divide("vision", self.hidden, self.heads)?;
+        if self.image_size % self.patch_size != 0 {
+            return Err(ModelError::config(
+                "vision.image_size",
+                format!(
+                    "{} is not a multiple of patch_size {}",
+                    self.image_size, self.patch_size
+                ),
+            ));
+        }
+        if not_positive(self.mlp_ratio) || self.mlp_hidden() == 0 {
+            return Err(ModelError::config("vision.mlp_ratio", "must be > 0"));
+        }
+        eps_positive("vision.eps", self.eps)
+    }
+}
+
+/// Where the cross-attention layers sit in the text/fusion BERT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Layout {
+    /// ALBEF: layers `< fusion_layer` are the text encoder (self-attention only), layers
+    /// `>= fusion_layer` the fusion encoder (self-attention, cross-attention, FFN).
+    Albef { fusion_layer: usize },
+    /// BLIP: cross-attention in every layer; a text-only pass skips it.
+    Blip,
+}
+
+/// The BERT text encoder + fusion encoder (+ MLM head).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TextConfig {
+    pub vocab_size: usize,
+    pub hidden: usize,
+    /// All layers, text and fusion together.
+    pub layers: usize,
+    pub heads: usize,
+    /// FFN width.
+    pub intermediate: usize,
+    /// Rows of the learned position embeddings (longest sequence).
+    pub max_positions: usize,
+    /// LayerNorm epsilon (BERT: 1e-12).
+    pub eps: f64,
+    /// Dropout on embeddings, attention probabilities and sub-layer outputs (BERT: 0.1).
+    pub dropout: f64,
+    /// Token-type embedding rows; 0 = none (BLIP).
+    pub type_vocab_size: usize,
+    pub layout: Layout,
+    /// Whether the model carries BERT's MLM head (`cls.predictions`); BLIP retrieval does not.
+    pub has_mlm_head: bool,
+    pub pad_id: u32,
+    pub cls_id: u32,
+    pub sep_id: u32,
+    pub mask_id: u32,
+    /// BLIP's `[ENC]` token, put in place of `[CLS]` for image-grounded passes.
+    #[serde(default)]
+    pub enc_id: Option<u32>,
+}
+
+impl TextConfig {
+    /// Layers run by a text-only pass: `[0, text_layers())`.
+    pub fn text_layers(&self) -> usize {
+        match self.layout {
+            Layout::Albef { fusion_layer } => fusion_layer,
+            Layout::Blip => self.layers,
+        }
+    }
+
+    /// First layer run by a fusion pass on text states.
+    pub fn fusion_start(&self) -> usize {
+        match self.layout {
+            Layout::Albef { fusion_layer } => fusion_layer,
+            Layout::Blip => 0,
+        }
+    }
+
+    /// Whether layer `j` has cross-attention parameters.
+    pub fn has_cross_attention(&self, j: usize) -> bool {
+        j >= self.fusion_start()
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        positive("text.vocab_size", self.vocab_size)?;
+        positive("text.layers", self.layers)?;
+        positive("text.intermediate", self.intermediate)?;
+        positive("text.max_positions", self.max_positions)?;
+        heads_divide("text", self.hidden, self.heads)?;
+        eps_positive("text.eps", self.eps)?;
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(ModelError::config("text.dropout", "must be in [0, 1)"));
+        }
+        if let Layout::Albef { fusion_layer } = self.layout {
+            if fusion_layer == 0 || fusion_layer >= self.layers {
+                return Err(ModelError::config(
+                    "text.layout.albef.fusion_layer",
+                    format!(
+                        "{fusion_layer} leaves no text or no fusion layer out of {}",
+                        self.layers
+                    ),
+                ));
+            }
+        }
+        for (field, id) in [
+            ("text.pad_id", Some(self.pad_id)),
+            ("text.cls_id", Some(self.cls_id)),
+            ("text.sep_id", Some(self.sep_id)),
+            ("text.mask_id", Some(self.mask_id)),
+            ("text.enc_id", self.enc_id),
+        ] {
+            if let Some(id) = id {
+                if id as usize >= self.vocab_size {
+                    return Err(ModelError::config(
+                        field,
+                        format!("{id} is outside the vocabulary of {}", self.vocab_size),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The whole ALBEF model: encoders, projections, heads, momentum twin and queues.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlbefConfig {
+    pub vision: VisionConfig,
+    pub text: TextConfig,
+    /// Width of the ITC projections and queues.
+    pub embed_dim: usize,
+    /// Initial ITC temperature (learned, clamped to [0.001, 0.5]).
+    pub temp: f64,
+    /// EMA coefficient of the momentum twin.
+    pub momentum: f64,
+    /// Columns of the feature queues (any size; writes wrap around).
+    pub queue_size: usize,
+    pub attention: AttentionBackend,
+}
+
+/// The names [`AlbefConfig::preset`] knows.
+pub const PRESETS: [&str; 3] = ["albef-base", "minilm", "tiny"];
+
+impl AlbefConfig {
+    /// A named architecture: `albef-base`, `minilm` or `tiny` (see docs/models.md).
+    pub fn preset(name: &str) -> Result<Self> {
+        let bert_ids = |vocab_size| (vocab_size, 0, 101, 102, 103);
+        let cfg = match name {
+            // ViT-B/16 at 256 px + BERT-base split 6 + 6, as published.
+            "albef-base" => {
+                let (vocab_size, pad_id, cls_id, sep_id, mask_id) = bert_ids(30522);
+                AlbefConfig {
+                    vision: VisionConfig {
+                        image_size: 256,
+                        patch_size: 16,
+                        hidden: 768,
+                        layers: 12,
+                        heads: 12,
+                        mlp_ratio: 4.0,
+                        eps: 1e-6,
+                        qkv_bias: true,
+                    },
+                    text: TextConfig {
+                        vocab_size,
+                        hidden: 768,
+                        layers: 12,
+                        heads: 12,
+                        intermediate: 3072,
+                        max_positions: 512,
+                        eps: 1e-12,
+                        dropout: 0.1,
+                        type_vocab_size: 2,
+                        layout: Layout::Albef { fusion_layer: 6 },
+                        has_mlm_head: true,
+                        pad_id,
+                        cls_id,
+                        sep_id,
+                        mask_id,
+                        enc_id: None,
+                    },
+                    embed_dim: 256,
+                    temp: 0.07,
+                    momentum: 0.995,
+                    queue_size: 65536,
+                    attention: AttentionBackend::Generic,
+                }
+            }
+            // MiniLM-L6-H384 as the text encoder (its 6 layers) + 2 new fusion layers of
+            // the same width; a 6-layer ViT-S-width image encoder on the standard 224 px
+            // grid (14 x 14 patches of 16, the grid of DeiT-S/ViT-S checkpoints).
+            "minilm" => {
+                let (vocab_size, pad_id, cls_id, sep_id, mask_id) = bert_ids(30522);
+                AlbefConfig {
+                    vision: VisionConfig {
+                        image_size: 224,
+                        patch_size: 16,
+                        hidden: 384,
+                        layers: 6,
+                        heads: 6,
+                        mlp_ratio: 4.0,
+                        eps: 1e-6,
+                        qkv_bias: true,
+                    },
+                    text: TextConfig {
+                        vocab_size,
+                        hidden: 384,
+                        layers: 8,
+                        heads: 12,
+                        intermediate: 1536,
+                        max_positions: 512,
+                        eps: 1e-12,
+                        dropout: 0.1,
+                        type_vocab_size: 2,
+                        layout: Layout::Albef { fusion_layer: 6 },
+                        has_mlm_head: true,
+                        pad_id,
+                        cls_id,
+                        sep_id,
+                        mask_id,
+                        enc_id: None,
+                    },
+                    embed_dim: 256,
+                    temp: 0.07,
+                    momentum: 0.995,
+                    queue_size: 65536,
+                    attention: AttentionBackend::Generic,
+                }
+            }
+            // Trains in minutes on 2 CPU cores. Special ids follow `vlp tokenizer train`
+            // ([PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4).
+            "tiny" => AlbefConfig {
+                vision: VisionConfig {
+                    image_size: 64,
+                    patch_size: 8,
+                    hidden: 128,
+                    layers: 4,
+                    heads: 4,
+                    mlp_ratio: 4.0,
+                    eps: 1e-6,
+                    qkv_bias: true,
+                },
+                text: TextConfig {
+                    vocab_size: 2000,
+                    hidden: 128,
+                    layers: 4,
+                    heads: 4,
+                    intermediate: 512,
+                    max_positions: 64,
+                    eps: 1e-12,
+                    dropout: 0.1,
+                    type_vocab_size: 2,
+                    layout: Layout::Albef { fusion_layer: 2 },
+                    has_mlm_head: true,
+                    pad_id: 0,
+                    cls_id: 2,
+                    sep_id: 3,
+                    mask_id: 4,
+                    enc_id: None,
+                },
+                embed_dim: 128,
+                temp: 0.07,
+                momentum: 0.995,
+                queue_size: 1024,
+                attention: AttentionBackend::Generic,
+            },
+            _ => {
+                return Err(ModelError::UnknownPreset {
+                    name: name.to_string(),
+                    known: PRESETS.join(", "),
+                })
+            }
+        };
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.vision.validate()?;
+        self.text.validate()?;
+        positive("embed_dim", self.embed_dim)?;
+        positive("queue_size", self.queue_size)?;
+        if not_positive(self.temp) {
+            return Err(ModelError::config("temp", "must be > 0"));
+        }
+        if !(0.0..=1.0).contains(&self.momentum) {
+            return Err(ModelError::config("momentum", "must be in [0, 1]"));
+        }
+        Ok(())
+    }
+
+    /// Parses and validates a config from JSON text.
+    pub fn from_json(text: &str) -> Result<Self> {
+        let cfg: AlbefConfig = serde_json::from_str(text).map_err(|source| ModelError::Json {
+            what: "model config".to_string(),
+            source,
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Pretty JSON, the content of `config.json`.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a config always serialises")
+    }
+
+    /// Reads and validates `config.json`.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_json(&text).map_err(|e| match e {
+            ModelError::Json { source, .. } => ModelError::Json {
+                what: path.display().to_string(),
+                source,
+            },
+            other => other,
+        })
+    }
+
+    /// Writes `config.json`.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        std::fs::write(path, self.to_json() + "\n").map_err(|source| ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}
+
+fn positive(field: &str, v: usize) -> Result<()> {
+    if v == 0 {
+        return Err(ModelError::config(field, "must be > 0"));
+    }
+    Ok(())
+}
+
+fn heads_divide(side: &str, hidden: usize, heads: usize) -> Result<()> {
+    if heads == 0 || hidden == 0 || hidden % heads != 0 {
+        return Err(ModelError::config(
+            &format!("{side}.heads"),
+            format!("hidden {hidden} is not a positive multiple of heads {heads}"),
+        ));
+    }
+    Ok(())
+}
+
+/// True for zero, negative and NaN.
+fn not_positive(x: f64) -> bool {
+    x.is_nan() || x <= 0.0
+}
+
+fn eps_positive(field: &str, eps: f64) -> Result<()> {
+    if not_positive(eps) {
+        return Err(ModelError::config(field, "must be > 0"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_validate_and_round_trip_through_json() {
+        for name in PRESETS {
+            let cfg = AlbefConfig::preset(name).unwrap();
+            cfg.validate().unwrap();
+            assert_eq!(AlbefConfig::from_json(&cfg.to_json()).unwrap(), cfg);
+        }
+        assert!(matches!(
+            AlbefConfig::preset("huge"),
+            Err(ModelError::UnknownPreset { .. })
+        ));
+    }
+
+    #[test]
+    fn config_file_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        let cfg = AlbefConfig::preset("tiny").unwrap();
+        cfg.save(&path).unwrap();
+        assert_eq!(AlbefConfig::load(&path).unwrap(), cfg);
+    }
+
+    #[test]
+    fn unknown_and_missing_keys_are_errors() {
+        let cfg = AlbefConfig::preset("tiny").unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(&cfg.to_json()).unwrap();
+        v["vision"]["dropout"] = serde_json::json!(0.1);
+        let err = AlbefConfig::from_json(&v.to_string())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("dropout"), "{err}");
+
+        let mut v: serde_json::Value = serde_json::from_str(&cfg.to_json()).unwrap();
+        v["text"].as_object_mut().unwrap().remove("eps");
+        let err = AlbefConfig::from_json(&v.to_string())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("eps"), "{err}");
+    }
+
+    #[test]
+    fn layouts_in_json_and_inconsistent_fusion_layer() {
+        let cfg = AlbefConfig::preset("albef-base").unwrap();
+        let v: serde_json::Value = serde_json::from_str(&cfg.to_json()).unwrap();
+        assert_eq!(
+            v["text"]["layout"],
+            serde_json::json!({"albef": {"fusion_layer": 6}})
+        );
+        let mut bad = cfg.clone();
+        bad.text.layout = Layout::Albef { fusion_layer: 12 };
+        assert!(bad.validate().is_err());
+        let mut blip = cfg;
+        blip.text.layout = Layout::Blip;
+        blip.validate().unwrap();
+        assert_eq!(blip.text.text_layers(), 12);
+        assert!(blip.text.has_cross_attention(0));
+        let v: serde_json::Value = serde_json::from_str(&blip.to_json()).unwrap();
+        assert_eq!(v["text"]["layout"], serde_json::json!("blip"));
+    }
+}

@@ -1,0 +1,380 @@
+//! Trainable building blocks (ALBEF paper §3.1: the ViT and BERT layers are made of these).
+//!
+//! candle-nn's fused `LayerNorm`, `ops::softmax_last_dim` and `rms_norm` have no backward:
+//! gradients silently stop at them. Everything here is written with candle ops that do
+//! have one (matmul, broadcast arithmetic, `exp`, sums, `index_select`, `gelu_erf`). Each
+//! operation sits behind one function so a fused CPU/CUDA kernel with its own backward can
+//! replace it later without touching the models; the version here stays as the reference
+//! such a kernel is tested against. Devices and dtypes always come from the inputs.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{Init, VarBuilder};
+
+/// Initialisation of projection and embedding weights: N(0, 0.02), as BERT and ALBEF do
+/// (timm truncates the normal at ±2σ; the difference does not matter for training).
+pub const WEIGHT_INIT: Init = Init::Randn {
+    mean: 0.0,
+    stdev: 0.02,
+};
+
+/// `y = x W^T + b` over the last dimension.
+///
+/// # Shapes
+/// `x`: `[.., in]`, `weight`: `[out, in]`, `bias`: `[out]` -> `[.., out]`.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims();
+    let (out, inp) = weight.dims2()?;
+    let rows = x.elem_count() / inp.max(1);
+    // One 2-D matmul against the transposed view: gemm reads the transpose in place.
+    let y = x.reshape((rows, inp))?.matmul(&weight.t()?)?;
+    let y = match bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out_dims = dims.to_vec();
+    *out_dims
+        .last_mut()
+        .expect("linear input has at least one dim") = out;
+    y.reshape(out_dims)
+}
+
+/// LayerNorm over the last dimension, written out as mean and variance (biased, like
+/// PyTorch). Half-precision inputs are normalised in f32.
+///
+/// # Shapes
+/// `x`: `[.., n]`, `weight`, `bias`: `[n]` -> `[.., n]`.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = match dtype {
+        DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?,
+        _ => x.clone(),
+    };
+    let mean = xf.mean_keepdim(D::Minus1)?;
+    let centred = xf.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
+    normed
+        .to_dtype(dtype)?
+        .broadcast_mul(weight)?
+        .broadcast_add(bias)
+}
+
+/// Softmax over the last dimension: `exp(x - max) / sum`.
+///
+/// The max is detached: softmax does not depend on the shift, so its gradient through the
+/// max is zero in exact arithmetic and not worth a backward pass.
+pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let exp = x.broadcast_sub(&max)?.exp()?;
+    let sum = exp.sum_keepdim(D::Minus1)?;
+    exp.broadcast_div(&sum)
+}
+
+/// Log-softmax over the last dimension: `x - max - log(sum(exp(x - max)))`.
+pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let log_sum = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    shifted.broadcast_sub(&log_sum)
+}
+
+/// GELU, erf form (BERT's and timm's `nn.GELU()`).
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    x.gelu_erf()
+}
+
+/// Inverted dropout with drop probability `p`: kept values are scaled by `1 / (1 - p)`.
+/// `p = 0` returns the input unchanged.
+pub fn dropout(x: &Tensor, p: f64) -> Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    if p >= 1.0 {
+        return x.zeros_like();
+    }
+    let keep = x
+        .rand_like(0.0, 1.0)?
+        .ge(p)?
+        .to_dtype(x.dtype())?
+        .affine(1.0 / (1.0 - p), 0.0)?;
+    x.mul(&keep)
+}
+
+/// Divides each row by its L2 norm (at least 1e-12, like `F.normalize`).
+///
+/// # Shapes
+/// `x`: `[.., n]` -> `[.., n]`.
+pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.maximum(1e-12)?;
+    x.broadcast_div(&norm)
+}
+
+/// A linear layer, weight `[out, in]` (PyTorch's layout), optional bias `[out]`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    /// Loads (or creates) `weight` and, if `bias`, `bias` under `vb`.
+    pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = vb.get_with_hints((out_dim, in_dim), "weight", WEIGHT_INIT)?;
+        let bias = if bias {
+            Some(vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// # Shapes
+    /// `[.., in]` -> `[.., out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        linear(x, &self.weight, self.bias.as_ref())
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Linear::forward(self, x)
+    }
+}
+
+/// LayerNorm with a gain (`weight`) and a bias, epsilon from the config.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(weight: Tensor, bias: Tensor, eps: f64) -> Self {
+        Self { weight, bias, eps }
+    }
+
+    /// Loads (or creates: ones, zeros) `weight` and `bias` under `vb`.
+    pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        let weight = vb.get_with_hints(dim, "weight", Init::Const(1.0))?;
+        let bias = vb.get_with_hints(dim, "bias", Init::Const(0.0))?;
+        Ok(Self { weight, bias, eps })
+    }
+
+    /// # Shapes
+    /// `[.., dim]` -> `[.., dim]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// A lookup table, `weight` `[rows, dim]`.
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    weight: Tensor,
+}
+
+impl Embedding {
+    pub fn new(weight: Tensor) -> Self {
+        Self { weight }
+    }
+
+    /// Loads (or creates) `weight` under `vb`.
+    pub fn load(vb: VarBuilder, rows: usize, dim: usize) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get_with_hints((rows, dim), "weight", WEIGHT_INIT)?,
+        })
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// # Shapes
+    /// `ids`: any shape of u8/u32/i64 -> `[..ids, dim]`.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let dim = self.weight.dim(1)?;
+        let mut dims = ids.dims().to_vec();
+        dims.push(dim);
+        self.weight
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape(dims)
+    }
+}
+
+/// Dropout with a fixed probability; whether it acts is the caller's `train` flag.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Dropout {
+    p: f64,
+}
+
+impl Dropout {
+    pub fn new(p: f64) -> Self {
+        Self { p }
+    }
+
+    /// The probability in effect: `p` when training, 0 otherwise.
+    pub fn active_p(&self, train: bool) -> f64 {
+        if train {
+            self.p
+        } else {
+            0.0
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        dropout(x, self.active_p(train))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn close(a: &[f64], b: &[f64], tol: f64) {
+        assert_eq!(a.len(), b.len());
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!((x - y).abs() <= tol, "index {i}: {x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn layer_norm_matches_hand_computation() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[[1.0f64, 2.0, 4.0], [-3.0, 0.0, 3.0]], &dev)?;
+        let w = Tensor::new(&[1.0f64, 2.0, 0.5], &dev)?;
+        let b = Tensor::new(&[0.0f64, 1.0, -1.0], &dev)?;
+        let y = layer_norm(&x, &w, &b, 1e-5)?
+            .flatten_all()?
+            .to_vec1::<f64>()?;
+        let mut expect = Vec::new();
+        for row in [[1.0f64, 2.0, 4.0], [-3.0, 0.0, 3.0]] {
+            let mean = row.iter().sum::<f64>() / 3.0;
+            let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 3.0;
+            for (j, v) in row.iter().enumerate() {
+                let n = (v - mean) / (var + 1e-5).sqrt();
+                expect.push(n * [1.0, 2.0, 0.5][j] + [0.0, 1.0, -1.0][j]);
+            }
+        }
+        close(&y, &expect, 1e-12);
+        Ok(())
+    }
+
+    #[test]
+    fn layer_norm_passes_gradients_to_input_gain_and_bias() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 1.0, (4, 8), &dev)?;
+        let w = Var::ones(8, DType::F32, &dev)?;
+        let b = Var::zeros(8, DType::F32, &dev)?;
+        let y = layer_norm(&x, &w, &b, 1e-6)?;
+        let probe = Tensor::randn(0f32, 1.0, (4, 8), &dev)?;
+        let grads = (y * probe)?.sum_all()?.backward()?;
+        for (name, v) in [("x", &x), ("w", &w), ("b", &b)] {
+            let g = grads.get(v).unwrap_or_else(|| panic!("no grad for {name}"));
+            let l1 = g.abs()?.sum_all()?.to_scalar::<f32>()?;
+            assert!(l1 > 0.0 && l1.is_finite(), "{name}: {l1}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn softmax_rows_sum_to_one_and_match_fused_forward() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = (Tensor::randn(0f32, 3.0, (3, 5, 7), &dev)? + 50.0)?;
+        let ours = softmax(&x)?;
+        let sums = ours.sum(D::Minus1)?.flatten_all()?.to_vec1::<f32>()?;
+        for s in sums {
+            assert!((s - 1.0).abs() < 1e-5, "{s}");
+        }
+        let fused = candle_nn::ops::softmax_last_dim(&x)?;
+        let diff = (ours - fused)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-6, "{diff}");
+        let log = log_softmax(&x)?.exp()?;
+        let diff = (log - softmax(&x)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-6, "{diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn softmax_has_a_backward() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f64, 1.0, (2, 6), &dev)?;
+        let probe = Tensor::randn(0f64, 1.0, (2, 6), &dev)?;
+        let grads = (softmax(&x)? * &probe)?.sum_all()?.backward()?;
+        let g = grads.get(&x).expect("softmax input gets a gradient");
+        // d/dx_j sum_i p_i c_i = p_j (c_j - sum_i p_i c_i)
+        let p = softmax(&x)?;
+        let mean = (&p * &probe)?.sum_keepdim(1)?;
+        let expect = (&p * probe.broadcast_sub(&mean)?)?;
+        let diff = (g - expect)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(diff < 1e-12, "{diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn dropout_is_identity_in_eval_and_scales_in_train() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::ones((200, 100), DType::F32, &dev)?;
+        let d = Dropout::new(0.25);
+        let eval = d.forward(&x, false)?;
+        assert_eq!(
+            eval.flatten_all()?.to_vec1::<f32>()?,
+            x.flatten_all()?.to_vec1::<f32>()?
+        );
+        let y = d.forward(&x, true)?.flatten_all()?.to_vec1::<f32>()?;
+        let kept: Vec<f32> = y.iter().copied().filter(|v| *v != 0.0).collect();
+        for v in &kept {
+            assert!((v - 1.0 / 0.75).abs() < 1e-6, "{v}");
+        }
+        let frac = kept.len() as f64 / y.len() as f64;
+        assert!((frac - 0.75).abs() < 0.02, "kept fraction {frac}");
+        Ok(())
+    }
+
+    #[test]
+    fn linear_and_embedding_shapes() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::new(&[[1.0f32, 0.0, 2.0], [0.0, 1.0, -1.0]], &dev)?;
+        let b = Tensor::new(&[0.5f32, 0.0], &dev)?;
+        let lin = Linear::new(w, Some(b));
+        let x = Tensor::new(&[[[1.0f32, 2.0, 3.0]], [[0.0, 0.0, 1.0]]], &dev)?;
+        let y = lin.forward(&x)?;
+        assert_eq!(y.dims(), &[2, 1, 2]);
+        assert_eq!(
+            y.flatten_all()?.to_vec1::<f32>()?,
+            vec![7.5, -1.0, 2.5, -1.0]
+        );
+        let table = Tensor::new(&[[0.0f32, 1.0], [2.0, 3.0], [4.0, 5.0]], &dev)?;
+        let emb = Embedding::new(table);
+        let ids = Tensor::new(&[[2u32, 0], [1, 1]], &dev)?;
+        let e = emb.forward(&ids)?;
+        assert_eq!(e.dims(), &[2, 2, 2]);
+        assert_eq!(
+            e.flatten_all()?.to_vec1::<f32>()?,
+            vec![4.0, 5.0, 0.0, 1.0, 2.0, 3.0, 2.0, 3.0]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn l2_normalize_rows() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[[3.0f64, 4.0], [0.0, 0.0]], &dev)?;
+        let y = l2_normalize(&x)?.flatten_all()?.to_vec1::<f64>()?;
+        close(&y, &[0.6, 0.8, 0.0, 0.0], 1e-12);
+        Ok(())
+    }
+}

@@ -1,0 +1,156 @@
+//! `vlp bench step`: forward + backward throughput and memory of a model preset on random
+//! images and token batches, through the shared model check loss
+//! (`vlp_models::albef::smoke_loss`: ITC + ITM + MLM-shaped, not the training objective).
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use vlp_models::{smoke_loss, AlbefConfig, AlbefModel};
+
+#[derive(clap::Args)]
+pub struct StepArgs {
+    /// Model preset (`albef-base`, `minilm`, `tiny`).
+    #[arg(long, default_value = "tiny")]
+    pub preset: String,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Tokens per caption, [CLS] and [SEP] included (rows are padded to it).
+    #[arg(long, default_value_t = 30)]
+    pub text_len: usize,
+    /// Timed steps (the median is reported).
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Untimed steps first (the allocator's high-water mark settles over the first few).
+    #[arg(long, default_value_t = 5)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+pub fn run(args: StepArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.batch_size >= 2, "--batch-size must be at least 2");
+    anyhow::ensure!(args.text_len >= 3, "--text-len must be at least 3");
+    anyhow::ensure!(args.steps >= 1, "--steps must be at least 1");
+    let cfg = AlbefConfig::preset(&args.preset)?;
+    let dev = Device::Cpu;
+    let varmap = VarMap::new();
+    let model = AlbefModel::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev))?;
+    model.copy_params_to_momentum()?;
+    let params: usize = model
+        .trainable_vars()?
+        .iter()
+        .map(|(_, v)| v.elem_count())
+        .sum();
+
+    let (b, s) = (args.batch_size, cfg.vision.image_size);
+    let images = Tensor::randn(0f32, 1.0, (b, 3, s, s), &dev)?;
+    let (ids, mask) = random_captions(&cfg, b, args.text_len, args.seed)?;
+
+    let step = || -> anyhow::Result<f64> {
+        let t0 = Instant::now();
+        let loss = smoke_loss(&model, &images, &ids, &mask, true)?;
+        let grads = loss.total.backward()?;
+        drop(grads);
+        Ok(t0.elapsed().as_secs_f64())
+    };
+    for _ in 0..args.warmup {
+        step()?;
+    }
+    let rss_after_warmup = current_rss_mb();
+    let mut times = (0..args.steps)
+        .map(|_| step())
+        .collect::<anyhow::Result<Vec<f64>>>()?;
+    let rss_end = current_rss_mb();
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    eprintln!(
+        "preset {}: {params} trainable parameters, step min {:.3}s median {median:.3}s max {:.3}s",
+        args.preset,
+        times[0],
+        times[times.len() - 1]
+    );
+    let out = serde_json::json!({
+        "preset": args.preset,
+        "batch_size": b,
+        "text_len": args.text_len,
+        "image_size": s,
+        "steps": args.steps,
+        "median_step_s": round3(median),
+        "samples_per_s": round2(b as f64 / median),
+        "peak_rss_mb": round2(crate::cmd::bench::peak_rss_mb()),
+        "rss_after_warmup_mb": round2(rss_after_warmup),
+        "rss_end_mb": round2(rss_end),
+        "rss_growth_mb": round2(rss_end - rss_after_warmup),
+        "trainable_params": params,
+        // candle's CPU thread settings: its elementwise thread pool spin-waits, so a step
+        // slows down several-fold when other processes compete for the cores;
+        // CANDLE_NUM_THREADS=1 avoids the pool.
+        "candle_num_threads": std::env::var("CANDLE_NUM_THREADS").ok(),
+        "rayon_num_threads": std::env::var("RAYON_NUM_THREADS").ok(),
+    });
+    println!("{out}");
+    Ok(())
+}
+
+/// `[CLS] random words [SEP] [PAD]..` rows of random lengths in `[len/2, len]`, and their
+/// attention masks.
+fn random_captions(
+    cfg: &AlbefConfig,
+    batch: usize,
+    len: usize,
+    seed: u64,
+) -> anyhow::Result<(Tensor, Tensor)> {
+    let t = &cfg.text;
+    let mut state = seed ^ 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        // splitmix64
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let first_word = t.mask_id.max(t.sep_id).max(t.cls_id).max(t.pad_id) + 1;
+    let words = t.vocab_size as u64 - u64::from(first_word);
+    let (mut ids, mut mask) = (Vec::new(), Vec::new());
+    for _ in 0..batch {
+        let real = len / 2 + (next() % (len - len / 2 + 1) as u64) as usize;
+        for p in 0..len {
+            let id = match p {
+                0 => t.cls_id,
+                p if p + 1 == real => t.sep_id,
+                p if p < real => first_word + (next() % words) as u32,
+                _ => t.pad_id,
+            };
+            ids.push(id);
+            mask.push(u32::from(p < real));
+        }
+    }
+    let dev = Device::Cpu;
+    Ok((
+        Tensor::from_vec(ids, (batch, len), &dev)?,
+        Tensor::from_vec(mask, (batch, len), &dev)?,
+    ))
+}
+
+/// Resident set size of this process now (VmRSS), in MB.
+fn current_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}

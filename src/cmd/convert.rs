@@ -1,0 +1,98 @@
+//! `vlp convert`: a published checkpoint (HF BERT/ViT/BLIP, timm/DeiT, ALBEF `.pth`) to
+//! our format, `model.safetensors` under our names + `config.json`, with a report of what
+//! was loaded, dropped, interpolated, copied or initialised fresh.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use vlp_models::import::{
+    import_checkpoint, load_config, write_converted, Format, ImportError, ImportOptions,
+};
+use vlp_models::AlbefConfig;
+
+#[derive(clap::Args)]
+pub struct ConvertArgs {
+    /// The checkpoint: a `.safetensors` file, or a PyTorch zip `.pth` (ALBEF, DeiT).
+    pub input: PathBuf,
+    /// Source format: hf-bert, hf-vit, timm-vit, albef-pth, hf-blip, or auto (guessed from
+    /// the tensor names).
+    #[arg(long = "from", default_value = "auto")]
+    pub from: String,
+    /// Target architecture by preset name (albef-base, minilm, tiny).
+    #[arg(long, conflicts_with = "config")]
+    pub preset: Option<String>,
+    /// Target architecture from a config file: vlp's `config.json`, or the PyTorch
+    /// reference implementation's config format. Without --preset or --config, an HF BLIP
+    /// checkpoint's model is taken from its own config.json.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The HF config.json of an HF checkpoint, checked against the target (default: the
+    /// config.json beside INPUT, if there is one).
+    #[arg(long)]
+    pub hf_config: Option<PathBuf>,
+    /// Output folder: model.safetensors + config.json.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Write the model even if tensors are missing, unexpected or mis-shaped: what the
+    /// checkpoint cannot fill stays freshly initialised (listed in the report).
+    #[arg(long)]
+    pub allow_partial: bool,
+    /// Print the report as JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
+    let format = match args.from.as_str() {
+        "auto" => None,
+        name => Some(
+            name.parse::<Format>()
+                .map_err(|e| anyhow::anyhow!("--from: {e}, or auto"))?,
+        ),
+    };
+    let config: Option<AlbefConfig> = match (&args.preset, &args.config) {
+        (Some(name), _) => Some(AlbefConfig::preset(name)?),
+        (None, Some(path)) => Some(load_config(path)?),
+        (None, None) => None,
+    };
+    let opts = ImportOptions {
+        format,
+        allow_partial: args.allow_partial,
+        hf_config: args.hf_config.clone(),
+    };
+    let imported = match import_checkpoint(&args.input, config.as_ref(), &opts) {
+        Ok(imported) => imported,
+        Err(ImportError::Rejected {
+            path,
+            summary,
+            report,
+        }) => {
+            // The report first (it can be long), then the error as the last line.
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{report}");
+            }
+            anyhow::bail!(
+                "{}: the checkpoint does not fit the target model ({summary}); fix the \
+                 config, or pass --allow-partial to initialise what does not fit fresh",
+                path.display()
+            );
+        }
+        Err(e) => return Err(e.into()),
+    };
+    write_converted(&args.out, &imported)
+        .with_context(|| format!("writing the converted model to {}", args.out.display()))?;
+    if args.json {
+        println!("{}", serde_json::to_string(&imported.report)?);
+    } else {
+        print!("{}", imported.report);
+        println!(
+            "wrote {} ({} tensors) and {}",
+            args.out.join("model.safetensors").display(),
+            imported.tensors.len(),
+            args.out.join("config.json").display()
+        );
+    }
+    Ok(())
+}

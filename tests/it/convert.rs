@@ -1,0 +1,340 @@
+//! `vlp convert` end to end on the checkpoint fixtures (`tests/fixtures/albef`,
+//! `tests/fixtures/hf`), and on broken checkpoints: a clear error naming the file and the
+//! tensor, a nonzero exit, never a panic.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::{DType, Device, Tensor};
+use vlp_models::{AlbefConfig, Layout};
+
+use crate::common::vlp_bin;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn convert(args: &[&str]) -> Output {
+    Command::new(vlp_bin())
+        .arg("convert")
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run vlp convert")
+}
+
+fn text(out: &[u8]) -> String {
+    String::from_utf8_lossy(out).into_owned()
+}
+
+/// Runs `vlp convert`, asserts success, returns stdout.
+fn convert_ok(args: &[&str]) -> String {
+    let out = convert(args);
+    assert!(
+        out.status.success(),
+        "vlp convert {args:?} failed:\n{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// Runs `vlp convert`, asserts a clean failure (exit 1, no panic), returns stdout + stderr.
+fn convert_fails(args: &[&str]) -> String {
+    let out = convert(args);
+    let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "vlp convert {args:?}:\n{all}");
+    assert!(
+        !all.contains("panicked"),
+        "vlp convert {args:?} panicked:\n{all}"
+    );
+    all
+}
+
+fn load(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The HF fixtures' BERT (vocabulary 200, 32 wide, 2 layers) + one fusion layer, and
+/// their ViT (32 px, patch 8, 32 wide, 2 layers), as a vlp config file.
+fn write_hf_fixture_config(dir: &Path) -> PathBuf {
+    let mut cfg = AlbefConfig::preset("tiny").unwrap();
+    cfg.vision.image_size = 32;
+    cfg.vision.hidden = 32;
+    cfg.vision.layers = 2;
+    let t = &mut cfg.text;
+    (
+        t.vocab_size,
+        t.hidden,
+        t.layers,
+        t.intermediate,
+        t.max_positions,
+    ) = (200, 32, 3, 64, 32);
+    t.layout = Layout::Albef { fusion_layer: 2 };
+    (t.pad_id, t.cls_id, t.sep_id, t.mask_id) = (0, 1, 2, 3);
+    let path = dir.join("hf-fixture-config.json");
+    cfg.save(&path).unwrap();
+    path
+}
+
+#[test]
+fn albef_pth_and_safetensors_convert_to_identical_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let albef = fixtures().join("albef");
+    // The fixture's config.json is the PyTorch reference implementation's format.
+    let config = albef.join("config.json");
+    let (a, b) = (dir.path().join("from-pth"), dir.path().join("from-st"));
+    let said = convert_ok(&[
+        "--from",
+        "albef-pth",
+        s(&albef.join("albef.pth")),
+        "--config",
+        s(&config),
+        "--out",
+        s(&a),
+    ]);
+    assert!(
+        said.contains(
+            "import from albef-pth: 262 loaded, 0 missing, 0 unexpected, 0 mismatched, 1 fresh, 0 momentum copies, 6 dropped"
+        ),
+        "{said}"
+    );
+    assert!(said.contains("wrote "), "{said}");
+    // auto: the names say it is ALBEF's.
+    convert_ok(&[
+        s(&albef.join("albef.safetensors")),
+        "--config",
+        s(&config),
+        "--out",
+        s(&b),
+    ]);
+
+    let (ta, tb) = (
+        load(&a.join("model.safetensors")),
+        load(&b.join("model.safetensors")),
+    );
+    assert_eq!(ta.len(), 263);
+    assert_eq!(ta.len(), tb.len());
+    for (name, x) in &ta {
+        let y = &tb[name];
+        assert_eq!(x.dims(), y.dims(), "{name}");
+        let (x, y) = (
+            x.to_dtype(DType::F64).unwrap().flatten_all().unwrap(),
+            y.to_dtype(DType::F64).unwrap().flatten_all().unwrap(),
+        );
+        assert_eq!(
+            x.to_vec1::<f64>().unwrap(),
+            y.to_vec1::<f64>().unwrap(),
+            "{name}"
+        );
+    }
+    let ca = std::fs::read_to_string(a.join("config.json")).unwrap();
+    assert_eq!(ca, std::fs::read_to_string(b.join("config.json")).unwrap());
+    let cfg = AlbefConfig::from_json(&ca).unwrap();
+    assert_eq!(cfg.text.layout, Layout::Albef { fusion_layer: 2 });
+    assert_eq!(cfg.queue_size, 8);
+    // Converting our own output again is the identity (our names are ALBEF's).
+    let c = dir.path().join("again");
+    let again = convert_ok(&[
+        s(&a.join("model.safetensors")),
+        "--config",
+        s(&a.join("config.json")),
+        "--out",
+        s(&c),
+        "--json",
+    ]);
+    let report: serde_json::Value = serde_json::from_str(again.trim()).unwrap();
+    assert_eq!(report["format"], "albef-pth");
+    assert_eq!(report["loaded"].as_array().unwrap().len(), 263);
+    assert!(report["fresh"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn hf_blip_converts_without_a_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("blip");
+    let said = convert_ok(&[
+        s(&fixtures().join("hf/hf_blip/model.safetensors")),
+        "--out",
+        s(&out),
+    ]);
+    assert!(said.contains("import from hf-blip"), "{said}");
+    assert!(said.contains("model config derived from"), "{said}");
+    assert!(
+        said.contains("momentum twin copied from the online weights"),
+        "{said}"
+    );
+    let cfg = AlbefConfig::load(&out.join("config.json")).unwrap();
+    assert_eq!(cfg.text.layout, Layout::Blip);
+    assert_eq!(cfg.vision.eps, 1e-5);
+    assert!(!cfg.text.has_mlm_head);
+    let tensors = load(&out.join("model.safetensors"));
+    assert_eq!(
+        tensors["visual_encoder.blocks.0.attn.qkv.weight"].dims(),
+        &[144, 48]
+    );
+    assert!(!tensors.contains_key("text_encoder.bert.embeddings.token_type_embeddings.weight"));
+}
+
+#[test]
+fn hf_bert_vit_and_timm_into_one_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_hf_fixture_config(dir.path());
+    let hf = fixtures().join("hf");
+    for (from, file) in [
+        ("hf-bert", "hf_bert/model.safetensors"),
+        ("hf-bert", "hf_bert_mlm/model.safetensors"),
+        ("hf-vit", "hf_vit/model.safetensors"),
+        ("timm-vit", "timm_vit/model.safetensors"),
+        ("timm-vit", "timm_vit/model.pth"),
+    ] {
+        for given in [from, "auto"] {
+            let out = dir
+                .path()
+                .join(format!("{}-{given}", file.replace('/', "-")));
+            let said = convert_ok(&[
+                "--from",
+                given,
+                s(&hf.join(file)),
+                "--config",
+                s(&config),
+                "--out",
+                s(&out),
+            ]);
+            assert!(
+                said.contains(&format!("import from {from}:")),
+                "{file}: {said}"
+            );
+            assert!(
+                said.contains("0 missing, 0 unexpected, 0 mismatched"),
+                "{file}: {said}"
+            );
+            assert!(out.join("model.safetensors").is_file());
+        }
+    }
+}
+
+#[test]
+fn a_checkpoint_that_does_not_fit_names_the_tensors_and_partial_writes_anyway() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = fixtures().join("hf/hf_bert/model.safetensors");
+    let out = dir.path().join("out");
+    // The tiny preset's BERT is 128 wide with a vocabulary of 2000.
+    let all = convert_fails(&[
+        "--from",
+        "hf-bert",
+        s(&input),
+        "--preset",
+        "tiny",
+        "--out",
+        s(&out),
+    ]);
+    assert!(all.contains("hf_bert/model.safetensors"), "{all}");
+    assert!(
+        all.contains(
+            "embeddings.word_embeddings.weight [200, 32] -> text_encoder.bert.embeddings.word_embeddings.weight expects [2000, 128]"
+        ),
+        "{all}"
+    );
+    assert!(all.contains("--allow-partial"), "{all}");
+    assert!(!out.join("model.safetensors").exists());
+
+    let said = convert_ok(&[
+        "--from",
+        "hf-bert",
+        s(&input),
+        "--preset",
+        "tiny",
+        "--out",
+        s(&out),
+        "--allow-partial",
+    ]);
+    assert!(said.contains("mismatched shapes:"), "{said}");
+    let cfg = AlbefConfig::load(&out.join("config.json")).unwrap();
+    assert_eq!(cfg, AlbefConfig::preset("tiny").unwrap());
+}
+
+#[test]
+fn broken_checkpoints_fail_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let albef = fixtures().join("albef");
+    let config = albef.join("config.json");
+    let out = d.join("out");
+    let run = |input: &Path, from: &str| {
+        convert_fails(&[
+            "--from",
+            from,
+            s(input),
+            "--config",
+            s(&config),
+            "--out",
+            s(&out),
+        ])
+    };
+
+    // Truncated files.
+    for name in ["albef.safetensors", "albef.pth"] {
+        let bytes = std::fs::read(albef.join(name)).unwrap();
+        let cut = d.join(format!("cut-{name}"));
+        std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+        let all = run(&cut, "auto");
+        assert!(all.contains(&format!("cut-{name}")), "{all}");
+        let all = run(&cut, "albef-pth");
+        assert!(all.contains(&format!("cut-{name}")), "{all}");
+    }
+
+    // One tensor of the wrong shape.
+    let mut tensors = load(&albef.join("albef.safetensors"));
+    tensors.insert(
+        "itm_head.weight".into(),
+        Tensor::zeros((3, 32), DType::F32, &Device::Cpu).unwrap(),
+    );
+    let bad = d.join("bad-shape.safetensors");
+    candle_core::safetensors::save(&tensors, &bad).unwrap();
+    let all = run(&bad, "albef-pth");
+    assert!(all.contains("bad-shape.safetensors"), "{all}");
+    assert!(
+        all.contains("itm_head.weight [3, 32] -> itm_head.weight expects [2, 32]"),
+        "{all}"
+    );
+
+    // A tied alias that is not equal to its tensor.
+    let mut tensors = load(&albef.join("albef.safetensors"));
+    let name = "text_encoder.cls.predictions.decoder.bias";
+    let shifted = (&tensors[name] + 1.0).unwrap();
+    tensors.insert(name.into(), shifted);
+    let untied = d.join("untied.safetensors");
+    candle_core::safetensors::save(&tensors, &untied).unwrap();
+    let all = run(&untied, "albef-pth");
+    assert!(all.contains(name) && all.contains("tied"), "{all}");
+
+    // Not a checkpoint at all; a safetensors file of unknown names; no file.
+    let junk = d.join("junk.bin");
+    std::fs::write(&junk, b"this is not a checkpoint").unwrap();
+    let all = run(&junk, "auto");
+    assert!(
+        all.contains("junk.bin") && all.contains("neither safetensors"),
+        "{all}"
+    );
+    let other = d.join("other.safetensors");
+    let t = Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap();
+    candle_core::safetensors::save(
+        &HashMap::from([("decoder.lm_head.w".to_string(), t)]),
+        &other,
+    )
+    .unwrap();
+    let all = run(&other, "auto");
+    assert!(all.contains("cannot tell the checkpoint format"), "{all}");
+    assert!(all.contains("decoder.lm_head.w"), "{all}");
+    let all = run(&d.join("absent.pth"), "auto");
+    assert!(all.contains("absent.pth"), "{all}");
+    let all = run(&junk, "gpt2");
+    assert!(all.contains("unknown format `gpt2`"), "{all}");
+    assert!(!out.exists(), "nothing is written on failure");
+}
