@@ -22,14 +22,19 @@ pub struct ConvertArgs {
     #[arg(long, conflicts_with = "config")]
     pub preset: Option<String>,
     /// Target architecture from a config file: vlp's `config.json`, or the PyTorch
-    /// reference implementation's config format. Without --preset or --config, an HF BLIP
-    /// checkpoint's model is taken from its own config.json.
+    /// reference implementation's config format. Without --preset or --config, the model
+    /// of --init, or for an HF BLIP checkpoint the one its own config.json describes.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// The HF config.json of an HF checkpoint, checked against the target (default: the
     /// config.json beside INPUT, if there is one).
     #[arg(long)]
     pub hf_config: Option<PathBuf>,
+    /// Start from a model converted before (a folder with model.safetensors + config.json)
+    /// instead of a fresh one: what INPUT does not carry is kept from it, e.g. a DeiT
+    /// image encoder converted first, then BERT as the text encoder.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
     /// Output folder: model.safetensors + config.json.
     #[arg(long)]
     pub out: PathBuf,
@@ -59,6 +64,7 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
         format,
         allow_partial: args.allow_partial,
         hf_config: args.hf_config.clone(),
+        init: args.init.clone(),
     };
     let imported = match import_checkpoint(&args.input, config.as_ref(), &opts) {
         Ok(imported) => imported,

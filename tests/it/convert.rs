@@ -220,6 +220,49 @@ fn hf_bert_vit_and_timm_into_one_config() {
 }
 
 #[test]
+fn init_combines_a_vit_and_a_bert() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_hf_fixture_config(dir.path());
+    let hf = fixtures().join("hf");
+    let (vit, both) = (dir.path().join("vit"), dir.path().join("both"));
+    let v = hf.join("hf_vit/model.safetensors");
+    convert_ok(&[s(&v), "--config", s(&config), "--out", s(&vit)]);
+    let b = hf.join("hf_bert_mlm/model.safetensors");
+    let said = convert_ok(&[s(&b), "--init", s(&vit), "--out", s(&both)]);
+    assert!(said.contains(" 0 fresh, "), "{said}");
+    assert!(said.contains("kept from the initial model:"), "{said}");
+    let (a, c) = (
+        load(&vit.join("model.safetensors")),
+        load(&both.join("model.safetensors")),
+    );
+    for name in [
+        "visual_encoder.blocks.1.attn.qkv.weight",
+        "visual_encoder_m.pos_embed",
+    ] {
+        let (x, y) = (
+            a[name].flatten_all().unwrap(),
+            c[name].flatten_all().unwrap(),
+        );
+        assert_eq!(
+            x.to_vec1::<f32>().unwrap(),
+            y.to_vec1::<f32>().unwrap(),
+            "{name}"
+        );
+    }
+    // A target config other than the initial model's is refused.
+    let all = convert_fails(&[
+        s(&b),
+        "--init",
+        s(&vit),
+        "--preset",
+        "tiny",
+        "--out",
+        s(&both),
+    ]);
+    assert!(all.contains("differs from the target config"), "{all}");
+}
+
+#[test]
 fn a_checkpoint_that_does_not_fit_names_the_tensors_and_partial_writes_anyway() {
     let dir = tempfile::tempdir().unwrap();
     let input = fixtures().join("hf/hf_bert/model.safetensors");

@@ -65,13 +65,24 @@ fn convert_and_build(
         format: Some(format),
         ..Default::default()
     };
-    let imported = import_checkpoint(path, config, &opts)
-        .unwrap_or_else(|e| panic!("import of {}: {e}", path.display()));
     let dir = tempfile::tempdir().unwrap();
-    write_converted(dir.path(), &imported).unwrap();
-    let cfg = AlbefConfig::load(&dir.path().join("config.json")).unwrap();
+    convert_into(path, config, &opts, dir.path())
+}
+
+/// [`convert_and_build`] with any options, writing into `out`.
+fn convert_into(
+    path: &Path,
+    config: Option<&AlbefConfig>,
+    opts: &ImportOptions,
+    out: &Path,
+) -> (AlbefModel, ImportReport) {
+    let imported = import_checkpoint(path, config, opts)
+        .unwrap_or_else(|e| panic!("import of {}: {e}", path.display()));
+    write_converted(out, &imported).unwrap();
+    let dir = out;
+    let cfg = AlbefConfig::load(&dir.join("config.json")).unwrap();
     assert_eq!(&cfg, &imported.config);
-    let tensors = load(&dir.path().join("model.safetensors"));
+    let tensors = load(&dir.join("model.safetensors"));
     assert_eq!(tensors.len(), imported.tensors.len());
     let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
     let model = AlbefModel::new(&cfg, vb).unwrap();
@@ -319,6 +330,75 @@ fn hf_blip_features_and_itm_logits() {
         "hf_blip itm_logits (use_itm_head=True)",
         &itm,
         &expected["itm_logits"],
+    );
+}
+
+#[test]
+fn a_vit_then_a_bert_make_one_model() {
+    // ALBEF's initialisation: DeiT for the image encoder, BERT for the text encoder.
+    let hf = fixtures().join("hf");
+    let cfg = bert_fixture_config(true);
+    let dir = tempfile::tempdir().unwrap();
+    let (step1, step2) = (dir.path().join("vit"), dir.path().join("vit+bert"));
+    let timm = ImportOptions {
+        format: Some(Format::TimmVit),
+        ..Default::default()
+    };
+    convert_into(&hf.join("timm_vit/model.pth"), Some(&cfg), &timm, &step1);
+    let bert = ImportOptions {
+        format: Some(Format::HfBert),
+        init: Some(step1.clone()),
+        ..Default::default()
+    };
+    let (model, report) = convert_into(
+        &hf.join("hf_bert_mlm/model.safetensors"),
+        None,
+        &bert,
+        &step2,
+    );
+    assert!(report.is_ok(false) && report.fresh.is_empty(), "{report}");
+    assert!(
+        report
+            .kept
+            .iter()
+            .any(|n| n == "visual_encoder_m.pos_embed"),
+        "{report}"
+    );
+    assert!(
+        report
+            .momentum_copied
+            .iter()
+            .any(|n| n == "text_encoder_m.cls.predictions.bias"),
+        "{report}"
+    );
+
+    let vit_in = load(&hf.join("timm_vit/inputs.safetensors"));
+    let vit_out = load(&hf.join("timm_vit/expected.safetensors"));
+    let tokens = vit_tokens(&model, &vit_in["pixel_values"]);
+    check(
+        "vit then bert: image tokens",
+        &tokens,
+        &vit_out["last_hidden_state"],
+    );
+    let twin_tokens = model
+        .encode_image_m(&vit_in["pixel_values"], false)
+        .unwrap()
+        .0;
+    check(
+        "vit then bert: momentum image tokens",
+        &twin_tokens,
+        &vit_out["last_hidden_state"],
+    );
+    let bert_in = load(&hf.join("hf_bert_mlm/inputs.safetensors"));
+    let bert_out = load(&hf.join("hf_bert_mlm/expected.safetensors"));
+    let states = model
+        .text_encoder()
+        .forward_text(&bert_in["input_ids"], &bert_in["attention_mask"], false)
+        .unwrap();
+    check(
+        "vit then bert: MLM logits",
+        &model.mlm_logits(&states).unwrap(),
+        &bert_out["logits"],
     );
 }
 

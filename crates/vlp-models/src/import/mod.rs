@@ -9,11 +9,12 @@
 //! The pipeline, one stage per module:
 //! 1. [`read`]: the file's tensors under its own names (safetensors or zip `.pth`);
 //! 2. [`names`]: per format, a pure function from a source name to ours;
-//! 3. [`plan`]: a pure function from source names + shapes and the target model's names
-//!    + shapes to the actions and the [`ImportReport`];
-//! 4. [`import_checkpoint`]: runs the plan into a freshly initialised model (so whatever
-//!    the checkpoint lacks is initialised as a new model would be, and the momentum twin
-//!    is a copy of the online weights where the checkpoint has none);
+//! 3. [`mod@plan`]: a pure function from the source's names and shapes and the target
+//!    model's names and shapes to the actions and the [`ImportReport`];
+//! 4. [`import_checkpoint`]: runs the plan into a freshly initialised model, or one
+//!    converted before ([`ImportOptions::init`]), so whatever the checkpoint lacks is
+//!    initialised as a new model would be (or kept), and the momentum twin is a copy of
+//!    the online weights where the checkpoint has none;
 //! 5. [`write_converted`]: `model.safetensors` (our names) + `config.json`.
 
 pub mod bench_config;
@@ -126,6 +127,11 @@ pub struct ImportOptions {
     /// The HF `config.json` of an HF checkpoint; `None` = the `config.json` beside the
     /// checkpoint, when it is an HF config.
     pub hf_config: Option<PathBuf>,
+    /// A converted model (a folder with `model.safetensors` + `config.json` in our format)
+    /// to start from instead of a fresh one: what the checkpoint does not carry is kept
+    /// from it. Two imports then make one model, e.g. DeiT for the image encoder and BERT
+    /// for the text encoder, as ALBEF initialises its pretraining.
+    pub init: Option<PathBuf>,
 }
 
 /// A converted model: our config, our tensors (every parameter and buffer of the model),
@@ -146,7 +152,7 @@ pub fn fresh_model(cfg: &AlbefConfig) -> Result<VarMap, ModelError> {
     Ok(varmap)
 }
 
-/// Our names and shapes for `cfg`.
+/// Our names and shapes, from a model built by [`fresh_model`].
 pub fn target_shapes(varmap: &VarMap) -> BTreeMap<String, Vec<usize>> {
     let data = varmap.data().lock().expect("varmap lock");
     data.iter()
@@ -332,7 +338,11 @@ pub fn import_checkpoint(
         path: path.to_owned(),
         message,
     };
-    let cfg = match (config, &arch) {
+    let init_config = match &opts.init {
+        Some(dir) => Some(load_config(&dir.join("config.json"))?),
+        None => None,
+    };
+    let cfg = match (config.or(init_config.as_ref()), &arch) {
         (Some(c), _) => c.clone(),
         (None, Some((file, a))) if format == Format::HfBlip => {
             let base = AlbefConfig::preset("albef-base")?;
@@ -356,8 +366,21 @@ pub fn import_checkpoint(
         }
     };
     cfg.validate()?;
+    if let (Some(dir), Some(init_cfg)) = (&opts.init, &init_config) {
+        if init_cfg != &cfg {
+            return Err(ImportError::Config {
+                path: dir.join("config.json"),
+                message: "the initial model's config differs from the target config; \
+                          leave out --preset/--config to use the initial model's"
+                    .into(),
+            });
+        }
+    }
 
     let varmap = fresh_model(&cfg)?;
+    if let Some(dir) = &opts.init {
+        load_init(&varmap, &dir.join("model.safetensors"))?;
+    }
     let target = target_shapes(&varmap);
     let shapes: Vec<(String, Vec<usize>)> = source
         .iter()
@@ -376,6 +399,27 @@ pub fn import_checkpoint(
         );
     }
     report.notes.extend(notes);
+    let mut actions = actions;
+    if let Some(dir) = &opts.init {
+        // Kept from the initial model: what this checkpoint does not carry, including the
+        // momentum twin of every part this checkpoint does not load.
+        let loaded: std::collections::BTreeSet<String> = report.loaded.iter().cloned().collect();
+        let mut kept = std::mem::take(&mut report.fresh);
+        actions.retain(|ours, action| match action {
+            Action::CopyOnline { online } if !loaded.contains(online) => {
+                kept.push(ours.clone());
+                false
+            }
+            _ => true,
+        });
+        report.momentum_copied.retain(|n| !kept.contains(n));
+        kept.sort();
+        report.kept = kept;
+        report.notes.push(format!(
+            "tensors this checkpoint does not carry are kept from {}",
+            dir.display()
+        ));
+    }
     if !report.is_ok(opts.allow_partial) {
         return Err(ImportError::Rejected {
             path: path.to_owned(),
@@ -473,6 +517,40 @@ pub fn import_checkpoint(
         tensors,
         report,
     })
+}
+
+/// Sets every variable of `varmap` from a converted model's `model.safetensors`.
+fn load_init(varmap: &VarMap, weights: &Path) -> Result<(), ImportError> {
+    let tensors =
+        candle_core::safetensors::load(weights, &Device::Cpu).map_err(|e| ImportError::Read {
+            path: weights.to_owned(),
+            message: format!("invalid safetensors file: {e}"),
+        })?;
+    let vars = varmap.data().lock().expect("varmap lock");
+    for (name, var) in vars.iter() {
+        let tensor_err = |source: candle_core::Error| ImportError::Tensor {
+            path: weights.to_owned(),
+            name: name.clone(),
+            source: Box::new(source),
+        };
+        let t = tensors.get(name).ok_or_else(|| ImportError::Read {
+            path: weights.to_owned(),
+            message: format!("the initial model lacks `{name}`"),
+        })?;
+        if t.dims() != var.dims() {
+            return Err(ImportError::Read {
+                path: weights.to_owned(),
+                message: format!(
+                    "`{name}` is {:?} in the initial model, {:?} in the target",
+                    t.dims(),
+                    var.dims()
+                ),
+            });
+        }
+        var.set(&t.to_dtype(var.dtype()).map_err(tensor_err)?)
+            .map_err(tensor_err)?;
+    }
+    Ok(())
 }
 
 /// Reads a model config: ours (`config.json` of a converted model or a run), or the

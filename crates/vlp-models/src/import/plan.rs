@@ -16,7 +16,7 @@ pub enum Action {
     /// Source tensors stacked by rows, in order (separate q/k/v -> fused qkv).
     Concat { sources: Vec<String> },
     /// A ViT position embedding resampled from a `from` x `from` patch grid to `to` x `to`
-    /// (bicubic, [CLS] row kept).
+    /// (bicubic, the `[CLS]` row kept).
     Interpolate {
         source: String,
         from: usize,

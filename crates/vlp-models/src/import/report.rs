@@ -61,6 +61,9 @@ pub struct ImportReport {
     pub config_mismatches: Vec<ConfigMismatch>,
     /// Our tensors this format does not carry: freshly initialised.
     pub fresh: Vec<String>,
+    /// Our tensors kept from the initial model (`--init`) because the checkpoint does not
+    /// carry them.
+    pub kept: Vec<String>,
     /// Momentum-twin tensors set to a copy of their online twin.
     pub momentum_copied: Vec<String>,
     /// Source tensors not imported on purpose (poolers, classifier heads, tied aliases,
@@ -80,6 +83,7 @@ impl ImportReport {
             mismatched: Vec::new(),
             config_mismatches: Vec::new(),
             fresh: Vec::new(),
+            kept: Vec::new(),
             momentum_copied: Vec::new(),
             dropped: Vec::new(),
             notes: Vec::new(),
@@ -97,9 +101,12 @@ impl ImportReport {
     }
 
     /// The whole model came from the checkpoint: nothing missing, unexpected, mis-shaped,
-    /// fresh or copied.
+    /// fresh, kept or copied.
     pub fn is_clean(&self) -> bool {
-        self.is_ok(false) && self.fresh.is_empty() && self.momentum_copied.is_empty()
+        self.is_ok(false)
+            && self.fresh.is_empty()
+            && self.kept.is_empty()
+            && self.momentum_copied.is_empty()
     }
 
     pub(crate) fn sort(&mut self) {
@@ -189,13 +196,18 @@ impl fmt::Display for ImportReport {
         writeln!(
             f,
             "import from {}: {} loaded, {} missing, {} unexpected, {} mismatched, {} fresh, \
-             {} momentum copies, {} dropped",
+             {}{} momentum copies, {} dropped",
             self.format,
             self.loaded.len(),
             self.missing.len(),
             self.unexpected.len(),
             self.mismatched.len(),
             self.fresh.len(),
+            if self.kept.is_empty() {
+                String::new()
+            } else {
+                format!("{} kept, ", self.kept.len())
+            },
             self.momentum_copied.len(),
             self.dropped.len()
         )?;
@@ -253,6 +265,7 @@ impl fmt::Display for ImportReport {
             "initialised fresh (the checkpoint does not carry these)",
             &self.fresh,
         )?;
+        list(f, "kept from the initial model", &self.kept)?;
         if !self.momentum_copied.is_empty() {
             // One line per twin root: the names mirror the online ones listed above.
             let mut roots: BTreeMap<&str, usize> = BTreeMap::new();
