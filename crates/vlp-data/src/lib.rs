@@ -17,7 +17,6 @@ pub mod image_ops;
 pub mod ingest;
 pub mod loader;
 pub mod randaugment;
-pub mod rng;
 pub mod shard;
 pub mod source;
 pub mod spec;
@@ -27,3 +26,5 @@ pub mod tokenize;
 pub mod writer;
 
 pub use error::{DataError, Result};
+/// The seeded, serialisable RNG (shared with the model crates).
+pub use vlp_core::rng;

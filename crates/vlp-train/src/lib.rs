@@ -1,0 +1,1 @@
+//! vlp-train (being built).
