@@ -32,6 +32,10 @@ enum Command {
     Bench(BenchCommand),
     /// Convert a published checkpoint (HF BERT/ViT/BLIP, timm/DeiT, ALBEF .pth) to vlp's format.
     Convert(cmd::convert::ConvertArgs),
+    /// Pretrain (ITC + ITM + MLM) from a recipe; `--resume` continues a run exactly.
+    Pretrain(cmd::pretrain::PretrainArgs),
+    /// Draw the loss parts and the learning rate of a run to RUN_DIR/curves.png.
+    Plot(cmd::plot::PlotArgs),
 }
 
 #[derive(Subcommand)]
@@ -97,6 +101,8 @@ fn main() -> std::process::ExitCode {
         Command::Bench(BenchCommand::Loader(a)) => cmd::bench::run(a),
         Command::Bench(BenchCommand::Step(a)) => cmd::bench_step::run(a),
         Command::Convert(a) => cmd::convert::run(a),
+        Command::Pretrain(a) => cmd::pretrain::run(a),
+        Command::Plot(a) => cmd::plot::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

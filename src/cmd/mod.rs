@@ -3,6 +3,8 @@
 pub mod bench;
 pub mod bench_step;
 pub mod convert;
+pub mod plot;
+pub mod pretrain;
 pub mod shards_inspect;
 pub mod shards_synth;
 pub mod shards_write;

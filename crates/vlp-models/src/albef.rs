@@ -942,8 +942,11 @@ mod tests {
             "rss after step 10: {:.1} MB, after step 30: {:.1} MB",
             at[0], at[1]
         );
+        // A graph kept alive from step to step grows RSS by ~135 MB per step here (2.7 GB
+        // over 20 steps); the allocator settling moves it by up to ~10 MB. The bound sits
+        // far from both.
         assert!(
-            growth < 8.0,
+            growth < 64.0,
             "resident memory grew {growth:.1} MB over 20 steps"
         );
     }

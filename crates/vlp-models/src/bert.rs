@@ -135,6 +135,7 @@ struct BertEmbeddings {
     token_type: Option<Embedding>,
     norm: LayerNorm,
     dropout: Dropout,
+    pad_id: u32,
 }
 
 impl BertEmbeddings {
@@ -148,6 +149,7 @@ impl BertEmbeddings {
                 .transpose()?,
             norm: LayerNorm::load(vb.pp("LayerNorm"), h, cfg.eps)?,
             dropout: Dropout::new(cfg.dropout),
+            pad_id: cfg.pad_id,
         })
     }
 
@@ -162,11 +164,25 @@ impl BertEmbeddings {
             ));
         }
         let positions = self.position.weight().narrow(0, 0, l)?; // [L, H]
-        let mut x = self.word.forward(ids)?.broadcast_add(&positions)?;
+        let mut x = self.word_lookup(ids)?.broadcast_add(&positions)?;
         if let Some(tt) = &self.token_type {
             x = x.broadcast_add(&tt.weight().narrow(0, 0, 1)?)?;
         }
         Ok(self.dropout.forward(&self.norm.forward(&x)?, train)?)
+    }
+
+    /// Word embeddings of `ids`, where lookups of [PAD] carry no gradient to its row, as
+    /// PyTorch's `nn.Embedding(padding_idx=pad)` (BERT's, ALBEF's) does: the same values,
+    /// with the pad positions' contribution detached.
+    fn word_lookup(&self, ids: &Tensor) -> Result<Tensor> {
+        let words = self.word.forward(ids)?;
+        let is_pad = ids
+            .to_dtype(DType::F32)?
+            .eq(f64::from(self.pad_id))?
+            .to_dtype(words.dtype())?
+            .unsqueeze(candle_core::D::Minus1)?;
+        let not_pad = is_pad.affine(-1.0, 1.0)?;
+        Ok((words.broadcast_mul(&not_pad)? + words.detach().broadcast_mul(&is_pad)?)?)
     }
 }
 
@@ -385,6 +401,30 @@ mod tests {
         let ids = Tensor::new(&[[2u32, 7, 9, 11, 3, 0], [2, 5, 3, 0, 0, 0]], dev)?;
         let mask = attention_mask_from_ids(&ids, 0)?;
         Ok((ids, mask))
+    }
+
+    /// PyTorch's `padding_idx`: [PAD] lookups add nothing to the [PAD] row's gradient
+    /// (the reference gradient norms depend on it); other rows still get theirs.
+    #[test]
+    fn pad_lookups_give_the_pad_row_no_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+        let bert = BertModel::new(&micro_text(Layout::Albef { fusion_layer: 1 }), 32, vb)?;
+        let (ids, mask) = batch(&dev)?;
+        let states = bert.forward_text(&ids, &mask, false)?;
+        let grads = states.sqr()?.sum_all()?.backward()?;
+        let g = grads
+            .get(bert.word_embeddings())
+            .expect("word embeddings get a gradient")
+            .to_vec2::<f32>()?;
+        assert!(g[0].iter().all(|v| *v == 0.0), "pad row {:?}", &g[0][..4]);
+        assert!(g[7].iter().any(|v| *v != 0.0));
+        // The values are the plain lookup's.
+        let plain = bert.embeddings.word.forward(&ids)?;
+        let looked = bert.embeddings.word_lookup(&ids)?;
+        assert_eq!(max_abs_diff(&plain, &looked), 0.0);
+        Ok(())
     }
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {

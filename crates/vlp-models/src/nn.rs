@@ -7,8 +7,11 @@
 //! replace it later without touching the models; the version here stays as the reference
 //! such a kernel is tested against. Devices and dtypes always come from the inputs.
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use std::cell::RefCell;
+
+use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
+use vlp_core::rng::Rng;
 
 /// Initialisation of projection and embedding weights: N(0, 0.02), as BERT and ALBEF do
 /// (timm truncates the normal at ±2σ; the difference does not matter for training).
@@ -92,12 +95,62 @@ pub fn dropout(x: &Tensor, p: f64) -> Result<Tensor> {
     if p >= 1.0 {
         return x.zeros_like();
     }
-    let keep = x
-        .rand_like(0.0, 1.0)?
-        .ge(p)?
-        .to_dtype(x.dtype())?
-        .affine(1.0 / (1.0 - p), 0.0)?;
+    let keep = match seeded_keep_mask(x, p)? {
+        Some(keep) => keep,
+        None => x
+            .rand_like(0.0, 1.0)?
+            .ge(p)?
+            .to_dtype(x.dtype())?
+            .affine(1.0 / (1.0 - p), 0.0)?,
+    };
     x.mul(&keep)
+}
+
+thread_local! {
+    /// The generator of [`dropout`]'s masks on this thread, when seeded.
+    static DROPOUT_RNG: RefCell<Option<Rng>> = const { RefCell::new(None) };
+}
+
+/// Makes every [`dropout`] on the current thread draw its masks from `Rng::new(seed)`
+/// until the returned guard is dropped (the previous state comes back then). Unseeded,
+/// dropout uses candle's generator, which cannot be seeded on every device; seeded, masks
+/// are drawn on the CPU in call order and moved to the input's device, so a training step
+/// repeats exactly. Thread-local, so concurrent steps (or tests) do not share a stream.
+pub fn seed_dropout(seed: u64) -> DropoutSeedGuard {
+    let previous = DROPOUT_RNG.with(|r| r.borrow_mut().replace(Rng::new(seed)));
+    DropoutSeedGuard { previous }
+}
+
+/// Restores the dropout generator that was in effect before [`seed_dropout`].
+#[derive(Debug)]
+#[must_use = "dropout stays seeded only while the guard lives"]
+pub struct DropoutSeedGuard {
+    previous: Option<Rng>,
+}
+
+impl Drop for DropoutSeedGuard {
+    fn drop(&mut self) {
+        let previous = self.previous.take();
+        DROPOUT_RNG.with(|r| *r.borrow_mut() = previous);
+    }
+}
+
+/// The scaled keep-mask from the seeded generator, or `None` when dropout is unseeded.
+fn seeded_keep_mask(x: &Tensor, p: f64) -> Result<Option<Tensor>> {
+    DROPOUT_RNG.with(|r| {
+        let mut guard = r.borrow_mut();
+        let Some(rng) = guard.as_mut() else {
+            return Ok(None);
+        };
+        let scale = (1.0 / (1.0 - p)) as f32;
+        let values: Vec<f32> = (0..x.elem_count())
+            .map(|_| if rng.uniform() >= p { scale } else { 0.0 })
+            .collect();
+        let keep = Tensor::from_vec(values, x.shape(), &Device::Cpu)?
+            .to_dtype(x.dtype())?
+            .to_device(x.device())?;
+        Ok(Some(keep))
+    })
 }
 
 /// Divides each row by its L2 norm (at least 1e-12, like `F.normalize`).
@@ -242,7 +295,7 @@ impl Dropout {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::Var;
 
     fn close(a: &[f64], b: &[f64], tol: f64) {
         assert_eq!(a.len(), b.len());
@@ -341,6 +394,27 @@ mod tests {
         }
         let frac = kept.len() as f64 / y.len() as f64;
         assert!((frac - 0.75).abs() < 0.02, "kept fraction {frac}");
+        Ok(())
+    }
+
+    #[test]
+    fn seeded_dropout_repeats_and_the_guard_restores_candles_generator() -> Result<()> {
+        let x = Tensor::ones((50, 40), DType::F32, &Device::Cpu)?;
+        let draw = |seed: u64| -> Result<Vec<f32>> {
+            let _seeded = seed_dropout(seed);
+            let a = dropout(&x, 0.3)?.flatten_all()?.to_vec1::<f32>()?;
+            let b = dropout(&x, 0.3)?.flatten_all()?.to_vec1::<f32>()?;
+            Ok([a, b].concat())
+        };
+        let first = draw(7)?;
+        assert_eq!(first, draw(7)?);
+        assert_ne!(first, draw(8)?);
+        // The two masks of one seeded stream differ, and keep about 70%.
+        let (a, b) = first.split_at(x.elem_count());
+        assert_ne!(a, b);
+        let kept = a.iter().filter(|v| **v != 0.0).count() as f64 / a.len() as f64;
+        assert!((kept - 0.7).abs() < 0.05, "{kept}");
+        assert!(DROPOUT_RNG.with(|r| r.borrow().is_none()));
         Ok(())
     }
 

@@ -1,1 +1,19 @@
-//! vlp-train (being built).
+//! `vlp-train`: ALBEF pretraining on candle. [`objectives`] holds one home per loss (ITC
+//! with momentum distillation, VSE++, ITM with hard negatives, MLM with momentum
+//! distillation) and their config; [`step`] runs them in the reference order for one
+//! batch and returns the total loss with its named parts.
+
+pub mod checkpoint;
+pub mod error;
+pub mod metrics;
+pub mod objectives;
+pub mod optim;
+pub mod pretrain;
+pub mod recipe;
+pub mod schedule;
+pub mod step;
+pub mod zeroshot;
+
+pub use error::{Result, TrainError};
+pub use objectives::ObjectiveConfig;
+pub use step::{pretrain_losses, Draws, StepBatch, StepLosses, StepStats};

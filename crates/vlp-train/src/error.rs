@@ -1,0 +1,75 @@
+//! The one error type of `vlp-train`: every variant names what caused it (objective,
+//! input, config key).
+
+/// Errors of the training crate.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// A tensor operation failed.
+    #[error("tensor: {0}")]
+    Tensor(#[from] candle_core::Error),
+
+    /// The model refused an input or a parameter.
+    #[error("model: {0}")]
+    Model(#[from] vlp_models::ModelError),
+
+    /// A step input does not fit (batch sizes, replayed draws, dtypes).
+    #[error("bad input `{what}`: {reason}")]
+    Input { what: String, reason: String },
+
+    /// The objective config is inconsistent with itself or with the model.
+    #[error("invalid objective config `{field}`: {reason}")]
+    Config { field: String, reason: String },
+
+    /// The data pipeline failed (shards, tokenizer, loader state).
+    #[error("data: {0}")]
+    Data(#[from] vlp_data::DataError),
+
+    /// A recipe could not be read, overridden or validated; the message names the key.
+    #[error("recipe: {0}")]
+    Recipe(String),
+
+    /// The optimizer refused its parameters or its saved state.
+    #[error("optimizer: {0}")]
+    Optim(String),
+
+    /// A checkpoint could not be written, found or read.
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+
+    /// A loss or a gradient became NaN or infinite.
+    #[error("non-finite {what} at step {step}")]
+    NonFinite { step: u64, what: String },
+
+    /// A file or folder could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl TrainError {
+    pub fn io(path: impl Into<std::path::PathBuf>, source: std::io::Error) -> Self {
+        TrainError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub fn input(what: impl Into<String>, reason: impl Into<String>) -> Self {
+        TrainError::Input {
+            what: what.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub fn config(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        TrainError::Config {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Result with [`TrainError`].
+pub type Result<T, E = TrainError> = std::result::Result<T, E>;

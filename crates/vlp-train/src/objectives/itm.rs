@@ -1,0 +1,258 @@
+//! Image-text matching with contrastive hard negatives (ALBEF paper §3.2 ITM): for each
+//! text an in-batch image, for each image an in-batch text, drawn in proportion to their
+//! ITC similarity, so the fusion encoder sees the hardest-to-tell negatives.
+
+use candle_core::{DType, Tensor};
+use vlp_core::rng::Rng;
+use vlp_models::albef::cls;
+use vlp_models::{AlbefModel, FusionText};
+
+use super::cross_entropy;
+use crate::error::{Result, TrainError};
+
+/// Added to every admissible sampling weight. ALBEF's first release drew from the raw
+/// softmax and crashed when a row underflowed to all zeros (ALBEF#18, "invalid
+/// multinomial distribution"); with the epsilon every admissible column stays drawable.
+pub const WEIGHT_EPSILON: f64 = 1e-5;
+
+/// The in-batch negative of each text and each image; `None` where the row has no
+/// admissible candidate (a batch of one, or every pair of the same image id): that
+/// negative is skipped and counted in `fallbacks`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Negatives {
+    /// `image_for_text[b]`: the negative image paired with text `b`.
+    pub image_for_text: Vec<Option<usize>>,
+    /// `text_for_image[b]`: the negative text paired with image `b`.
+    pub text_for_image: Vec<Option<usize>>,
+    /// Negatives skipped for want of a candidate.
+    pub fallbacks: usize,
+}
+
+impl Negatives {
+    /// Negatives recorded elsewhere (e.g. by the reference implementation), checked to be
+    /// in the batch.
+    pub fn replay(
+        image_for_text: &[usize],
+        text_for_image: &[usize],
+        batch: usize,
+    ) -> Result<Self> {
+        for (what, v) in [
+            ("neg_image_for_text", image_for_text),
+            ("neg_text_for_image", text_for_image),
+        ] {
+            if v.len() != batch || v.iter().any(|&i| i >= batch) {
+                return Err(TrainError::input(
+                    what,
+                    format!("{v:?} is not one index below {batch} per pair"),
+                ));
+            }
+        }
+        Ok(Negatives {
+            image_for_text: image_for_text.iter().map(|&i| Some(i)).collect(),
+            text_for_image: text_for_image.iter().map(|&i| Some(i)).collect(),
+            fallbacks: 0,
+        })
+    }
+}
+
+/// Which in-batch pairs are positives: the diagonal, or every pair with the same image id.
+pub fn positive_pairs(b: usize, image_ids: Option<&[i64]>) -> Vec<Vec<bool>> {
+    (0..b)
+        .map(|i| {
+            (0..b)
+                .map(|j| match image_ids {
+                    Some(ids) => ids[i] == ids[j],
+                    None => i == j,
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Sampling weights of one row: `softmax(sim_row) + epsilon` at the admissible columns,
+/// 0 at the positives.
+pub fn hard_negative_weights(sim_row: &[f64], positive: &[bool]) -> Vec<f64> {
+    let max = sim_row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let exp: Vec<f64> = sim_row.iter().map(|s| (s - max).exp()).collect();
+    let z: f64 = exp.iter().sum();
+    exp.iter()
+        .zip(positive)
+        .map(|(e, &p)| if p { 0.0 } else { e / z + WEIGHT_EPSILON })
+        .collect()
+}
+
+/// One index drawn in proportion to `weights`; `None` if they are all zero.
+fn draw(weights: &[f64], rng: &mut Rng) -> Option<usize> {
+    let total: f64 = weights.iter().sum();
+    if total <= 0.0 || !total.is_finite() {
+        return None;
+    }
+    let mut u = rng.uniform() * total;
+    let mut last = None;
+    for (j, &w) in weights.iter().enumerate() {
+        if w > 0.0 {
+            last = Some(j);
+            if u < w {
+                return Some(j);
+            }
+            u -= w;
+        }
+    }
+    last // rounding left u past the end: the last admissible column
+}
+
+/// Draws the hard negatives (ALBEF: `torch.multinomial` on the softmax of the online
+/// ITC similarities over the batch columns, positives zeroed), first the image of every
+/// text (from its text-to-image row), then the text of every image.
+///
+/// # Shapes
+/// `sim_i2t`, `sim_t2i`: `[B, >= B]` (only the first B columns are read).
+pub fn sample_negatives(
+    sim_i2t: &Tensor,
+    sim_t2i: &Tensor,
+    positives: &[Vec<bool>],
+    rng: &mut Rng,
+) -> Result<Negatives> {
+    let b = positives.len();
+    let rows = |s: &Tensor| -> Result<Vec<Vec<f64>>> {
+        Ok(s.narrow(1, 0, b)?.to_dtype(DType::F64)?.to_vec2::<f64>()?)
+    };
+    let (i2t, t2i) = (rows(sim_i2t)?, rows(sim_t2i)?);
+    let mut fallbacks = 0;
+    let mut pick = |row: &[f64], positive: &[bool], rng: &mut Rng| {
+        let choice = draw(&hard_negative_weights(row, positive), rng);
+        fallbacks += usize::from(choice.is_none());
+        choice
+    };
+    // positives[i][j]: image i with text j; text b's row is column b of it.
+    let image_for_text: Vec<Option<usize>> = (0..b)
+        .map(|t| {
+            let positive: Vec<bool> = (0..b).map(|i| positives[i][t]).collect();
+            pick(&t2i[t], &positive, rng)
+        })
+        .collect();
+    let text_for_image: Vec<Option<usize>> =
+        (0..b).map(|i| pick(&i2t[i], &positives[i], rng)).collect();
+    Ok(Negatives {
+        image_for_text,
+        text_for_image,
+        fallbacks,
+    })
+}
+
+/// The ITM loss: the fusion encoder on [positives (B); (text b, its negative image);
+/// (image b's negative text, image b)], skipped negatives left out, labels 1 for the
+/// positives and 0 for the rest, cross-entropy of the ITM head on the fused [CLS].
+///
+/// # Shapes
+/// `text_states`: `[B, L, H]` (text-only pass), `attention_mask`: `[B, L]`,
+/// `image_tokens`: `[B, 1 + N, Dv]` -> 0-d.
+pub fn itm_loss(
+    model: &AlbefModel,
+    text_states: &Tensor,
+    attention_mask: &Tensor,
+    image_tokens: &Tensor,
+    negatives: &Negatives,
+    train: bool,
+) -> Result<Tensor> {
+    let b = text_states.dim(0)?;
+    let dev = text_states.device();
+    let mut text_rows: Vec<u32> = (0..b as u32).collect();
+    let mut image_rows: Vec<u32> = (0..b as u32).collect();
+    for (t, neg) in negatives.image_for_text.iter().enumerate() {
+        if let Some(i) = neg {
+            text_rows.push(t as u32);
+            image_rows.push(*i as u32);
+        }
+    }
+    for (i, neg) in negatives.text_for_image.iter().enumerate() {
+        if let Some(t) = neg {
+            text_rows.push(*t as u32);
+            image_rows.push(i as u32);
+        }
+    }
+    let n = text_rows.len();
+    let text_rows = Tensor::new(text_rows.as_slice(), dev)?;
+    let image_rows = Tensor::new(image_rows.as_slice(), dev)?;
+    let states = text_states.index_select(&text_rows, 0)?;
+    let mask = attention_mask.index_select(&text_rows, 0)?;
+    let images = image_tokens.index_select(&image_rows, 0)?;
+    let fused = model.fuse(FusionText::States(&states), &mask, &images, train)?;
+    let logits = model.itm_logits(&cls(&fused)?)?;
+    let labels: Vec<u32> = (0..n).map(|k| u32::from(k < b)).collect();
+    cross_entropy(&logits, &Tensor::new(labels.as_slice(), dev)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn sampling_never_picks_a_positive() -> Result<()> {
+        let dev = Device::Cpu;
+        let b = 6;
+        // Column i + 1 dominates row i; for rows 0 and 3 it is a positive by image id, so a
+        // sampler that ignored the mask would pick it.
+        let mut sim = vec![vec![0.0f64; b]; b];
+        for (i, row) in sim.iter_mut().enumerate() {
+            row[i] = 5.0;
+            row[(i + 1) % b] = 20.0;
+        }
+        let sim = Tensor::new(sim, &dev)?;
+        let ids = [1i64, 1, 2, 3, 3, 4];
+        let positives = positive_pairs(b, Some(&ids));
+        let mut rng = Rng::new(3);
+        let mut counts = vec![vec![0usize; b]; b];
+        for _ in 0..200 {
+            let neg = sample_negatives(&sim, &sim, &positives, &mut rng)?;
+            assert_eq!(neg.fallbacks, 0);
+            for (t, i) in neg.image_for_text.iter().enumerate() {
+                let i = i.unwrap();
+                assert!(!positives[i][t], "text {t} got positive image {i}");
+                counts[t][i] += 1;
+            }
+            for (i, t) in neg.text_for_image.iter().enumerate() {
+                assert!(!positives[i][t.unwrap()]);
+            }
+        }
+        // The hard (high-similarity) admissible negative dominates: text 2's row favours
+        // column 3.
+        assert!(counts[2][3] > 190, "{:?}", counts[2]);
+        Ok(())
+    }
+
+    #[test]
+    fn rows_without_candidates_are_skipped_and_counted() -> Result<()> {
+        let dev = Device::Cpu;
+        let one = Tensor::new(&[[3.0f32]], &dev)?;
+        let mut rng = Rng::new(0);
+        let neg = sample_negatives(&one, &one, &positive_pairs(1, None), &mut rng)?;
+        assert_eq!(neg.fallbacks, 2);
+        assert_eq!(neg.image_for_text, vec![None]);
+        let sim = Tensor::zeros((3, 3), DType::F32, &dev)?;
+        let same = positive_pairs(3, Some(&[5, 5, 5]));
+        let neg = sample_negatives(&sim, &sim, &same, &mut rng)?;
+        assert_eq!(neg.fallbacks, 6);
+        // An underflowing softmax still samples (the epsilon), never a positive.
+        let extreme = Tensor::new(
+            &[[1e4f32, -1e4, -1e4], [-1e4, 1e4, -1e4], [-1e4, -1e4, 1e4]],
+            &dev,
+        )?;
+        let neg = sample_negatives(&extreme, &extreme, &positive_pairs(3, None), &mut rng)?;
+        assert_eq!(neg.fallbacks, 0);
+        assert!(neg
+            .image_for_text
+            .iter()
+            .enumerate()
+            .all(|(t, i)| *i != Some(t)));
+        Ok(())
+    }
+
+    #[test]
+    fn replayed_negatives_are_checked() {
+        assert!(Negatives::replay(&[1, 0], &[1, 0], 2).is_ok());
+        assert!(Negatives::replay(&[1, 2], &[1, 0], 2).is_err());
+        assert!(Negatives::replay(&[1], &[1, 0], 2).is_err());
+    }
+}

@@ -1,0 +1,241 @@
+//! The pretraining objectives of ALBEF (paper §3.2-3.3): image-text contrastive learning
+//! with momentum distillation ([`itc`]), or VSE++'s hardest-negative triplet loss in its
+//! place ([`vsepp`]); image-text matching with hard negatives ([`itm`]); masked language
+//! modelling with momentum distillation ([`mlm`]). Each objective has one home and returns
+//! its named loss; [`crate::step`] runs them in the reference order. The model exposes
+//! encoders and heads only.
+
+pub mod itc;
+pub mod itm;
+pub mod mlm;
+pub mod vsepp;
+
+use candle_core::{DType, Tensor, D};
+use serde::{Deserialize, Serialize};
+use vlp_models::nn;
+
+use crate::error::{Result, TrainError};
+
+/// Which contrastive loss aligns the unimodal features.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContrastiveKind {
+    /// ALBEF's ITC: InfoNCE over the batch and the queues, with momentum distillation.
+    Itc,
+    /// VSE++ (Faghri et al. 2018): triplet loss on in-batch cosine similarities.
+    Vsepp,
+}
+
+/// The contrastive objective (ITC or VSE++).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContrastiveConfig {
+    pub enabled: bool,
+    pub kind: ContrastiveKind,
+    pub weight: f64,
+    /// VSE++ only: the triplet margin.
+    pub margin: f64,
+    /// VSE++ only: hardest negative per query (VSE++) instead of the sum over negatives
+    /// (VSE0).
+    pub max_violation: bool,
+}
+
+impl Default for ContrastiveConfig {
+    fn default() -> Self {
+        ContrastiveConfig {
+            enabled: true,
+            kind: ContrastiveKind::Itc,
+            weight: 1.0,
+            margin: 0.2,
+            max_violation: true,
+        }
+    }
+}
+
+/// An objective that is on or off and weighted in the total.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ItmConfig {
+    pub enabled: bool,
+    pub weight: f64,
+}
+
+impl Default for ItmConfig {
+    fn default() -> Self {
+        ItmConfig {
+            enabled: true,
+            weight: 1.0,
+        }
+    }
+}
+
+/// Masked language modelling.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MlmConfig {
+    pub enabled: bool,
+    pub weight: f64,
+    /// Probability that a maskable token is masked (BERT, ALBEF: 0.15).
+    pub probability: f64,
+}
+
+impl Default for MlmConfig {
+    fn default() -> Self {
+        MlmConfig {
+            enabled: true,
+            weight: 1.0,
+            probability: 0.15,
+        }
+    }
+}
+
+/// The pretraining objectives and their knobs. `Default` is ALBEF's pretraining: ITC +
+/// ITM + MLM, each weight 1, alpha 0.4, momentum 0.995. ITC alone is CLIP-style training
+/// (with ALBEF's queues and distillation unless `alpha` = 0).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ObjectiveConfig {
+    pub contrastive: ContrastiveConfig,
+    pub itm: ItmConfig,
+    pub mlm: MlmConfig,
+    /// Weight of the momentum teacher's soft targets (ITC and MLM distillation).
+    pub alpha: f64,
+    /// Steps over which alpha ramps linearly from 0 (ALBEF: the first epoch); 0 = no ramp.
+    pub alpha_ramp_steps: u64,
+    /// EMA factor of the momentum twin.
+    pub momentum: f64,
+    /// Treat every pair with the same image id as a positive (fine-tuning on datasets with
+    /// several captions per image); the batch must then carry image ids.
+    pub image_id_positives: bool,
+}
+
+impl Default for ObjectiveConfig {
+    fn default() -> Self {
+        ObjectiveConfig {
+            contrastive: ContrastiveConfig::default(),
+            itm: ItmConfig::default(),
+            mlm: MlmConfig::default(),
+            alpha: 0.4,
+            alpha_ramp_steps: 0,
+            momentum: 0.995,
+            image_id_positives: false,
+        }
+    }
+}
+
+impl ObjectiveConfig {
+    /// Whether ITC runs (on, weight non-zero, kind ITC).
+    pub fn itc_on(&self) -> bool {
+        let c = &self.contrastive;
+        c.enabled && c.weight != 0.0 && c.kind == ContrastiveKind::Itc
+    }
+
+    /// Whether VSE++ runs.
+    pub fn vsepp_on(&self) -> bool {
+        let c = &self.contrastive;
+        c.enabled && c.weight != 0.0 && c.kind == ContrastiveKind::Vsepp
+    }
+
+    pub fn itm_on(&self) -> bool {
+        self.itm.enabled && self.itm.weight != 0.0
+    }
+
+    pub fn mlm_on(&self) -> bool {
+        self.mlm.enabled && self.mlm.weight != 0.0
+    }
+
+    /// Checks ranges, naming the offending key.
+    pub fn validate(&self) -> Result<()> {
+        let unit = |field: &str, v: f64| {
+            if (0.0..=1.0).contains(&v) {
+                Ok(())
+            } else {
+                Err(TrainError::config(field, format!("{v} is outside [0, 1]")))
+            }
+        };
+        unit("alpha", self.alpha)?;
+        unit("momentum", self.momentum)?;
+        unit("mlm.probability", self.mlm.probability)?;
+        if self.contrastive.margin < 0.0 {
+            return Err(TrainError::config(
+                "contrastive.margin",
+                format!("{} is negative", self.contrastive.margin),
+            ));
+        }
+        for (field, w) in [
+            ("contrastive.weight", self.contrastive.weight),
+            ("itm.weight", self.itm.weight),
+            ("mlm.weight", self.mlm.weight),
+        ] {
+            if !w.is_finite() || w < 0.0 {
+                return Err(TrainError::config(
+                    field,
+                    format!("{w} is not a weight >= 0"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `CE_soft(s, y) = mean_rows( -sum(log_softmax(s) * y) )`.
+///
+/// # Shapes
+/// `logits`, `targets`: `[N, C]` -> 0-d.
+pub fn soft_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let per_row = (nn::log_softmax(logits)? * targets)?.sum(D::Minus1)?;
+    Ok(per_row.mean_all()?.neg()?)
+}
+
+/// Mean cross-entropy against class indices.
+///
+/// # Shapes
+/// `logits`: `[N, C]`, `labels`: `[N]` (u32) -> 0-d.
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let n = logits.dim(0)?;
+    let labels = labels.to_dtype(DType::U32)?.reshape((n, 1))?;
+    let picked = nn::log_softmax(logits)?.gather(&labels, D::Minus1)?;
+    Ok(picked.mean_all()?.neg()?)
+}
+
+/// `[rows, cols]` 0/1 (f32 on `ids`' device) of `row_ids[r] == col_ids[c]`.
+pub fn same_id_mask(row_ids: &Tensor, col_ids: &Tensor) -> Result<Tensor> {
+    let rows = row_ids.flatten_all()?.to_dtype(DType::I64)?;
+    let cols = col_ids.flatten_all()?.to_dtype(DType::I64)?;
+    let (r, c) = (rows.dim(0)?, cols.dim(0)?);
+    let eq = rows
+        .reshape((r, 1))?
+        .broadcast_as((r, c))?
+        .eq(&cols.reshape((1, c))?.broadcast_as((r, c))?)?;
+    Ok(eq.to_dtype(DType::F32)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_albef_and_unknown_keys_are_rejected() {
+        let cfg = ObjectiveConfig::default();
+        assert!(cfg.itc_on() && cfg.itm_on() && cfg.mlm_on() && !cfg.vsepp_on());
+        assert_eq!(
+            (cfg.alpha, cfg.momentum, cfg.mlm.probability),
+            (0.4, 0.995, 0.15)
+        );
+        cfg.validate().unwrap();
+        let parsed: ObjectiveConfig =
+            serde_json::from_str(r#"{"contrastive": {"kind": "vsepp"}, "itm": {"weight": 0}}"#)
+                .unwrap();
+        assert!(parsed.vsepp_on() && !parsed.itm_on());
+        assert_eq!(parsed.contrastive.margin, 0.2);
+        let err = serde_json::from_str::<ObjectiveConfig>(r#"{"mlm": {"prob": 0.2}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("prob"), "{err}");
+        let bad = ObjectiveConfig {
+            alpha: 1.5,
+            ..Default::default()
+        };
+        assert!(bad.validate().unwrap_err().to_string().contains("alpha"));
+    }
+}

@@ -1,0 +1,428 @@
+//! AdamW (Loshchilov & Hutter, "Decoupled Weight Decay Regularization", Alg. 2) over the
+//! named online parameters of a model, with ALBEF's weight-decay exemptions, global-norm
+//! gradient clipping and gradient accumulation. Master weights and moments are f32.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::error::TrainError;
+
+type Result<T> = std::result::Result<T, TrainError>;
+
+/// AdamW hyper-parameters (PyTorch's defaults, ALBEF's weight decay).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.02,
+        }
+    }
+}
+
+/// Whether a parameter is exempt from weight decay: biases, every 0-/1-D parameter
+/// (LayerNorm gains, the temperature) and the ViT's `pos_embed` and `cls_token`
+/// (ALBEF's `no_weight_decay` list plus timm's `param_groups_weight_decay` rule).
+pub fn is_decay_exempt(name: &str, rank: usize) -> bool {
+    let leaf = name.rsplit('.').next().unwrap_or(name);
+    rank <= 1 || leaf == "bias" || matches!(leaf, "pos_embed" | "cls_token" | "temp")
+}
+
+/// Gradients of the optimizer's parameters, aligned with its parameter order (`None` for a
+/// parameter the loss does not reach).
+#[derive(Clone, Debug)]
+pub struct Gradients {
+    grads: Vec<Option<Tensor>>,
+}
+
+impl Gradients {
+    /// The names and gradients that are present.
+    pub fn iter<'a>(&'a self, opt: &'a AdamW) -> impl Iterator<Item = (&'a str, &'a Tensor)> {
+        opt.params
+            .iter()
+            .zip(&self.grads)
+            .filter_map(|((n, _), g)| g.as_ref().map(|g| (n.as_str(), g)))
+    }
+
+    /// The L2 norm of all gradients together (PyTorch's `clip_grad_norm_` total norm).
+    pub fn global_norm(&self) -> Result<f64> {
+        let mut sum = 0f64;
+        for g in self.grads.iter().flatten() {
+            sum += g
+                .to_dtype(DType::F32)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f32>()? as f64;
+        }
+        Ok(sum.sqrt())
+    }
+
+    /// Multiplies every gradient by `factor`.
+    pub fn scale(&mut self, factor: f64) -> Result<()> {
+        for g in self.grads.iter_mut().flatten() {
+            *g = g.affine(factor, 0.0)?;
+        }
+        Ok(())
+    }
+
+    /// Clips to `max_norm` by global norm as PyTorch's `clip_grad_norm_` does (scale by
+    /// `max_norm / (norm + 1e-6)` when that is below 1) and returns the norm before clipping.
+    /// A non-finite norm is returned as is and nothing is scaled.
+    pub fn clip_global_norm(&mut self, max_norm: f64) -> Result<f64> {
+        let norm = self.global_norm()?;
+        if norm.is_finite() {
+            let factor = max_norm / (norm + 1e-6);
+            if factor < 1.0 {
+                self.scale(factor)?;
+            }
+        }
+        Ok(norm)
+    }
+
+    /// Adds `other` into `self` (gradient accumulation over micro-batches).
+    pub fn add(&mut self, other: &Gradients) -> Result<()> {
+        for (a, b) in self.grads.iter_mut().zip(&other.grads) {
+            *a = match (a.take(), b) {
+                (Some(a), Some(b)) => Some((a + b)?),
+                (None, Some(b)) => Some(b.clone()),
+                (a, None) => a,
+            };
+        }
+        Ok(())
+    }
+}
+
+/// AdamW state: the step count and the first and second moments of every parameter.
+pub struct AdamW {
+    params: Vec<(String, Var)>,
+    decay: Vec<bool>,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    step: u64,
+    cfg: AdamWConfig,
+}
+
+impl AdamW {
+    /// An optimizer over `params` (for a model: `AlbefModel::trainable_vars`), moments zero.
+    pub fn new(params: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<Self> {
+        let mut decay = Vec::with_capacity(params.len());
+        let (mut m, mut v) = (Vec::new(), Vec::new());
+        for (name, var) in &params {
+            if var.dtype() != DType::F32 {
+                return Err(TrainError::Optim(format!(
+                    "parameter {name} is {:?}: master weights must be f32",
+                    var.dtype()
+                )));
+            }
+            decay.push(!is_decay_exempt(name, var.rank()));
+            m.push(var.zeros_like()?);
+            v.push(var.zeros_like()?);
+        }
+        Ok(AdamW {
+            params,
+            decay,
+            m,
+            v,
+            step: 0,
+            cfg,
+        })
+    }
+
+    pub fn config(&self) -> &AdamWConfig {
+        &self.cfg
+    }
+
+    /// Optimizer steps taken so far.
+    pub fn steps_taken(&self) -> u64 {
+        self.step
+    }
+
+    /// Names of the parameters with weight decay, and without.
+    pub fn decay_groups(&self) -> (Vec<&str>, Vec<&str>) {
+        let (mut with, mut without) = (Vec::new(), Vec::new());
+        for ((name, _), decay) in self.params.iter().zip(&self.decay) {
+            if *decay {
+                with.push(name.as_str());
+            } else {
+                without.push(name.as_str());
+            }
+        }
+        (with, without)
+    }
+
+    /// Takes this optimizer's parameters' gradients out of a backward pass, scaled by
+    /// `scale` (1 / micro-batches when accumulating, so the sum is a mean).
+    pub fn gradients(&self, store: &GradStore, scale: f64) -> Result<Gradients> {
+        let grads = self
+            .params
+            .iter()
+            .map(|(_, var)| {
+                store
+                    .get(var.as_tensor())
+                    .map(|g| {
+                        if scale == 1.0 {
+                            Ok(g.clone())
+                        } else {
+                            g.affine(scale, 0.0)
+                        }
+                    })
+                    .transpose()
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Gradients { grads })
+    }
+
+    /// One AdamW update at learning rate `lr`. Parameters without a gradient are left
+    /// untouched (their moments too), as in PyTorch.
+    pub fn step(&mut self, grads: &Gradients, lr: f64) -> Result<()> {
+        self.step += 1;
+        let AdamWConfig {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        } = self.cfg;
+        let t = self.step as i32;
+        let bias1 = 1.0 - beta1.powi(t);
+        let bias2 = 1.0 - beta2.powi(t);
+        for i in 0..self.params.len() {
+            let Some(g) = &grads.grads[i] else { continue };
+            let g = g.to_dtype(DType::F32)?;
+            let var = &self.params[i].1;
+            let m = ((&self.m[i] * beta1)? + (&g * (1.0 - beta1))?)?;
+            let v = ((&self.v[i] * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
+            // PyTorch's form: p -= lr / bias1 * m / (sqrt(v) / sqrt(bias2) + eps).
+            let denom = ((v.sqrt()? / bias2.sqrt())? + eps)?;
+            let update = ((&m / &denom)? * (lr / bias1))?;
+            let mut p = var.as_tensor().detach();
+            if self.decay[i] && weight_decay != 0.0 {
+                p = (p * (1.0 - lr * weight_decay))?;
+            }
+            var.set(&(p - update)?)?;
+            self.m[i] = m;
+            self.v[i] = v;
+        }
+        Ok(())
+    }
+
+    /// Writes the step and moments (`m.NAME`, `v.NAME`, `step`) as safetensors.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut map: HashMap<String, Tensor> = HashMap::new();
+        for (i, (name, _)) in self.params.iter().enumerate() {
+            map.insert(format!("m.{name}"), self.m[i].clone());
+            map.insert(format!("v.{name}"), self.v[i].clone());
+        }
+        map.insert(
+            "step".into(),
+            Tensor::new(&[self.step as i64], &Device::Cpu)?,
+        );
+        candle_core::safetensors::save(&map, path)
+            .map_err(|e| TrainError::Checkpoint(format!("writing {}: {e}", path.display())))
+    }
+
+    /// Restores what [`AdamW::save`] wrote; every parameter's moments must be there with
+    /// the parameter's shape.
+    pub fn load(&mut self, path: &Path) -> Result<()> {
+        let dev = self
+            .params
+            .first()
+            .map_or(Device::Cpu, |(_, v)| v.device().clone());
+        let map = candle_core::safetensors::load(path, &dev)
+            .map_err(|e| TrainError::Checkpoint(format!("reading {}: {e}", path.display())))?;
+        let missing = |k: &str| {
+            TrainError::Checkpoint(format!("{}: optimizer state lacks {k}", path.display()))
+        };
+        for (i, (name, var)) in self.params.iter().enumerate() {
+            for (prefix, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
+                let key = format!("{prefix}.{name}");
+                let t = map.get(&key).ok_or_else(|| missing(&key))?;
+                if t.dims() != var.dims() {
+                    return Err(TrainError::Checkpoint(format!(
+                        "{}: {key} has shape {:?}, the parameter {:?}",
+                        path.display(),
+                        t.dims(),
+                        var.dims()
+                    )));
+                }
+                *slot = t.to_dtype(DType::F32)?;
+            }
+        }
+        let step = map.get("step").ok_or_else(|| missing("step"))?;
+        self.step = step.flatten_all()?.to_vec1::<i64>()?[0] as u64;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_nn::{VarBuilder, VarMap};
+    use vlp_models::{AlbefConfig, AlbefModel};
+
+    fn var(values: &[f32]) -> Var {
+        Var::new(values, &Device::Cpu).unwrap()
+    }
+
+    /// Hand-computed with PyTorch's `torch.optim.AdamW` formulas:
+    /// step 1: m = 0.1 g, v = 0.001 g^2, m_hat = g, v_hat = g^2,
+    /// p = p (1 - lr wd) - lr g / (|g| + eps).
+    #[test]
+    fn one_step_matches_hand_computed_adamw() {
+        let w = Var::new(&[[1.0f32, -2.0], [0.5, 3.0]], &Device::Cpu).unwrap();
+        let b = var(&[0.25, -0.5]);
+        let mut opt = AdamW::new(
+            vec![
+                ("layer.weight".into(), w.clone()),
+                ("layer.bias".into(), b.clone()),
+            ],
+            AdamWConfig {
+                weight_decay: 0.1,
+                ..AdamWConfig::default()
+            },
+        )
+        .unwrap();
+        // loss = sum(w * c) + sum(b * d): grads are c and d.
+        let c = Tensor::new(&[[0.5f32, -1.0], [2.0, 0.0]], &Device::Cpu).unwrap();
+        let d = Tensor::new(&[4.0f32, -0.25], &Device::Cpu).unwrap();
+        let loss = ((w.as_tensor() * &c).unwrap().sum_all().unwrap()
+            + (b.as_tensor() * &d).unwrap().sum_all().unwrap())
+        .unwrap();
+        let grads = opt.gradients(&loss.backward().unwrap(), 1.0).unwrap();
+        let lr = 0.01;
+        opt.step(&grads, lr).unwrap();
+        let w1: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+        let step = |p: f64, g: f64, decay: bool| {
+            let p = if decay { p * (1.0 - lr * 0.1) } else { p };
+            p - lr * g / (g.abs() + 1e-8)
+        };
+        let want = [
+            step(1.0, 0.5, true),
+            step(-2.0, -1.0, true),
+            step(0.5, 2.0, true),
+            step(3.0, 0.0, true),
+        ];
+        for (a, b) in w1.iter().zip(want) {
+            assert!((*a as f64 - b).abs() < 1e-6, "{a} vs {b}");
+        }
+        let b1: Vec<f32> = b.to_vec1().unwrap();
+        assert!((b1[0] as f64 - step(0.25, 4.0, false)).abs() < 1e-6);
+        assert!((b1[1] as f64 - step(-0.5, -0.25, false)).abs() < 1e-6);
+
+        // Step 2 with the same gradient: m_hat = g and v_hat = g^2 again.
+        opt.step(&grads, lr).unwrap();
+        let w2: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+        assert!((w2[0] as f64 - step(w1[0] as f64, 0.5, true)).abs() < 1e-6);
+        assert_eq!(opt.steps_taken(), 2);
+    }
+
+    #[test]
+    fn clipping_scales_to_max_norm_and_returns_pre_clip_norm() {
+        let a = var(&[3.0, 0.0]);
+        let b = var(&[0.0, 4.0]);
+        let opt = AdamW::new(
+            vec![("a".into(), a.clone()), ("b".into(), b.clone())],
+            AdamWConfig::default(),
+        )
+        .unwrap();
+        let loss = ((a.as_tensor() * Tensor::new(&[3f32, 0.], &Device::Cpu).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            + (b.as_tensor() * Tensor::new(&[0f32, 4.], &Device::Cpu).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap())
+        .unwrap();
+        let mut grads = opt.gradients(&loss.backward().unwrap(), 1.0).unwrap();
+        let norm = grads.clip_global_norm(1.0).unwrap();
+        assert!((norm - 5.0).abs() < 1e-6);
+        assert!((grads.global_norm().unwrap() - 1.0).abs() < 1e-5);
+        // Below the limit nothing changes.
+        let mut again = grads.clone();
+        let n = again.clip_global_norm(10.0).unwrap();
+        assert!((n - again.global_norm().unwrap()).abs() < 1e-9);
+    }
+
+    #[test]
+    fn accumulation_sums_scaled_micro_batches() {
+        let a = var(&[1.0, 2.0]);
+        let opt = AdamW::new(vec![("a".into(), a.clone())], AdamWConfig::default()).unwrap();
+        let g = |k: f64| {
+            let loss = (a.as_tensor() * k).unwrap().sum_all().unwrap();
+            opt.gradients(&loss.backward().unwrap(), 0.5).unwrap()
+        };
+        let mut acc = g(2.0);
+        acc.add(&g(4.0)).unwrap();
+        let (_, t) = acc.iter(&opt).next().unwrap();
+        assert_eq!(t.to_vec1::<f32>().unwrap(), vec![3.0, 3.0]);
+    }
+
+    #[test]
+    fn exemptions_on_the_tiny_albef_model() {
+        let cfg = AlbefConfig::preset("tiny").unwrap();
+        let varmap = VarMap::new();
+        let model = AlbefModel::new(
+            &cfg,
+            VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        let opt = AdamW::new(model.trainable_vars().unwrap(), AdamWConfig::default()).unwrap();
+        let (with, without) = opt.decay_groups();
+        for n in [
+            "visual_encoder.pos_embed",
+            "visual_encoder.cls_token",
+            "temp",
+            "visual_encoder.norm.weight",
+            "visual_encoder.norm.bias",
+            "vision_proj.bias",
+        ] {
+            assert!(without.contains(&n), "{n} should be exempt: {without:?}");
+        }
+        for n in ["vision_proj.weight", "itm_head.weight"] {
+            assert!(with.contains(&n), "{n} should decay");
+        }
+        assert!(with.iter().all(|n| !n.ends_with(".bias")));
+        assert!(with.iter().any(|n| n.contains("patch_embed")));
+        assert!(!with
+            .iter()
+            .chain(&without)
+            .any(|n| n.contains("_m.") || n.contains("queue")));
+    }
+
+    #[test]
+    fn state_round_trips_through_safetensors() {
+        let a = var(&[1.0, 2.0]);
+        let mut opt = AdamW::new(vec![("a".into(), a.clone())], AdamWConfig::default()).unwrap();
+        let loss = a.as_tensor().sqr().unwrap().sum_all().unwrap();
+        let grads = opt.gradients(&loss.backward().unwrap(), 1.0).unwrap();
+        opt.step(&grads, 0.1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("optim.safetensors");
+        opt.save(&path).unwrap();
+        let b = var(&[1.0, 2.0]);
+        let mut other = AdamW::new(vec![("a".into(), b)], AdamWConfig::default()).unwrap();
+        other.load(&path).unwrap();
+        assert_eq!(other.steps_taken(), 1);
+        assert_eq!(
+            other.m[0].to_vec1::<f32>().unwrap(),
+            opt.m[0].to_vec1::<f32>().unwrap()
+        );
+        assert_eq!(
+            other.v[0].to_vec1::<f32>().unwrap(),
+            opt.v[0].to_vec1::<f32>().unwrap()
+        );
+    }
+}

@@ -1,0 +1,472 @@
+//! Training recipes: one TOML file with `[model]`, `[data]`, `[objectives]`, `[optim]`,
+//! `[run]` and `[eval]`, strict about keys (every table denies unknown ones), with
+//! `--set key.path=value` overrides applied to the TOML tree before it is read.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use vlp_data::image_ops::{EvalTransform, ImageTransform, TrainTransform};
+use vlp_data::loader::{LoaderConfig, Mode};
+
+use crate::error::TrainError;
+use crate::objectives::ObjectiveConfig;
+use crate::schedule::Schedule;
+
+type Result<T> = std::result::Result<T, TrainError>;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    pub model: ModelSection,
+    pub data: DataSection,
+    /// The objectives (`ObjectiveConfig`). Its `alpha_ramp_steps`, when 0, means "over the
+    /// first epoch" here: `samples_in_epoch / batch_size` steps, or
+    /// `optim.alpha_ramp_fallback_steps` when the epoch length is unknown (resampled data).
+    #[serde(default)]
+    pub objectives: ObjectiveConfig,
+    pub optim: OptimSection,
+    pub run: RunSection,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval: Option<EvalSection>,
+}
+
+/// The architecture: a named preset or a `config.json`; optionally initial weights.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// `tiny`, `minilm`, `albef-base`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<String>,
+    /// A model `config.json` (our format), instead of a preset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<PathBuf>,
+    /// A folder in our checkpoint format (`model.safetensors` + `config.json`, as written by
+    /// `vlp convert` or a training run) to start from. Its config replaces the preset's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<PathBuf>,
+}
+
+/// Which image transform training batches get.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransformChoice {
+    /// ALBEF pretraining: RandomResizedCrop(0.2-1) + flip + RandAugment(2, 7).
+    #[default]
+    Pretrain,
+    /// ALBEF fine-tuning: as pretrain with crop scale 0.5-1.
+    Finetune,
+    /// RandomResizedCrop(0.5-1) + flip, no RandAugment (cheap, for tiny CPU runs).
+    Light,
+    /// Resize only.
+    Eval,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// Shard spec (brace ranges, `::`-separated lists), as `vlp shards` takes.
+    pub shards: String,
+    /// A `tokenizer.json` whose vocabulary fits the model's.
+    pub tokenizer: PathBuf,
+    /// Samples per step on each process (per GPU).
+    pub batch_size: usize,
+    /// Processes taking part (the global batch is `batch_size * world_size`). Single-process
+    /// runs use 1; the field is final so recipes for 8 GPUs can say so now.
+    #[serde(default = "one")]
+    pub world_size: usize,
+    #[serde(default = "two")]
+    pub workers: usize,
+    /// Image side; the model's `vision.image_size` when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_size: Option<u32>,
+    #[serde(default)]
+    pub transform: TransformChoice,
+    #[serde(default = "thirty")]
+    pub max_tokens: usize,
+    #[serde(default = "thirty")]
+    pub max_words: usize,
+    #[serde(default = "thousand")]
+    pub shuffle_buffer: usize,
+    #[serde(default)]
+    pub mode: Mode,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimSection {
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_lr: f64,
+    pub warmup_steps: u64,
+    pub weight_decay: f64,
+    /// Global-norm clipping threshold; none when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_grad_norm: Option<f64>,
+    /// Micro-batches summed into one optimizer step.
+    #[serde(default = "one")]
+    pub accumulate: usize,
+    /// Length of training in epochs (converted to steps with the loader's epoch size) ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<u64>,
+    /// ... or in optimizer steps; with both, the smaller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_steps: Option<u64>,
+    /// Alpha ramp length when `objectives.alpha_ramp_steps` is 0 and the epoch length is
+    /// unknown.
+    #[serde(default = "thousand_u64")]
+    pub alpha_ramp_fallback_steps: u64,
+}
+
+/// What to do when a loss or a gradient is NaN or infinite.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnNonFinite {
+    /// Stop with an error naming the step and the loss part; no checkpoint is written.
+    #[default]
+    Stop,
+    /// Skip the update, count the batch's samples as skipped, go on.
+    Skip,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ComputeDtype {
+    #[default]
+    F32,
+    Bf16,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSection {
+    /// Run folder: metrics, checkpoints, the resolved recipe, eval results.
+    pub out_dir: PathBuf,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default = "ten")]
+    pub log_every: u64,
+    /// Checkpoint every this many steps (0: only at the end).
+    #[serde(default)]
+    pub save_every: u64,
+    #[serde(default = "two")]
+    pub keep_last: usize,
+    #[serde(default)]
+    pub on_nonfinite: OnNonFinite,
+    #[serde(default)]
+    pub dtype: ComputeDtype,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSection {
+    /// Zero-shot retrieval sets evaluated at the end of training.
+    pub sets: Vec<EvalSet>,
+    #[serde(default = "sixty_four")]
+    pub batch_size: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSet {
+    pub name: String,
+    pub shards: String,
+}
+
+fn one() -> usize {
+    1
+}
+fn two() -> usize {
+    2
+}
+fn thirty() -> usize {
+    30
+}
+fn thousand() -> usize {
+    1000
+}
+fn sixty_four() -> usize {
+    64
+}
+fn thousand_u64() -> u64 {
+    1000
+}
+fn ten() -> u64 {
+    10
+}
+
+impl Recipe {
+    /// Reads a recipe file, applies `overrides` (`key.path=value`) and validates it.
+    /// Relative paths in the recipe stay as written (relative to the working directory).
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Recipe> {
+        let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+        Self::from_str_with(&text, overrides)
+            .map_err(|e| TrainError::Recipe(format!("{}: {}", path.display(), strip(e))))
+    }
+
+    /// Parses recipe text and applies overrides; each override is checked on its own, so
+    /// an error names the key that caused it.
+    pub fn from_str_with(text: &str, overrides: &[String]) -> Result<Recipe> {
+        let mut tree: toml::Table =
+            toml::from_str(text).map_err(|e| TrainError::Recipe(e.to_string()))?;
+        parse_tree(&tree)?;
+        for item in overrides {
+            let (key, value) = item.split_once('=').ok_or_else(|| {
+                TrainError::Recipe(format!("--set {item}: expected key.path=value"))
+            })?;
+            let key = key.trim();
+            set_key(&mut tree, key, parse_value(value.trim()))
+                .map_err(|e| TrainError::Recipe(format!("--set {key}: {e}")))?;
+            parse_tree(&tree)
+                .map_err(|e| TrainError::Recipe(format!("--set {key}: {}", strip(e))))?;
+        }
+        let recipe = parse_tree(&tree)?;
+        recipe.validate()?;
+        Ok(recipe)
+    }
+
+    /// Checks what serde cannot: exactly one of preset/config, positive sizes, a length.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |key: &str, why: &str| Err(TrainError::Recipe(format!("{key}: {why}")));
+        match (&self.model.preset, &self.model.config, &self.model.init) {
+            (Some(_), Some(_), _) => return bad("model", "give preset or config, not both"),
+            (None, None, None) => return bad("model", "give preset, config or init"),
+            _ => {}
+        }
+        if self.data.batch_size == 0 {
+            return bad("data.batch_size", "must be at least 1");
+        }
+        if self.data.world_size != 1 {
+            return bad(
+                "data.world_size",
+                "this build trains in one process: set data.world_size = 1 (recipes for \
+                 several GPUs keep batch_size per GPU)",
+            );
+        }
+        if self.optim.accumulate == 0 {
+            return bad("optim.accumulate", "must be at least 1");
+        }
+        if self.optim.epochs.is_none() && self.optim.total_steps.is_none() {
+            return bad("optim", "give epochs or total_steps");
+        }
+        if self.optim.lr.is_nan() || self.optim.lr <= 0.0 {
+            return bad("optim.lr", "must be positive");
+        }
+        if let Some(c) = self.optim.clip_grad_norm {
+            if c.is_nan() || c <= 0.0 {
+                return bad("optim.clip_grad_norm", "must be positive");
+            }
+        }
+        self.objectives
+            .validate()
+            .map_err(|e| TrainError::Recipe(format!("objectives: {e}")))?;
+        if self.run.dtype == ComputeDtype::Bf16 {
+            return bad(
+                "run.dtype",
+                "bf16 compute needs a GPU build; this build trains on the CPU in f32 \
+                 (set run.dtype = \"f32\")",
+            );
+        }
+        Ok(())
+    }
+
+    /// The learning-rate schedule over `total_steps` optimizer steps.
+    pub fn schedule(&self, total_steps: u64) -> Schedule {
+        Schedule {
+            lr: self.optim.lr,
+            min_lr: self.optim.min_lr,
+            warmup_lr: self.optim.warmup_lr,
+            warmup_steps: self.optim.warmup_steps,
+            total_steps,
+        }
+    }
+
+    /// The loader options for training at `image_size`.
+    pub fn loader_config(&self, image_size: u32) -> LoaderConfig {
+        let d = &self.data;
+        let size = d.image_size.unwrap_or(image_size);
+        let image = match d.transform {
+            TransformChoice::Pretrain => {
+                ImageTransform::Train(TrainTransform::albef_pretrain(size))
+            }
+            TransformChoice::Finetune => {
+                ImageTransform::Train(TrainTransform::albef_finetune(size))
+            }
+            TransformChoice::Light => ImageTransform::Train(TrainTransform {
+                randaugment: None,
+                ..TrainTransform::albef_finetune(size)
+            }),
+            TransformChoice::Eval => ImageTransform::Eval(EvalTransform { size }),
+        };
+        LoaderConfig {
+            batch_size: d.batch_size,
+            workers: d.workers,
+            world_size: d.world_size,
+            seed: self.run.seed,
+            mode: d.mode,
+            shuffle_buffer: d.shuffle_buffer,
+            shuffle_initial: d.shuffle_buffer.min(100),
+            max_tokens: d.max_tokens,
+            max_words: d.max_words,
+            image,
+            ..LoaderConfig::default()
+        }
+    }
+
+    /// The recipe as TOML (written to the run folder as `recipe.resolved.toml`).
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string(self).map_err(|e| TrainError::Recipe(format!("serialising: {e}")))
+    }
+}
+
+/// Drops the variant prefix of a nested recipe error.
+fn strip(e: TrainError) -> String {
+    match e {
+        TrainError::Recipe(m) => m,
+        other => other.to_string(),
+    }
+}
+
+/// Deserialises through TOML text so errors carry the key and its line.
+fn parse_tree(tree: &toml::Table) -> Result<Recipe> {
+    let text = toml::to_string(tree).map_err(|e| TrainError::Recipe(e.to_string()))?;
+    toml::from_str(&text).map_err(|e| TrainError::Recipe(e.to_string().trim_end().to_string()))
+}
+
+/// An override value is TOML (`1e-4`, `true`, `"x"`, `[1, 2]`); anything that does not
+/// parse as TOML is taken as a bare string (`--set data.shards=a/{0..3}.tar`).
+fn parse_value(text: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {text}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(text.to_string()))
+}
+
+/// Sets `a.b.c` in the tree, creating missing tables on the way.
+fn set_key(
+    tree: &mut toml::Table,
+    key: &str,
+    value: toml::Value,
+) -> std::result::Result<(), String> {
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err("empty segment in the key".into());
+    }
+    let mut table = tree;
+    for (i, part) in parts[..parts.len() - 1].iter().enumerate() {
+        let entry = table
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("`{}` is a value, not a table", parts[..=i].join(".")))?;
+    }
+    table.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[model]
+preset = "tiny"
+
+[data]
+shards = "shards/x-{000000..000003}.tar"
+tokenizer = "shards/tok.json"
+batch_size = 8
+
+[optim]
+lr = 1e-4
+min_lr = 1e-5
+warmup_lr = 1e-5
+warmup_steps = 10
+weight_decay = 0.02
+total_steps = 100
+
+[run]
+out_dir = "runs/x"
+"#;
+
+    #[test]
+    fn parses_with_defaults() {
+        let r = Recipe::from_str_with(BASE, &[]).unwrap();
+        assert_eq!(r.data.workers, 2);
+        assert_eq!(r.objectives.alpha, 0.4);
+        assert_eq!(r.optim.alpha_ramp_fallback_steps, 1000);
+        assert_eq!(r.optim.accumulate, 1);
+        assert_eq!(r.run.on_nonfinite, OnNonFinite::Stop);
+        assert!(r.eval.is_none());
+    }
+
+    #[test]
+    fn overrides_are_typed_and_nested() {
+        let r = Recipe::from_str_with(
+            BASE,
+            &[
+                "optim.lr=3e-4".into(),
+                "run.on_nonfinite=\"skip\"".into(),
+                "data.shards=a/{0..3}.tar".into(),
+                "objectives.mlm.enabled=false".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(r.optim.lr, 3e-4);
+        assert_eq!(r.run.on_nonfinite, OnNonFinite::Skip);
+        assert_eq!(r.data.shards, "a/{0..3}.tar");
+        assert!(!r.objectives.mlm.enabled);
+    }
+
+    #[test]
+    fn unknown_override_names_key_and_allowed_keys() {
+        let e = Recipe::from_str_with(BASE, &["optim.lrr=1".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("optim.lrr"), "{e}");
+        assert!(
+            e.contains("lrr") && e.contains("min_lr") && e.contains("warmup_steps"),
+            "{e}"
+        );
+        let e = Recipe::from_str_with(BASE, &["nope.x=1".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nope") && e.contains("optim"), "{e}");
+    }
+
+    #[test]
+    fn ill_typed_override_names_key() {
+        let e = Recipe::from_str_with(BASE, &["data.batch_size=\"big\"".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("data.batch_size") && e.contains("invalid type"),
+            "{e}"
+        );
+        let e = Recipe::from_str_with(BASE, &["run.dtype=bf16".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bf16") && e.contains("CPU"), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_in_file_is_an_error() {
+        let text = BASE.replace("batch_size = 8", "batch_size = 8\nbatchsize = 3");
+        let e = Recipe::from_str_with(&text, &[]).unwrap_err().to_string();
+        assert!(e.contains("batchsize"), "{e}");
+    }
+
+    #[test]
+    fn resolved_recipe_round_trips() {
+        let mut r = Recipe::from_str_with(BASE, &[]).unwrap();
+        r.eval = Some(EvalSection {
+            sets: vec![EvalSet {
+                name: "a".into(),
+                shards: "b.tar".into(),
+            }],
+            batch_size: 4,
+        });
+        let text = r.to_toml().unwrap();
+        assert_eq!(Recipe::from_str_with(&text, &[]).unwrap(), r);
+    }
+}

@@ -1,0 +1,558 @@
+//! One ALBEF pretraining step's losses (ALBEF paper §3; `ALBEF.forward` of
+//! `models/model_pretrain.py`), in the reference order of operations: the model's momentum
+//! twin and queues are updated here, the online parameters are left to the optimizer.
+
+use candle_core::{DType, Tensor};
+use vlp_core::rng::{derive_seed, Rng};
+use vlp_models::config::Layout;
+use vlp_models::{nn, AlbefModel};
+
+use crate::error::{Result, TrainError};
+use crate::objectives::itc::{itc_loss, ImageIds, ItcInputs};
+use crate::objectives::itm::{itm_loss, positive_pairs, sample_negatives, Negatives};
+use crate::objectives::mlm::{mask_tokens, mlm_loss};
+use crate::objectives::vsepp::vsepp_loss;
+use crate::objectives::ObjectiveConfig;
+
+/// Streams derived from a step seed, one per consumer, so switching one objective off
+/// does not shift the draws of another.
+const DROPOUT_STREAM: u64 = 1;
+const ITM_STREAM: u64 = 2;
+const MLM_STREAM: u64 = 3;
+
+/// The tensors of one training batch, on the model's device.
+#[derive(Debug, Clone)]
+pub struct StepBatch {
+    /// `[B, 3, S, S]`, normalised pixels.
+    pub images: Tensor,
+    /// `[B, L]`, any integer dtype.
+    pub input_ids: Tensor,
+    /// `[B, L]`, 1 = token, 0 = padding.
+    pub attention_mask: Tensor,
+    /// `[B]` i64 image ids; needed when `image_id_positives` is on, enqueued when given.
+    pub image_ids: Option<Tensor>,
+}
+
+/// Where the step's random choices come from.
+#[derive(Debug, Clone)]
+pub enum Draws {
+    /// Draw hard negatives, MLM masks and dropout masks from streams of this seed: the
+    /// step is then a function of (model state, batch, seed).
+    Seeded(u64),
+    /// Use choices recorded elsewhere (the reference implementation's step in the parity
+    /// test). Dropout stays unseeded: replay with dropout 0.
+    Replay {
+        /// `[B]`: the negative image of each text.
+        neg_image_for_text: Vec<usize>,
+        /// `[B]`: the negative text of each image.
+        neg_text_for_image: Vec<usize>,
+        /// `[B, L]`: the masked ids.
+        mlm_input_ids: Tensor,
+        /// `[B, L]` i64: the original ids at masked positions, -100 elsewhere.
+        mlm_labels: Tensor,
+    },
+}
+
+/// Counts of what the step did beyond its losses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StepStats {
+    /// ITM negatives skipped because their row had no admissible candidate.
+    pub itm_fallbacks: usize,
+    /// Tokens the MLM predicted.
+    pub masked_tokens: usize,
+}
+
+/// The step's losses.
+#[derive(Debug, Clone)]
+pub struct StepLosses {
+    /// The weighted sum of the enabled objectives, 0-d, with its graph: call `backward`.
+    pub total: Tensor,
+    /// Each enabled objective's unweighted value (`itc` or `vsepp`, `itm`, `mlm`), then the
+    /// weighted `total`.
+    pub parts: Vec<(&'static str, f64)>,
+    /// The temperature after clamping.
+    pub temp: f64,
+    pub stats: StepStats,
+}
+
+impl StepLosses {
+    /// The value of the part named `name`.
+    pub fn part(&self, name: &str) -> Option<f64> {
+        self.parts.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
+    }
+}
+
+/// The losses of one pretraining step, in ALBEF's order: 1 clamp the temperature; 2 the
+/// online image and text encoders; 3 the momentum update; 4 the updated momentum
+/// encoders; 5 ITC (or VSE++) against the stored queues; 6 enqueue the momentum features;
+/// 7 ITM with hard negatives; 8 MLM with distillation; 9 the weighted total. Objectives
+/// that are off are not computed; ITC's queue and the momentum twin are updated only when
+/// an objective reads them.
+///
+/// # Shapes
+/// See [`StepBatch`]; `alpha` is the distillation weight in effect (see
+/// [`crate::objectives::itc::alpha_at`]).
+pub fn pretrain_losses(
+    model: &AlbefModel,
+    batch: &StepBatch,
+    cfg: &ObjectiveConfig,
+    alpha: f64,
+    draws: Draws,
+) -> Result<StepLosses> {
+    cfg.validate()?;
+    let (itc_on, vsepp_on, itm_on, mlm_on) =
+        (cfg.itc_on(), cfg.vsepp_on(), cfg.itm_on(), cfg.mlm_on());
+    if !(itc_on || vsepp_on || itm_on || mlm_on) {
+        return Err(TrainError::config("objectives", "every objective is off"));
+    }
+    if (itm_on || mlm_on) && !matches!(model.config().text.layout, Layout::Albef { .. }) {
+        return Err(TrainError::config(
+            "itm/mlm",
+            "ITM and MLM pretraining need ALBEF's text/fusion layout",
+        ));
+    }
+    let (b, _) = batch.input_ids.dims2()?;
+    if batch.images.dim(0)? != b || batch.attention_mask.dims() != batch.input_ids.dims() {
+        return Err(TrainError::input(
+            "batch",
+            format!(
+                "images {:?}, input_ids {:?}, attention_mask {:?}",
+                batch.images.dims(),
+                batch.input_ids.dims(),
+                batch.attention_mask.dims()
+            ),
+        ));
+    }
+    let image_ids = match (&batch.image_ids, cfg.image_id_positives) {
+        (Some(ids), _) => {
+            let ids = ids.flatten_all()?.to_dtype(DType::I64)?;
+            if ids.dim(0)? != b {
+                return Err(TrainError::input(
+                    "image_ids",
+                    format!("{} ids for a batch of {b}", ids.dim(0)?),
+                ));
+            }
+            Some(ids)
+        }
+        (None, true) => {
+            return Err(TrainError::input(
+                "image_ids",
+                "image_id_positives is on but the batch carries no image ids",
+            ))
+        }
+        (None, false) => None,
+    };
+    let positive_ids = if cfg.image_id_positives {
+        image_ids.as_ref()
+    } else {
+        None
+    };
+    let _seeded_dropout = match &draws {
+        Draws::Seeded(seed) => Some(nn::seed_dropout(derive_seed(&[*seed, DROPOUT_STREAM]))),
+        Draws::Replay { .. } => None,
+    };
+    let train = true;
+
+    // 1. The temperature, clamped in place without a gradient.
+    model.clamp_temp()?;
+    let temp = model.temp();
+
+    // 2. Online unimodal encoders.
+    let (image_tokens, image_feat) = model.encode_image(&batch.images, train)?;
+    let (text_states, text_feat) =
+        model.encode_text(&batch.input_ids, &batch.attention_mask, train)?;
+
+    // 3-4. The momentum update FIRST, then the updated twin's forward.
+    let needs_image_m = itc_on || mlm_on;
+    if needs_image_m {
+        model.momentum_update(cfg.momentum)?;
+    }
+    let image_m = if needs_image_m {
+        Some(model.encode_image_m(&batch.images, train)?)
+    } else {
+        None
+    };
+    let text_feat_m = if itc_on {
+        Some(
+            model
+                .encode_text_m(&batch.input_ids, &batch.attention_mask, train)?
+                .1,
+        )
+    } else {
+        None
+    };
+
+    let mut parts: Vec<(&'static str, f64)> = Vec::new();
+    let mut weighted: Vec<Tensor> = Vec::new();
+    let mut add = |name: &'static str, loss: &Tensor, weight: f64| -> Result<()> {
+        parts.push((name, loss.to_dtype(DType::F64)?.to_scalar::<f64>()?));
+        weighted.push(loss.affine(weight, 0.0)?);
+        Ok(())
+    };
+
+    // 5. The contrastive objective; the queues as stored before this step's enqueue
+    // (copied: the enqueue writes their storage in place, and backward reads them).
+    let mut local_sims: Option<(Tensor, Tensor)> = None;
+    if let (true, Some((_, image_feat_m)), Some(text_feat_m)) = (itc_on, &image_m, &text_feat_m) {
+        let image_queue = model.image_queue().copy()?;
+        let text_queue = model.text_queue().copy()?;
+        let idx_queue = model.idx_queue().copy()?;
+        let out = itc_loss(&ItcInputs {
+            image_feat: &image_feat,
+            text_feat: &text_feat,
+            image_feat_m,
+            text_feat_m,
+            image_queue: &image_queue,
+            text_queue: &text_queue,
+            temp,
+            alpha,
+            image_ids: positive_ids.map(|batch| ImageIds {
+                batch,
+                queue: &idx_queue,
+            }),
+        })?;
+        add("itc", &out.loss, cfg.contrastive.weight)?;
+        local_sims = Some((out.sim_i2t.detach(), out.sim_t2i.detach()));
+        // 6. Enqueue the momentum features (and image ids), wrapping around.
+        model.enqueue(image_feat_m, text_feat_m, image_ids.as_ref())?;
+    }
+    if vsepp_on {
+        let c = &cfg.contrastive;
+        let loss = vsepp_loss(
+            &image_feat,
+            &text_feat,
+            c.margin,
+            c.max_violation,
+            positive_ids,
+        )?;
+        add("vsepp", &loss, c.weight)?;
+    }
+
+    let mut stats = StepStats::default();
+    // 7. ITM with hard negatives from the online in-batch similarities.
+    if itm_on {
+        let negatives = match &draws {
+            Draws::Seeded(seed) => {
+                let (sim_i2t, sim_t2i) = match local_sims.take() {
+                    Some(s) => s,
+                    None => {
+                        let i2t = image_feat
+                            .matmul(&text_feat.t()?)?
+                            .broadcast_div(temp)?
+                            .detach();
+                        let t2i = i2t.t()?.contiguous()?;
+                        (i2t, t2i)
+                    }
+                };
+                let ids = positive_ids.map(|t| t.to_vec1::<i64>()).transpose()?;
+                let positives = positive_pairs(b, ids.as_deref());
+                let mut rng = Rng::new(derive_seed(&[*seed, ITM_STREAM]));
+                sample_negatives(&sim_i2t, &sim_t2i, &positives, &mut rng)?
+            }
+            Draws::Replay {
+                neg_image_for_text,
+                neg_text_for_image,
+                ..
+            } => Negatives::replay(neg_image_for_text, neg_text_for_image, b)?,
+        };
+        stats.itm_fallbacks = negatives.fallbacks;
+        let loss = itm_loss(
+            model,
+            &text_states,
+            &batch.attention_mask,
+            &image_tokens,
+            &negatives,
+            train,
+        )?;
+        add("itm", &loss, cfg.itm.weight)?;
+    }
+
+    // 8. MLM with distillation from the momentum model.
+    if let (true, Some((image_tokens_m, _))) = (mlm_on, &image_m) {
+        let dev = batch.input_ids.device();
+        let (masked_ids, labels) = match &draws {
+            Draws::Seeded(seed) => {
+                let ids = batch.input_ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+                let am = batch
+                    .attention_mask
+                    .to_dtype(DType::U32)?
+                    .to_vec2::<u32>()?;
+                let mut rng = Rng::new(derive_seed(&[*seed, MLM_STREAM]));
+                let masked = mask_tokens(
+                    &ids,
+                    &am,
+                    &model.config().text,
+                    cfg.mlm.probability,
+                    &mut rng,
+                );
+                (
+                    Tensor::new(masked.input_ids, dev)?,
+                    Tensor::new(masked.labels, dev)?,
+                )
+            }
+            Draws::Replay {
+                mlm_input_ids,
+                mlm_labels,
+                ..
+            } => (mlm_input_ids.clone(), mlm_labels.clone()),
+        };
+        let (loss, masked) = mlm_loss(
+            model,
+            &masked_ids,
+            &labels,
+            &batch.attention_mask,
+            &image_tokens,
+            image_tokens_m,
+            alpha,
+            train,
+        )?;
+        stats.masked_tokens = masked;
+        add("mlm", &loss, cfg.mlm.weight)?;
+    }
+
+    // 9. The weighted total.
+    let mut total = weighted[0].clone();
+    for w in &weighted[1..] {
+        total = (total + w)?;
+    }
+    let total_value = total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    parts.push(("total", total_value));
+    let temp = temp.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    Ok(StepLosses {
+        total,
+        parts,
+        temp,
+        stats,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::objectives::ContrastiveKind;
+    use candle_core::{Device, Var};
+    use candle_nn::{VarBuilder, VarMap};
+    use vlp_models::attention::AttentionBackend;
+    use vlp_models::config::{AlbefConfig, TextConfig, VisionConfig};
+
+    /// hidden 32, 1 text + 1 fusion layer, 32 x 32 images, dropout on, queue of 5 (not a
+    /// multiple of the batch of 3).
+    fn micro() -> AlbefConfig {
+        AlbefConfig {
+            vision: VisionConfig {
+                image_size: 32,
+                patch_size: 8,
+                hidden: 32,
+                layers: 2,
+                heads: 4,
+                mlp_ratio: 2.0,
+                eps: 1e-6,
+                qkv_bias: true,
+            },
+            text: TextConfig {
+                vocab_size: 50,
+                hidden: 32,
+                layers: 2,
+                heads: 4,
+                intermediate: 64,
+                max_positions: 16,
+                eps: 1e-12,
+                dropout: 0.1,
+                type_vocab_size: 2,
+                layout: Layout::Albef { fusion_layer: 1 },
+                has_mlm_head: true,
+                pad_id: 0,
+                cls_id: 2,
+                sep_id: 3,
+                mask_id: 4,
+                enc_id: None,
+            },
+            embed_dim: 16,
+            temp: 0.07,
+            momentum: 0.995,
+            queue_size: 5,
+            attention: AttentionBackend::Generic,
+        }
+    }
+
+    fn build(cfg: &AlbefConfig) -> Result<(VarMap, AlbefModel)> {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let model = AlbefModel::new(cfg, vb)?;
+        model.copy_params_to_momentum()?;
+        Ok((varmap, model))
+    }
+
+    /// A second model with the same tensors as `varmap`'s.
+    fn clone_model(cfg: &AlbefConfig, varmap: &VarMap) -> Result<(VarMap, AlbefModel)> {
+        let (copy, model) = build(cfg)?;
+        {
+            let src = varmap.data().lock().unwrap();
+            let dst = copy.data().lock().unwrap();
+            for (name, var) in dst.iter() {
+                var.set(&src[name].as_tensor().copy()?)?;
+            }
+        }
+        Ok((copy, model))
+    }
+
+    fn batch(b: usize, image_ids: Option<Vec<i64>>) -> Result<StepBatch> {
+        let dev = Device::Cpu;
+        let rows: Vec<Vec<u32>> = (0..b)
+            .map(|r| {
+                let words = 3 + r % 3;
+                let mut row = vec![2u32];
+                row.extend((0..words).map(|k| 5 + ((r * 7 + k * 3) % 45) as u32));
+                row.push(3);
+                row.resize(8, 0);
+                row
+            })
+            .collect();
+        let mask: Vec<Vec<u32>> = rows
+            .iter()
+            .map(|row| row.iter().map(|&t| u32::from(t != 0)).collect())
+            .collect();
+        let images: Vec<f32> = (0..b * 3 * 32 * 32)
+            .map(|k| ((k * 37 % 101) as f32 / 50.0) - 1.0)
+            .collect();
+        Ok(StepBatch {
+            images: Tensor::from_vec(images, (b, 3, 32, 32), &dev)?,
+            input_ids: Tensor::new(rows, &dev)?,
+            attention_mask: Tensor::new(mask, &dev)?,
+            image_ids: image_ids.map(|ids| Tensor::new(ids, &dev)).transpose()?,
+        })
+    }
+
+    fn sgd(model: &AlbefModel, total: &Tensor, lr: f64) -> Result<()> {
+        let grads = total.backward()?;
+        for (_, var) in model.trainable_vars()? {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                var.set(&(var.as_tensor() - g.affine(lr, 0.0)?)?)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn all_tensors(varmap: &VarMap) -> Vec<(String, Vec<f32>)> {
+        let data = varmap.data().lock().unwrap();
+        let mut out: Vec<(String, Vec<f32>)> = data
+            .iter()
+            .map(|(n, v): (&String, &Var)| {
+                let t = v.as_tensor().to_dtype(DType::F32).unwrap();
+                (
+                    n.clone(),
+                    t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                )
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    #[test]
+    fn same_seed_gives_identical_losses_and_weights_over_two_sgd_steps() -> Result<()> {
+        let cfg = micro();
+        let (vm_a, a) = build(&cfg)?;
+        let (vm_b, b) = clone_model(&cfg, &vm_a)?;
+        let objectives = ObjectiveConfig::default();
+        let batch = batch(3, None)?;
+        for seed in [11u64, 12] {
+            let la = pretrain_losses(&a, &batch, &objectives, 0.4, Draws::Seeded(seed))?;
+            let lb = pretrain_losses(&b, &batch, &objectives, 0.4, Draws::Seeded(seed))?;
+            assert_eq!(la.parts, lb.parts);
+            assert_eq!(la.stats, lb.stats);
+            assert!(la.stats.masked_tokens >= 1);
+            sgd(&a, &la.total, 0.1)?;
+            sgd(&b, &lb.total, 0.1)?;
+        }
+        assert_eq!(all_tensors(&vm_a), all_tensors(&vm_b));
+        // A different seed draws differently (dropout, negatives, masks).
+        let l1 = pretrain_losses(&a, &batch, &objectives, 0.4, Draws::Seeded(1))?;
+        let (_, c) = clone_model(&cfg, &vm_a)?;
+        let l2 = pretrain_losses(&c, &batch, &objectives, 0.4, Draws::Seeded(2))?;
+        assert_ne!(l1.parts, l2.parts);
+        Ok(())
+    }
+
+    #[test]
+    fn objectives_that_are_off_are_not_computed() -> Result<()> {
+        let cfg = micro();
+        let (_vm, model) = build(&cfg)?;
+        let batch = batch(3, None)?;
+        let names = |o: &ObjectiveConfig| -> Result<Vec<&'static str>> {
+            let l = pretrain_losses(&model, &batch, o, 0.4, Draws::Seeded(0))?;
+            assert!(l.total.to_scalar::<f32>()?.is_finite());
+            Ok(l.parts.iter().map(|(n, _)| *n).collect())
+        };
+        let mut clip = ObjectiveConfig::default();
+        clip.itm.enabled = false;
+        clip.mlm.weight = 0.0;
+        let ptr = model.queue_ptr()?;
+        assert_eq!(names(&clip)?, vec!["itc", "total"]);
+        assert_eq!(model.queue_ptr()?, (ptr + 3) % 5);
+
+        let mut vsepp = ObjectiveConfig::default();
+        vsepp.contrastive.kind = ContrastiveKind::Vsepp;
+        let ptr = model.queue_ptr()?;
+        assert_eq!(names(&vsepp)?, vec!["vsepp", "itm", "mlm", "total"]);
+        assert_eq!(model.queue_ptr()?, ptr, "VSE++ does not use the queue");
+
+        let mut itm_only = ObjectiveConfig::default();
+        itm_only.contrastive.enabled = false;
+        itm_only.mlm.enabled = false;
+        assert_eq!(names(&itm_only)?, vec!["itm", "total"]);
+
+        let mut none = itm_only.clone();
+        none.itm.enabled = false;
+        assert!(pretrain_losses(&model, &batch, &none, 0.4, Draws::Seeded(0)).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn queue_wraps_when_its_size_is_not_a_multiple_of_the_batch() -> Result<()> {
+        let cfg = micro();
+        let (_vm, model) = build(&cfg)?;
+        let batch = batch(3, Some(vec![10, 11, 12]))?;
+        let objectives = ObjectiveConfig::default();
+        let mut ptrs = vec![model.queue_ptr()?];
+        for seed in 0..3 {
+            pretrain_losses(&model, &batch, &objectives, 0.4, Draws::Seeded(seed))?;
+            ptrs.push(model.queue_ptr()?);
+        }
+        assert_eq!(ptrs, vec![0, 3, 1, 4]);
+        // Step 2 wrote columns 3, 4, 0 (wrapping); step 3 columns 1, 2, 3.
+        let ids = model.idx_queue().to_vec2::<i64>()?;
+        assert_eq!(ids[0], vec![12, 10, 11, 12, 11]);
+        Ok(())
+    }
+
+    #[test]
+    fn image_id_positives_need_ids_and_a_batch_of_one_image_counts_fallbacks() -> Result<()> {
+        let cfg = micro();
+        let (_vm, model) = build(&cfg)?;
+        let objectives = ObjectiveConfig {
+            image_id_positives: true,
+            ..Default::default()
+        };
+        let no_ids = batch(3, None)?;
+        let err = pretrain_losses(&model, &no_ids, &objectives, 0.4, Draws::Seeded(0));
+        assert!(err.unwrap_err().to_string().contains("image_ids"));
+
+        let same = batch(3, Some(vec![7, 7, 7]))?;
+        let l = pretrain_losses(&model, &same, &objectives, 0.4, Draws::Seeded(0))?;
+        assert_eq!(l.stats.itm_fallbacks, 6);
+        assert!(l.total.to_scalar::<f32>()?.is_finite());
+
+        let one = batch(1, None)?;
+        let l = pretrain_losses(
+            &model,
+            &one,
+            &ObjectiveConfig::default(),
+            0.4,
+            Draws::Seeded(0),
+        )?;
+        assert_eq!(l.stats.itm_fallbacks, 2);
+        assert!(l.total.to_scalar::<f32>()?.is_finite());
+        Ok(())
+    }
+}

@@ -1,0 +1,96 @@
+//! `vlp pretrain`: ALBEF pretraining from a recipe, with `--set` overrides and `--resume`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{Map, Value};
+use vlp_train::pretrain::{pretrain, Progress};
+use vlp_train::recipe::Recipe;
+
+#[derive(clap::Args)]
+pub struct PretrainArgs {
+    /// The recipe (TOML; see recipes/).
+    #[arg(long)]
+    pub recipe: PathBuf,
+    /// Override a recipe key before it is read, e.g. `--set optim.lr=3e-4` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Continue from the newest checkpoint in the run folder.
+    #[arg(long)]
+    pub resume: bool,
+    /// No progress bar (logs only).
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+pub fn run(args: PretrainArgs) -> anyhow::Result<()> {
+    let recipe = Recipe::load(&args.recipe, &args.set)?;
+    let mut bar = Bar::new(!args.no_progress);
+    let summary = pretrain(recipe, args.resume, &mut bar)?;
+    eprintln!(
+        "done: {} steps in {}{}",
+        summary.steps,
+        summary.run_dir.display(),
+        summary
+            .last_checkpoint
+            .map(|p| format!(", last checkpoint {}", p.display()))
+            .unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// An indicatif bar with the loss parts, lr and samples/s; hidden when not wanted or when
+/// standard error is not a terminal.
+struct Bar {
+    bar: Option<ProgressBar>,
+}
+
+impl Bar {
+    fn new(enabled: bool) -> Self {
+        Bar {
+            bar: enabled.then(ProgressBar::hidden),
+        }
+    }
+}
+
+impl Progress for Bar {
+    fn start(&mut self, first_step: u64, total_steps: u64) {
+        if self.bar.is_none() {
+            return;
+        }
+        let bar = ProgressBar::new(total_steps).with_position(first_step);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}",
+            )
+            .expect("valid template"),
+        );
+        bar.enable_steady_tick(Duration::from_millis(500));
+        self.bar = Some(bar);
+    }
+
+    fn step(&mut self, step: u64, record: &Map<String, Value>) {
+        let Some(bar) = &self.bar else { return };
+        let mut msg = String::new();
+        for (k, v) in record {
+            if let (Some(name), Some(x)) = (k.strip_prefix("loss_"), v.as_f64()) {
+                msg.push_str(&format!("{name} {x:.3} "));
+            }
+        }
+        let get = |k: &str| record.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+        msg.push_str(&format!(
+            "lr {:.2e} {:.1} samples/s",
+            get("lr"),
+            get("samples_per_s")
+        ));
+        bar.set_position(step);
+        bar.set_message(msg);
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}
