@@ -7,12 +7,24 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use vlp_models::{smoke_loss, AlbefConfig, AlbefModel};
+use vlp_train::objectives::ObjectiveConfig;
+use vlp_train::optim::{AdamW, AdamWConfig};
+use vlp_train::step::{pretrain_losses, Draws, StepBatch};
 
 #[derive(clap::Args)]
 pub struct StepArgs {
     /// Model preset (`albef-base`, `minilm`, `tiny`).
     #[arg(long, default_value = "tiny")]
     pub preset: String,
+    /// Model config file instead of a preset: vlp's `config.json`, or the PyTorch reference
+    /// implementation's config format (so both programs can run one architecture).
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
+    /// Time the full pretraining step (ITC with momentum distillation, ITM with hard
+    /// negatives, MLM with distillation, backward, AdamW lr 1e-4 wd 0.02) instead of the
+    /// model-only forward + backward.
+    #[arg(long)]
+    pub full: bool,
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
     /// Tokens per caption, [CLS] and [SEP] included (rows are padded to it).
@@ -32,7 +44,13 @@ pub fn run(args: StepArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.batch_size >= 2, "--batch-size must be at least 2");
     anyhow::ensure!(args.text_len >= 3, "--text-len must be at least 3");
     anyhow::ensure!(args.steps >= 1, "--steps must be at least 1");
-    let cfg = AlbefConfig::preset(&args.preset)?;
+    let (cfg, model_name) = match &args.config {
+        Some(path) => (
+            vlp_models::import::load_config(path)?,
+            path.display().to_string(),
+        ),
+        None => (AlbefConfig::preset(&args.preset)?, args.preset.clone()),
+    };
     let dev = Device::Cpu;
     let varmap = VarMap::new();
     let model = AlbefModel::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev))?;
@@ -47,11 +65,39 @@ pub fn run(args: StepArgs) -> anyhow::Result<()> {
     let images = Tensor::randn(0f32, 1.0, (b, 3, s, s), &dev)?;
     let (ids, mask) = random_captions(&cfg, b, args.text_len, args.seed)?;
 
-    let step = || -> anyhow::Result<f64> {
+    let mut optim = AdamW::new(
+        model.trainable_vars()?,
+        AdamWConfig {
+            weight_decay: 0.02,
+            ..AdamWConfig::default()
+        },
+    )?;
+    let objectives = ObjectiveConfig::default();
+    let batch = StepBatch {
+        images: images.clone(),
+        input_ids: ids.clone(),
+        attention_mask: mask.clone(),
+        image_ids: None,
+    };
+    let mut step_index = 0u64;
+    let mut step = || -> anyhow::Result<f64> {
         let t0 = Instant::now();
-        let loss = smoke_loss(&model, &images, &ids, &mask, true)?;
-        let grads = loss.total.backward()?;
-        drop(grads);
+        if args.full {
+            step_index += 1;
+            let losses = pretrain_losses(
+                &model,
+                &batch,
+                &objectives,
+                objectives.alpha,
+                Draws::Seeded(args.seed ^ step_index),
+            )?;
+            let store = losses.total.backward()?;
+            let grads = optim.gradients(&store, 1.0)?;
+            optim.step(&grads, 1e-4)?;
+        } else {
+            let loss = smoke_loss(&model, &images, &ids, &mask, true)?;
+            drop(loss.total.backward()?);
+        }
         Ok(t0.elapsed().as_secs_f64())
     };
     for _ in 0..args.warmup {
@@ -65,13 +111,14 @@ pub fn run(args: StepArgs) -> anyhow::Result<()> {
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     eprintln!(
-        "preset {}: {params} trainable parameters, step min {:.3}s median {median:.3}s max {:.3}s",
-        args.preset,
+        "{model_name}: {params} trainable parameters, {} step min {:.3}s median {median:.3}s max {:.3}s",
+        if args.full { "full pretraining" } else { "model-only" },
         times[0],
         times[times.len() - 1]
     );
     let out = serde_json::json!({
-        "preset": args.preset,
+        "model": model_name,
+        "step": if args.full { "full" } else { "model-only" },
         "batch_size": b,
         "text_len": args.text_len,
         "image_size": s,
@@ -102,15 +149,8 @@ fn random_captions(
     seed: u64,
 ) -> anyhow::Result<(Tensor, Tensor)> {
     let t = &cfg.text;
-    let mut state = seed ^ 0x9e37_79b9_7f4a_7c15;
-    let mut next = move || {
-        // splitmix64
-        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    };
+    let mut rng = vlp_data::rng::Rng::new(seed);
+    let mut next = move || rng.next_u64();
     let first_word = t.mask_id.max(t.sep_id).max(t.cls_id).max(t.pad_id) + 1;
     let words = t.vocab_size as u64 - u64::from(first_word);
     let (mut ids, mut mask) = (Vec::new(), Vec::new());

@@ -123,3 +123,30 @@ fn inspect_reports_bad_samples_by_reason() {
         "{report}"
     );
 }
+
+#[test]
+fn bench_step_times_the_full_pretraining_step_on_a_reference_config() {
+    // The reference implementation's own config format, as the side-by-side benchmark uses.
+    let config = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/albef/config.json"
+    );
+    let out = last_json(&vlp(&[
+        "bench",
+        "step",
+        "--full",
+        "--config",
+        config,
+        "--batch-size",
+        "4",
+        "--text-len",
+        "8",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+    ]));
+    assert_eq!(out["step"], "full", "{out}");
+    assert!(out["samples_per_s"].as_f64().unwrap() > 0.0, "{out}");
+    assert!(out["trainable_params"].as_u64().unwrap() > 10_000, "{out}");
+}
