@@ -12,6 +12,7 @@ pub mod attention;
 pub mod bert;
 pub mod config;
 pub mod error;
+mod fused;
 pub mod import;
 pub mod nn;
 mod params;

@@ -2,16 +2,20 @@
 //!
 //! candle-nn's fused `LayerNorm`, `ops::softmax_last_dim` and `rms_norm` have no backward:
 //! gradients silently stop at them. Everything here is written with candle ops that do
-//! have one (matmul, broadcast arithmetic, `exp`, sums, `index_select`, `gelu_erf`). Each
-//! operation sits behind one function so a fused CPU/CUDA kernel with its own backward can
-//! replace it later without touching the models; the version here stays as the reference
-//! such a kernel is tested against. Devices and dtypes always come from the inputs.
+//! have one (matmul, broadcast arithmetic, `exp`, sums, `index_select`, `gelu_erf`), except
+//! softmax, log-softmax and the LayerNorm normalisation, which on the CPU (f32/f64) run as
+//! fused row-parallel kernels with hand-written backward passes (see `fused.rs`). Each
+//! operation sits behind one function so models never see the difference; the generic
+//! versions stay as the `*_reference` functions the kernels are tested against and fall
+//! back to on other devices and dtypes. Devices and dtypes always come from the inputs.
 
 use std::cell::RefCell;
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 use vlp_core::rng::Rng;
+
+use crate::fused;
 
 /// Initialisation of projection and embedding weights: N(0, 0.02), as BERT and ALBEF do
 /// (timm truncates the normal at ±2σ; the difference does not matter for training).
@@ -41,12 +45,39 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     y.reshape(out_dims)
 }
 
-/// LayerNorm over the last dimension, written out as mean and variance (biased, like
-/// PyTorch). Half-precision inputs are normalised in f32.
+/// LayerNorm over the last dimension (biased variance, like PyTorch). Half-precision
+/// inputs are normalised in f32.
+///
+/// On the CPU in f32/f64 the normalisation is one fused kernel with its own fused
+/// backward; the affine gain and bias are broadcast ops. Elsewhere it falls back to the
+/// generic version ([`layer_norm_reference`]).
 ///
 /// # Shapes
 /// `x`: `[.., n]`, `weight`, `bias`: `[n]` -> `[.., n]`.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = match dtype {
+        DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?,
+        _ => x.clone(),
+    };
+    if !fusable(&xf) {
+        return layer_norm_reference(x, weight, bias, eps);
+    }
+    let normed = xf.contiguous()?.apply_op1(fused::Norm { eps })?;
+    normed
+        .to_dtype(dtype)?
+        .broadcast_mul(weight)?
+        .broadcast_add(bias)
+}
+
+/// Whether the fused CPU kernels apply: f32/f64 on the CPU with a last dimension.
+fn fusable(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.rank() >= 1
+}
+
+/// LayerNorm written out as mean and variance with generic candle ops: the reference the
+/// fused kernel is tested against, and the fallback for other devices and dtypes.
+fn layer_norm_reference(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let xf = match dtype {
         DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?,
@@ -62,19 +93,37 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
         .broadcast_add(bias)
 }
 
-/// Softmax over the last dimension: `exp(x - max) / sum`.
-///
-/// The max is detached: softmax does not depend on the shift, so its gradient through the
-/// max is zero in exact arithmetic and not worth a backward pass.
+/// Softmax over the last dimension: `exp(x - max) / sum`, fused on the CPU for f32/f64
+/// (backward `y * (g - sum(g * y))`, also fused), generic elsewhere.
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    if fusable(x) {
+        x.contiguous()?.apply_op1(fused::Softmax)
+    } else {
+        softmax_reference(x)
+    }
+}
+
+/// Generic softmax. The max is detached: softmax does not depend on the shift, so its
+/// gradient through the max is zero in exact arithmetic and not worth a backward pass.
+fn softmax_reference(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let exp = x.broadcast_sub(&max)?.exp()?;
     let sum = exp.sum_keepdim(D::Minus1)?;
     exp.broadcast_div(&sum)
 }
 
-/// Log-softmax over the last dimension: `x - max - log(sum(exp(x - max)))`.
+/// Log-softmax over the last dimension: `x - max - log(sum(exp(x - max)))`, fused on the
+/// CPU for f32/f64 (backward `g - exp(y) * sum(g)`, also fused), generic elsewhere.
 pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    if fusable(x) {
+        x.contiguous()?.apply_op1(fused::LogSoftmax)
+    } else {
+        log_softmax_reference(x)
+    }
+}
+
+/// Generic log-softmax.
+fn log_softmax_reference(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let shifted = x.broadcast_sub(&max)?;
     let log_sum = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
@@ -302,6 +351,129 @@ mod tests {
         for (i, (x, y)) in a.iter().zip(b).enumerate() {
             assert!((x - y).abs() <= tol, "index {i}: {x} vs {y}");
         }
+    }
+
+    fn max_abs(a: &Tensor, b: &Tensor) -> Result<f64> {
+        (a - b)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()
+    }
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> Result<f64> {
+        let scale = b
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+        Ok(max_abs(a, b)? / scale.max(1e-30))
+    }
+
+    type Op = fn(&Tensor) -> Result<Tensor>;
+
+    /// Fused vs generic forward and input gradient under a random upstream gradient.
+    fn check_unary(fused: Op, reference: Op, dtype: DType, fwd_tol: f64) -> Result<()> {
+        let dev = Device::Cpu;
+        for shape in [&[3usize, 5, 7][..], &[64, 33], &[1, 1]] {
+            let x = Var::from_tensor(
+                &(Tensor::randn(0f64, 3.0, shape, &dev)? + 5.0)?.to_dtype(dtype)?,
+            )?;
+            let r = Tensor::randn(0f64, 1.0, shape, &dev)?.to_dtype(dtype)?;
+            let (yf, yr) = (fused(&x)?, reference(&x)?);
+            let d = max_abs(&yf, &yr)?;
+            assert!(d <= fwd_tol, "forward {shape:?}: {d}");
+            let gf = (&yf * &r)?.sum_all()?.backward()?;
+            let gr = (&yr * &r)?.sum_all()?.backward()?;
+            let (gf, gr) = (
+                gf.get(&x).expect("fused grad"),
+                gr.get(&x).expect("ref grad"),
+            );
+            let d = max_rel(gf, gr)?;
+            assert!(d <= 1e-5, "grad {shape:?}: {d}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn fused_softmax_matches_reference() -> Result<()> {
+        check_unary(softmax, softmax_reference, DType::F32, 1e-6)?;
+        check_unary(softmax, softmax_reference, DType::F64, 1e-12)
+    }
+
+    #[test]
+    fn fused_log_softmax_matches_reference() -> Result<()> {
+        check_unary(log_softmax, log_softmax_reference, DType::F32, 1e-5)?;
+        check_unary(log_softmax, log_softmax_reference, DType::F64, 1e-12)
+    }
+
+    #[test]
+    fn fused_layer_norm_matches_reference() -> Result<()> {
+        let dev = Device::Cpu;
+        for (dtype, fwd_tol) in [(DType::F32, 1e-5), (DType::F64, 1e-12)] {
+            for (rows, n) in [(4usize, 8usize), (50, 96), (3, 1)] {
+                let rand = |s: (usize, usize), m: f64| -> Result<Tensor> {
+                    (Tensor::randn(0f64, 2.0, s, &dev)? + m)?.to_dtype(dtype)
+                };
+                let x = Var::from_tensor(&rand((rows, n), 3.0)?)?;
+                let w = Var::from_tensor(&rand((1, n), 1.0)?.squeeze(0)?)?;
+                let b = Var::from_tensor(&rand((1, n), 0.0)?.squeeze(0)?)?;
+                let r = rand((rows, n), 0.0)?;
+                let yf = layer_norm(&x, &w, &b, 1e-5)?;
+                let yr = layer_norm_reference(&x, &w, &b, 1e-5)?;
+                let d = max_abs(&yf, &yr)?;
+                assert!(d <= fwd_tol, "forward {dtype:?} {rows}x{n}: {d}");
+                let gf = (&yf * &r)?.sum_all()?.backward()?;
+                let gr = (&yr * &r)?.sum_all()?.backward()?;
+                for (name, v) in [("x", &x), ("w", &w), ("b", &b)] {
+                    let (a, e) = (gf.get(v).expect("fused grad"), gr.get(v).expect("ref grad"));
+                    let d = max_rel(a, e)?;
+                    let tol = if dtype == DType::F32 { 1e-5 } else { 1e-10 };
+                    assert!(d <= tol, "grad {name} {dtype:?} {rows}x{n}: {d}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn fused_kernels_accept_non_contiguous_input() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (6, 4, 5), &dev)?.transpose(1, 2)?;
+        assert!(!x.is_contiguous());
+        let d = max_abs(&softmax(&x)?, &softmax_reference(&x)?)?;
+        assert!(d <= 1e-6, "{d}");
+        let d = max_abs(&log_softmax(&x)?, &log_softmax_reference(&x)?)?;
+        assert!(d <= 1e-5, "{d}");
+        let w = Tensor::randn(0f32, 1.0, 4, &dev)?;
+        let b = Tensor::randn(0f32, 1.0, 4, &dev)?;
+        let d = max_abs(
+            &layer_norm(&x, &w, &b, 1e-6)?,
+            &layer_norm_reference(&x, &w, &b, 1e-6)?,
+        )?;
+        assert!(d <= 1e-5, "{d}");
+        // The gradient flows back through the transpose too.
+        let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (6, 5, 4), &dev)?)?;
+        let r = Tensor::randn(0f32, 1.0, (6, 4, 5), &dev)?;
+        let gf = (softmax(&v.transpose(1, 2)?)? * &r)?
+            .sum_all()?
+            .backward()?;
+        let gr = (softmax_reference(&v.transpose(1, 2)?)? * &r)?
+            .sum_all()?
+            .backward()?;
+        let d = max_rel(gf.get(&v).expect("grad"), gr.get(&v).expect("grad"))?;
+        assert!(d <= 1e-5, "{d}");
+        Ok(())
+    }
+
+    #[test]
+    fn half_precision_falls_back_to_generic_softmax() -> Result<()> {
+        let x = Tensor::randn(0f32, 1.0, (2, 3), &Device::Cpu)?.to_dtype(DType::BF16)?;
+        let d = max_abs(&softmax(&x)?, &softmax_reference(&x)?)?;
+        assert_eq!(d, 0.0);
+        Ok(())
     }
 
     #[test]
