@@ -639,49 +639,12 @@ fn with_enc_token(input_ids: &Tensor, enc_id: Option<u32>) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::attention::AttentionBackend;
     use crate::bert::attention_mask_from_ids;
-    use crate::config::{TextConfig, VisionConfig};
     use candle_core::Device;
     use candle_nn::VarMap;
 
-    /// hidden 32, 2 + 2 layers, 32 x 32 images.
     pub(crate) fn micro() -> AlbefConfig {
-        AlbefConfig {
-            vision: VisionConfig {
-                image_size: 32,
-                patch_size: 8,
-                hidden: 32,
-                layers: 2,
-                heads: 4,
-                mlp_ratio: 2.0,
-                eps: 1e-6,
-                qkv_bias: true,
-            },
-            text: TextConfig {
-                vocab_size: 50,
-                hidden: 32,
-                layers: 2,
-                heads: 4,
-                intermediate: 64,
-                max_positions: 16,
-                eps: 1e-12,
-                dropout: 0.1,
-                type_vocab_size: 2,
-                layout: Layout::Albef { fusion_layer: 1 },
-                has_mlm_head: true,
-                pad_id: 0,
-                cls_id: 2,
-                sep_id: 3,
-                mask_id: 4,
-                enc_id: None,
-            },
-            embed_dim: 16,
-            temp: 0.07,
-            momentum: 0.995,
-            queue_size: 8,
-            attention: AttentionBackend::Generic,
-        }
+        AlbefConfig::micro()
     }
 
     fn build(cfg: &AlbefConfig, dtype: DType) -> Result<(VarMap, AlbefModel)> {

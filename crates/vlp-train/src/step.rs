@@ -332,46 +332,13 @@ mod tests {
     use crate::objectives::ContrastiveKind;
     use candle_core::{Device, Var};
     use candle_nn::{VarBuilder, VarMap};
-    use vlp_models::attention::AttentionBackend;
-    use vlp_models::config::{AlbefConfig, TextConfig, VisionConfig};
+    use vlp_models::config::AlbefConfig;
 
-    /// hidden 32, 1 text + 1 fusion layer, 32 x 32 images, dropout on, queue of 5 (not a
-    /// multiple of the batch of 3).
+    /// `AlbefConfig::micro` with a queue of 5 (not a multiple of the batch of 3).
     fn micro() -> AlbefConfig {
         AlbefConfig {
-            vision: VisionConfig {
-                image_size: 32,
-                patch_size: 8,
-                hidden: 32,
-                layers: 2,
-                heads: 4,
-                mlp_ratio: 2.0,
-                eps: 1e-6,
-                qkv_bias: true,
-            },
-            text: TextConfig {
-                vocab_size: 50,
-                hidden: 32,
-                layers: 2,
-                heads: 4,
-                intermediate: 64,
-                max_positions: 16,
-                eps: 1e-12,
-                dropout: 0.1,
-                type_vocab_size: 2,
-                layout: Layout::Albef { fusion_layer: 1 },
-                has_mlm_head: true,
-                pad_id: 0,
-                cls_id: 2,
-                sep_id: 3,
-                mask_id: 4,
-                enc_id: None,
-            },
-            embed_dim: 16,
-            temp: 0.07,
-            momentum: 0.995,
             queue_size: 5,
-            attention: AttentionBackend::Generic,
+            ..AlbefConfig::micro()
         }
     }
 
