@@ -376,24 +376,11 @@ mod tests {
     use candle_core::Device;
     use candle_nn::VarMap;
 
+    /// The text part of `AlbefConfig::micro` with the given layout.
     pub(crate) fn micro_text(layout: Layout) -> TextConfig {
         TextConfig {
-            vocab_size: 50,
-            hidden: 32,
-            layers: 2,
-            heads: 4,
-            intermediate: 64,
-            max_positions: 16,
-            eps: 1e-12,
-            dropout: 0.1,
-            type_vocab_size: 2,
             layout,
-            has_mlm_head: true,
-            pad_id: 0,
-            cls_id: 2,
-            sep_id: 3,
-            mask_id: 4,
-            enc_id: None,
+            ..crate::config::AlbefConfig::micro().text
         }
     }
 

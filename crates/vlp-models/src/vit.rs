@@ -254,16 +254,7 @@ mod tests {
     use candle_nn::VarMap;
 
     fn micro() -> VisionConfig {
-        VisionConfig {
-            image_size: 32,
-            patch_size: 8,
-            hidden: 32,
-            layers: 2,
-            heads: 4,
-            mlp_ratio: 2.0,
-            eps: 1e-6,
-            qkv_bias: true,
-        }
+        crate::config::AlbefConfig::micro().vision
     }
 
     #[test]
