@@ -80,8 +80,10 @@ pub fn run(args: StepArgs) -> anyhow::Result<()> {
         image_ids: None,
     };
     let mut step_index = 0u64;
-    let mut step = || -> anyhow::Result<f64> {
+    // Per step: [forward (losses), backward, optimizer, total] in seconds.
+    let mut step = || -> anyhow::Result<[f64; 4]> {
         let t0 = Instant::now();
+        let (forward, backward);
         if args.full {
             step_index += 1;
             let losses = pretrain_losses(
@@ -91,23 +93,34 @@ pub fn run(args: StepArgs) -> anyhow::Result<()> {
                 objectives.alpha,
                 Draws::Seeded(args.seed ^ step_index),
             )?;
+            forward = t0.elapsed().as_secs_f64();
             let store = losses.total.backward()?;
+            backward = t0.elapsed().as_secs_f64() - forward;
             let grads = optim.gradients(&store, 1.0)?;
             optim.step(&grads, 1e-4)?;
         } else {
             let loss = smoke_loss(&model, &images, &ids, &mask, true)?;
+            forward = t0.elapsed().as_secs_f64();
             drop(loss.total.backward()?);
+            backward = t0.elapsed().as_secs_f64() - forward;
         }
-        Ok(t0.elapsed().as_secs_f64())
+        let total = t0.elapsed().as_secs_f64();
+        Ok([forward, backward, total - forward - backward, total])
     };
     for _ in 0..args.warmup {
         step()?;
     }
     let rss_after_warmup = current_rss_mb();
-    let mut times = (0..args.steps)
+    let phases = (0..args.steps)
         .map(|_| step())
-        .collect::<anyhow::Result<Vec<f64>>>()?;
+        .collect::<anyhow::Result<Vec<[f64; 4]>>>()?;
     let rss_end = current_rss_mb();
+    let median_of = |i: usize| {
+        let mut v: Vec<f64> = phases.iter().map(|p| p[i]).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut times: Vec<f64> = phases.iter().map(|p| p[3]).collect();
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     eprintln!(
@@ -124,6 +137,9 @@ pub fn run(args: StepArgs) -> anyhow::Result<()> {
         "image_size": s,
         "steps": args.steps,
         "median_step_s": round3(median),
+        "median_forward_s": round3(median_of(0)),
+        "median_backward_s": round3(median_of(1)),
+        "median_optimizer_s": round3(median_of(2)),
         "samples_per_s": round2(b as f64 / median),
         "peak_rss_mb": round2(crate::cmd::bench::peak_rss_mb()),
         "rss_after_warmup_mb": round2(rss_after_warmup),

@@ -2,7 +2,11 @@
 //! (ViT self-attention, BERT self- and cross-attention; ALBEF paper §3.1).
 //!
 //! [`AttentionBackend`] selects the implementation; `Generic` is written with candle ops
-//! that have a backward and is the reference any fused or flash kernel is tested against.
+//! that have a backward and is the reference any fused or flash kernel is tested against;
+//! `Fused` runs one kernel per attention, forward and backward, without keeping the
+//! attention matrix (the CPU kernel for f32/f64 is in `fused/attention.rs`; elsewhere it
+//! falls back to `Generic`). Models call [`multi_head_attention`] on the projections
+//! as they come out of the linears.
 
 use candle_core::{DType, Result, Tensor};
 use serde::{Deserialize, Serialize};
@@ -15,6 +19,9 @@ use crate::nn;
 pub enum AttentionBackend {
     /// Matmul, additive mask, softmax, dropout, matmul: the full score matrix is stored.
     Generic,
+    /// One fused kernel forward and backward (recomputing the scores), where one exists
+    /// for the device and dtype; `Generic` otherwise.
+    Fused,
 }
 
 /// `softmax(q k^T / sqrt(d) + mask) v`, with dropout on the probabilities.
@@ -34,8 +41,89 @@ pub fn attention(
     backend: AttentionBackend,
 ) -> Result<Tensor> {
     match backend {
-        AttentionBackend::Generic => generic_attention(q, k, v, mask, dropout_p),
+        AttentionBackend::Generic | AttentionBackend::Fused => {
+            generic_attention(q, k, v, mask, dropout_p)
+        }
     }
+}
+
+/// Multi-head attention on un-split projections: `q`: `[B, Lq, heads * d]`, `k`, `v`:
+/// `[B, Lk, heads * d]` (views with a contiguous last dimension are fine, e.g. slices of
+/// a fused qkv projection), `mask` as for [`attention`] (`[B or 1, 1, 1, Lk]` for the
+/// fused kernel) -> `[B, Lq, heads * d]` with the heads merged.
+pub fn multi_head_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+    dropout_p: f64,
+    backend: AttentionBackend,
+) -> Result<Tensor> {
+    if backend == AttentionBackend::Fused {
+        if let Some(op) = fused_op(q, k, v, heads, mask, dropout_p)? {
+            return q.apply_op3(k, v, op);
+        }
+    }
+    let a = attention(
+        &split_heads(q, heads)?,
+        &split_heads(k, heads)?,
+        &split_heads(v, heads)?,
+        mask,
+        dropout_p,
+        AttentionBackend::Generic,
+    )?;
+    merge_heads(&a)
+}
+
+/// The fused CPU op for these inputs, or `None` where it does not apply (another device
+/// or dtype, a mask that is not a per-key mask).
+fn fused_op(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+    dropout_p: f64,
+) -> Result<Option<crate::fused::attention::FusedAttention>> {
+    let cpu_float = |t: &Tensor| {
+        t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64) && t.rank() == 3
+    };
+    if !(cpu_float(q) && cpu_float(k) && cpu_float(v))
+        || k.dtype() != q.dtype()
+        || v.dtype() != q.dtype()
+        || heads == 0
+    {
+        return Ok(None);
+    }
+    let (b, lq, c) = q.dims3()?;
+    let lk = k.dim(1)?;
+    let mask = match mask {
+        None => None,
+        Some(m) => {
+            let dims = m.dims();
+            let per_key = dims.len() == 4
+                && (dims[0] == b || dims[0] == 1)
+                && dims[1] == 1
+                && dims[2] == 1
+                && dims[3] == lk;
+            if !per_key || !m.device().is_cpu() {
+                return Ok(None);
+            }
+            Some(m.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?)
+        }
+    };
+    let keep = if dropout_p > 0.0 {
+        Some(nn::dropout_keep_values(b * heads * lq * lk, dropout_p)?)
+    } else {
+        None
+    };
+    Ok(Some(crate::fused::attention::FusedAttention {
+        heads,
+        scale: 1.0 / ((c / heads) as f64).sqrt(),
+        mask,
+        keep,
+    }))
 }
 
 fn generic_attention(
@@ -101,7 +189,114 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, IndexOp};
+    use candle_core::{Device, IndexOp, Var};
+
+    fn max_abs(a: &Tensor, b: &Tensor) -> Result<f64> {
+        (a - b)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()
+    }
+
+    /// Fused vs generic multi-head attention under one upstream gradient: outputs and the
+    /// gradients of q, k and v. Dropout draws are seeded identically for both.
+    #[allow(clippy::too_many_arguments)]
+    fn compare(
+        dtype: DType,
+        (b, lq, lk, heads, d): (usize, usize, usize, usize, usize),
+        masked: bool,
+        mask_batch: usize,
+        dropout_p: f64,
+        qkv_views: bool,
+        tol: f64,
+    ) -> Result<()> {
+        let dev = Device::Cpu;
+        let c = heads * d;
+        let rand =
+            |s: &[usize]| -> Result<Tensor> { Tensor::randn(0f64, 1.0, s, &dev)?.to_dtype(dtype) };
+        // With views, q, k and v are slices of one [B, L, 3C] projection (self-attention).
+        let (q, k, v, vars);
+        if qkv_views {
+            let qkv = Var::from_tensor(&rand(&[b, lq, 3 * c])?)?;
+            q = qkv.narrow(2, 0, c)?;
+            k = qkv.narrow(2, c, c)?;
+            v = qkv.narrow(2, 2 * c, c)?;
+            vars = vec![qkv];
+        } else {
+            let (qv, kv, vv) = (
+                Var::from_tensor(&rand(&[b, lq, c])?)?,
+                Var::from_tensor(&rand(&[b, lk, c])?)?,
+                Var::from_tensor(&rand(&[b, lk, c])?)?,
+            );
+            q = qv.as_tensor().clone();
+            k = kv.as_tensor().clone();
+            v = vv.as_tensor().clone();
+            vars = vec![qv, kv, vv];
+        }
+        let lk = k.dim(1)?;
+        let mask = if masked {
+            let keep: Vec<u32> = (0..mask_batch * lk)
+                // Row r keeps its first max(1, Lk - 1 - r) keys.
+                .map(|i| u32::from(i % lk < (lk - 1).saturating_sub(i / lk).max(1)))
+                .collect();
+            let am = Tensor::from_vec(keep, (mask_batch, lk), &dev)?;
+            Some(padding_mask(&am, dtype)?)
+        } else {
+            None
+        };
+        let r = rand(&[b, lq, c])?;
+        let run = |backend| -> Result<(Tensor, candle_core::backprop::GradStore)> {
+            let _seed = nn::seed_dropout(7);
+            let out = multi_head_attention(&q, &k, &v, heads, mask.as_ref(), dropout_p, backend)?;
+            let grads = (&out * &r)?.sum_all()?.backward()?;
+            Ok((out, grads))
+        };
+        let (of, gf) = run(AttentionBackend::Fused)?;
+        let (og, gg) = run(AttentionBackend::Generic)?;
+        assert_eq!(of.dims(), &[b, lq, c]);
+        let dif = max_abs(&of, &og)?;
+        assert!(dif <= tol, "forward {dtype:?}: {dif}");
+        for (i, var) in vars.iter().enumerate() {
+            let (a, e) = (
+                gf.get(var).expect("fused grad"),
+                gg.get(var).expect("generic grad"),
+            );
+            let dif = max_abs(a, e)?;
+            assert!(dif <= tol, "grad {i} {dtype:?}: {dif}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn fused_attention_matches_generic() -> Result<()> {
+        for (dtype, tol) in [(DType::F32, 2e-5), (DType::F64, 1e-12)] {
+            // self-attention, no mask
+            compare(dtype, (2, 5, 5, 2, 4), false, 0, 0.0, false, tol)?;
+            // text self-attention with a padding mask and dropout
+            compare(dtype, (3, 7, 7, 3, 8), true, 3, 0.1, false, tol)?;
+            // cross-attention (Lq != Lk) with dropout
+            compare(dtype, (2, 4, 9, 2, 8), false, 0, 0.3, false, tol)?;
+            // a mask shared by the batch
+            compare(dtype, (2, 6, 6, 1, 5), true, 1, 0.0, false, tol)?;
+            // q, k, v as views of one qkv projection (ViT)
+            compare(dtype, (2, 9, 9, 4, 4), false, 0, 0.0, true, tol)?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn fused_attention_falls_back_for_other_masks() -> Result<()> {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (2, 3, 8), &dev)?;
+        // A full [B, 1, Lq, Lk] mask is not a per-key mask: the generic path serves it.
+        let mask = Tensor::zeros((2, 1, 3, 3), DType::F32, &dev)?;
+        let a = multi_head_attention(&q, &q, &q, 2, Some(&mask), 0.0, AttentionBackend::Fused)?;
+        let g = multi_head_attention(&q, &q, &q, 2, Some(&mask), 0.0, AttentionBackend::Generic)?;
+        assert!(max_abs(&a, &g)? < 1e-6);
+        Ok(())
+    }
 
     #[test]
     fn padding_mask_ignores_padded_keys() -> Result<()> {

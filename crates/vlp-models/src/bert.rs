@@ -9,7 +9,7 @@
 use candle_core::{DType, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use crate::attention::{attention, merge_heads, padding_mask, split_heads, AttentionBackend};
+use crate::attention::{multi_head_attention, padding_mask, AttentionBackend};
 use crate::config::TextConfig;
 use crate::error::{ModelError, Result};
 use crate::nn::{self, Dropout, Embedding, LayerNorm, Linear};
@@ -65,13 +65,16 @@ impl BertAttention {
         backend: AttentionBackend,
     ) -> Result<Tensor> {
         let source = context.unwrap_or(x);
-        let q = split_heads(&self.query.forward(x)?, self.heads)?;
-        let k = split_heads(&self.key.forward(source)?, self.heads)?;
-        let v = split_heads(&self.value.forward(source)?, self.heads)?;
-        let a = attention(&q, &k, &v, mask, self.dropout.active_p(train), backend)?;
-        let out = self
-            .dropout
-            .forward(&self.dense.forward(&merge_heads(&a)?)?, train)?;
+        let a = multi_head_attention(
+            &self.query.forward(x)?,
+            &self.key.forward(source)?,
+            &self.value.forward(source)?,
+            self.heads,
+            mask,
+            self.dropout.active_p(train),
+            backend,
+        )?;
+        let out = self.dropout.forward(&self.dense.forward(&a)?, train)?;
         Ok(self.norm.forward(&(out + x)?)?)
     }
 }
@@ -122,7 +125,7 @@ impl BertLayer {
             // The image mask is all ones: no additive mask at all.
             x = cross.forward(&x, Some(image), None, train, backend)?;
         }
-        let h = nn::gelu(&self.intermediate.forward(&x)?)?;
+        let h = self.intermediate.forward_gelu(&x)?;
         let out = self.dropout.forward(&self.output.forward(&h)?, train)?;
         Ok(self.output_norm.forward(&(out + x)?)?)
     }
@@ -164,9 +167,9 @@ impl BertEmbeddings {
             ));
         }
         let positions = self.position.weight().narrow(0, 0, l)?; // [L, H]
-        let mut x = self.word_lookup(ids)?.broadcast_add(&positions)?;
+        let mut x = nn::add_broadcast(&self.word_lookup(ids)?, &positions)?;
         if let Some(tt) = &self.token_type {
-            x = x.broadcast_add(&tt.weight().narrow(0, 0, 1)?)?;
+            x = nn::add_broadcast(&x, &tt.weight().narrow(0, 0, 1)?)?;
         }
         Ok(self.dropout.forward(&self.norm.forward(&x)?, train)?)
     }
@@ -206,9 +209,7 @@ impl MlmHead {
     }
 
     fn forward(&self, states: &Tensor, word_embeddings: &Tensor) -> Result<Tensor> {
-        let h = self
-            .norm
-            .forward(&nn::gelu(&self.dense.forward(states)?)?)?;
+        let h = self.norm.forward(&self.dense.forward_gelu(states)?)?;
         Ok(nn::linear(&h, word_embeddings, Some(&self.bias))?)
     }
 }
@@ -244,7 +245,7 @@ impl BertModel {
                 .has_mlm_head
                 .then(|| MlmHead::new(cfg, vb.pp("cls").pp("predictions")))
                 .transpose()?,
-            backend: AttentionBackend::Generic,
+            backend: AttentionBackend::Fused,
         })
     }
 

@@ -229,7 +229,7 @@ impl AlbefConfig {
             temp: 0.07,
             momentum: 0.995,
             queue_size: 8,
-            attention: AttentionBackend::Generic,
+            attention: AttentionBackend::Fused,
         }
     }
 
@@ -273,7 +273,7 @@ impl AlbefConfig {
                     temp: 0.07,
                     momentum: 0.995,
                     queue_size: 65536,
-                    attention: AttentionBackend::Generic,
+                    attention: AttentionBackend::Fused,
                 }
             }
             // MiniLM-L6-H384 as the text encoder (its 6 layers) + 2 new fusion layers of
@@ -314,7 +314,7 @@ impl AlbefConfig {
                     temp: 0.07,
                     momentum: 0.995,
                     queue_size: 65536,
-                    attention: AttentionBackend::Generic,
+                    attention: AttentionBackend::Fused,
                 }
             }
             // Trains in minutes on 2 CPU cores. Special ids follow `vlp tokenizer train`
@@ -352,7 +352,7 @@ impl AlbefConfig {
                 temp: 0.07,
                 momentum: 0.995,
                 queue_size: 1024,
-                attention: AttentionBackend::Generic,
+                attention: AttentionBackend::Fused,
             },
             _ => {
                 return Err(ModelError::UnknownPreset {

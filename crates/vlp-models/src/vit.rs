@@ -7,7 +7,7 @@
 use candle_core::{DType, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use crate::attention::{attention, merge_heads, AttentionBackend};
+use crate::attention::{multi_head_attention, AttentionBackend};
 use crate::config::VisionConfig;
 use crate::error::{ModelError, Result};
 use crate::nn::{self, LayerNorm, Linear, WEIGHT_INIT};
@@ -39,19 +39,18 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor, backend: AttentionBackend) -> Result<Tensor> {
-        let (b, l, d) = x.dims3()?;
+        let d = x.dim(2)?;
         let h = self.norm1.forward(x)?;
-        // The fused qkv rows are q; k; v, each split into heads: one copy for all three.
-        let qkv = self
-            .qkv
-            .forward(&h)?
-            .reshape((b, l, 3, self.heads, d / self.heads))?
-            .permute((2, 0, 3, 1, 4))?
-            .contiguous()?; // [3, B, heads, L, d/heads]
-        let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
-        let a = attention(&q, &k, &v, None, 0.0, backend)?;
-        let x = (x + self.proj.forward(&merge_heads(&a)?)?)?;
-        let h = nn::gelu(&self.fc1.forward(&self.norm2.forward(&x)?)?)?;
+        // The fused qkv rows are q; k; v: the attention reads the three slices in place.
+        let qkv = self.qkv.forward(&h)?; // [B, L, 3 d]
+        let (q, k, v) = (
+            qkv.narrow(2, 0, d)?,
+            qkv.narrow(2, d, d)?,
+            qkv.narrow(2, 2 * d, d)?,
+        );
+        let a = multi_head_attention(&q, &k, &v, self.heads, None, 0.0, backend)?;
+        let x = (x + self.proj.forward(&a)?)?;
+        let h = self.fc1.forward_gelu(&self.norm2.forward(&x)?)?;
         Ok((&x + self.fc2.forward(&h)?)?)
     }
 }
@@ -95,7 +94,7 @@ impl VisionTransformer {
             )?,
             blocks,
             norm: LayerNorm::load(vb.pp("norm"), d, cfg.eps)?,
-            backend: AttentionBackend::Generic,
+            backend: AttentionBackend::Fused,
         })
     }
 
@@ -144,7 +143,7 @@ impl VisionTransformer {
         let x = self.patch_embed(images)?;
         let (b, _, d) = x.dims3()?;
         let cls = self.cls_token.broadcast_as((b, 1, d))?;
-        let mut x = Tensor::cat(&[&cls, &x], 1)?.broadcast_add(&self.pos_embed)?;
+        let mut x = nn::add_broadcast(&Tensor::cat(&[&cls, &x], 1)?, &self.pos_embed)?;
         for block in &self.blocks {
             x = block.forward(&x, self.backend)?;
         }

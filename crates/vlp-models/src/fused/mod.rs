@@ -1,5 +1,5 @@
-//! Fused CPU kernels for softmax, log-softmax and the LayerNorm normalisation, each with
-//! a hand-written backward that is itself one fused pass.
+//! Fused CPU kernels with hand-written backward passes: softmax and log-softmax here,
+//! LayerNorm, broadcast adds and bias + GELU in [`affine`].
 //!
 //! Every kernel works row by row over the last dimension of a contiguous f32 or f64
 //! tensor, rows in parallel with rayon. The public wrappers in [`crate::nn`] decide when
@@ -9,8 +9,11 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+pub(crate) mod affine;
+pub(crate) mod attention;
+
 /// The float operations the row kernels need, for f32 and f64.
-trait Real:
+pub(crate) trait Real:
     Copy
     + Send
     + Sync
@@ -19,6 +22,8 @@ trait Real:
     + std::ops::Sub<Output = Self>
     + std::ops::Mul<Output = Self>
     + std::ops::Div<Output = Self>
+    + std::ops::AddAssign
+    + std::ops::MulAssign
 {
     const ZERO: Self;
     const ONE: Self;
@@ -26,11 +31,12 @@ trait Real:
     fn exp(self) -> Self;
     fn ln(self) -> Self;
     fn sqrt(self) -> Self;
+    fn erf(self) -> Self;
     fn from_f64(v: f64) -> Self;
 }
 
 macro_rules! real {
-    ($t:ty) => {
+    ($t:ty, $erf:path) => {
         impl Real for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -44,28 +50,31 @@ macro_rules! real {
             fn sqrt(self) -> Self {
                 <$t>::sqrt(self)
             }
+            fn erf(self) -> Self {
+                $erf(self)
+            }
             fn from_f64(v: f64) -> Self {
                 v as $t
             }
         }
     };
 }
-real!(f32);
-real!(f64);
+real!(f32, libm::erff);
+real!(f64, libm::erf);
 
 /// Rows per rayon task: enough elements per task that scheduling stays cheap.
 fn min_rows(dim: usize) -> usize {
     (4096 / dim.max(1)).max(1)
 }
 
-fn contiguous<'a, T>(v: &'a [T], l: &Layout, op: &str) -> Result<&'a [T]> {
+pub(crate) fn contiguous<'a, T>(v: &'a [T], l: &Layout, op: &str) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
         None => bail!("{op}: input must be contiguous"),
     }
 }
 
-fn last_dim(l: &Layout, op: &str) -> Result<usize> {
+pub(crate) fn last_dim(l: &Layout, op: &str) -> Result<usize> {
     match l.dims().last() {
         Some(&d) => Ok(d),
         None => bail!("{op}: input must have at least one dimension"),
@@ -94,7 +103,7 @@ fn rows2<T: Real>(a: &[T], b: &[T], dim: usize, f: impl Fn(&[T], &[T], &mut [T])
     out
 }
 
-fn row_max<T: Real>(x: &[T]) -> T {
+pub(crate) fn row_max<T: Real>(x: &[T]) -> T {
     x.iter().fold(T::NEG_INF, |m, &v| if v > m { v } else { m })
 }
 
@@ -108,11 +117,11 @@ fn softmax_row<T: Real>(x: &[T], o: &mut [T]) {
     for (o, &x) in o.iter_mut().zip(x) {
         let e = (x - max).exp();
         *o = e;
-        s = s + e;
+        s += e;
     }
     let inv = T::ONE / s;
     for o in o.iter_mut() {
-        *o = *o * inv;
+        *o *= inv;
     }
 }
 
@@ -141,34 +150,11 @@ fn log_softmax_bwd_row<T: Real>(y: &[T], g: &[T], o: &mut [T]) {
 }
 
 /// Mean and `1 / sqrt(var + eps)` of one row (biased variance, two passes).
-fn moments<T: Real>(x: &[T], eps: T) -> (T, T) {
+pub(crate) fn moments<T: Real>(x: &[T], eps: T) -> (T, T) {
     let n = T::from_f64(x.len() as f64);
     let mean = sum(x.iter().copied()) / n;
     let var = sum(x.iter().map(|&v| (v - mean) * (v - mean))) / n;
     (mean, T::ONE / (var + eps).sqrt())
-}
-
-fn norm_row<T: Real>(x: &[T], o: &mut [T], eps: T) {
-    let (mean, rstd) = moments(x, eps);
-    for (o, &x) in o.iter_mut().zip(x) {
-        *o = (x - mean) * rstd;
-    }
-}
-
-/// `dx = rstd * (g - mean(g) - y * mean(g * y))`, with `y` recomputed from `x`.
-fn norm_bwd_row<T: Real>(x: &[T], g: &[T], o: &mut [T], eps: T) {
-    let n = T::from_f64(x.len() as f64);
-    let (mean, rstd) = moments(x, eps);
-    let mut sg = T::ZERO;
-    let mut sgy = T::ZERO;
-    for (&x, &g) in x.iter().zip(g) {
-        sg = sg + g;
-        sgy = sgy + g * ((x - mean) * rstd);
-    }
-    let (mg, mgy) = (sg / n, sgy / n);
-    for ((o, &x), &g) in o.iter_mut().zip(x).zip(g) {
-        *o = rstd * (g - mg - (x - mean) * rstd * mgy);
-    }
 }
 
 /// Applies a row kernel, instantiated for f32 and f64, to one CPU storage.
@@ -315,51 +301,5 @@ impl CustomOp2 for LogSoftmaxBwd {
         binary!(self.name(), s1, l1, s2, l2, |y, g, o, T| {
             log_softmax_bwd_row::<T>(y, g, o)
         })
-    }
-}
-
-/// LayerNorm normalisation without the affine part: `(x - mean) / sqrt(var + eps)` over
-/// the last dimension; backward through [`NormBwd`], which recomputes the row moments.
-pub(crate) struct Norm {
-    pub(crate) eps: f64,
-}
-
-struct NormBwd {
-    eps: f64,
-}
-
-impl CustomOp1 for Norm {
-    fn name(&self) -> &'static str {
-        "vlp-layer-norm-last-dim"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let eps = self.eps;
-        unary!(self.name(), s, l, |x, o, T| norm_row::<T>(x, o, eps as T))
-    }
-
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let x = arg.contiguous()?;
-        let op = NormBwd { eps: self.eps };
-        Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &op)?))
-    }
-}
-
-impl CustomOp2 for NormBwd {
-    fn name(&self) -> &'static str {
-        "vlp-layer-norm-last-dim-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let eps = self.eps;
-        binary!(self.name(), s1, l1, s2, l2, |x, g, o, T| norm_bwd_row::<T>(
-            x, g, o, eps as T
-        ))
     }
 }

@@ -1,0 +1,451 @@
+//! Fused CPU kernels for the affine pieces around the matmuls: LayerNorm with its gain
+//! and bias, adding a tensor broadcast over the leading dimensions (a bias, position
+//! embeddings), and bias + GELU.
+//!
+//! candle's backward of a broadcast op sums the gradient over the broadcast dimensions
+//! with a reduction that walks every element through a division per dimension, on one
+//! thread: for a bias under a `[rows, n]` activation that costs more than the matmul in
+//! front of it. Here the gradients of gains and biases are column sums computed in
+//! parallel over fixed blocks of rows and added up in block order, so the result does
+//! not depend on the number of threads.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
+    WithDType,
+};
+use rayon::prelude::*;
+
+use super::{contiguous, last_dim, moments, Real};
+
+/// Rows per block of the column sums.
+const BLOCK_ROWS: usize = 32;
+
+/// f32 and f64: the kernels' float operations and candle's storage access.
+pub(crate) trait Float: Real + WithDType {}
+impl Float for f32 {}
+impl Float for f64 {}
+
+/// The contiguous CPU slice behind a tensor (held while `guard` lives).
+fn slice_of<'a, T: Float>(s: &'a Storage, l: &Layout, op: &str) -> Result<&'a [T]> {
+    match s {
+        Storage::Cpu(c) => contiguous(T::cpu_storage_as_slice(c)?, l, op),
+        _ => bail!("{op}: CPU tensors only"),
+    }
+}
+
+fn tensor_from<T: Float>(v: Vec<T>, shape: &Shape, like: &Tensor) -> Result<Tensor> {
+    Tensor::from_vec(v, shape.clone(), like.device())
+}
+
+/// Sums `k` per-block accumulators of length `n` in block order.
+fn reduce_blocks<T: Float>(partials: Vec<Vec<Vec<T>>>, k: usize, n: usize) -> Vec<Vec<T>> {
+    let mut total = vec![vec![T::ZERO; n]; k];
+    for block in partials {
+        for (t, p) in total.iter_mut().zip(block) {
+            for (t, p) in t.iter_mut().zip(p) {
+                *t += p;
+            }
+        }
+    }
+    total
+}
+
+/// Column sums of a `[rows, n]` matrix, in parallel over blocks of rows.
+fn col_sums<T: Float>(g: &[T], n: usize) -> Vec<T> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let partials: Vec<Vec<Vec<T>>> = g
+        .par_chunks(BLOCK_ROWS * n)
+        .map(|block| {
+            let mut acc = vec![T::ZERO; n];
+            for row in block.chunks_exact(n) {
+                for (a, &v) in acc.iter_mut().zip(row) {
+                    *a += v;
+                }
+            }
+            vec![acc]
+        })
+        .collect();
+    reduce_blocks(partials, 1, n).pop().unwrap_or_default()
+}
+
+/// Applies `f(x_row, out_row)` to every row, rows in parallel.
+fn map_rows<T: Float>(x: &[T], n: usize, f: impl Fn(&[T], &mut [T]) + Sync) -> Vec<T> {
+    let mut out = vec![T::ZERO; x.len()];
+    if n > 0 {
+        out.par_chunks_mut(BLOCK_ROWS * n)
+            .zip(x.par_chunks(BLOCK_ROWS * n))
+            .for_each(|(o, x)| {
+                for (o, x) in o.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
+                    f(x, o)
+                }
+            });
+    }
+    out
+}
+
+/// The length of the rows `b` is broadcast over: `b`'s shape without leading ones must
+/// be the trailing part of `x`'s.
+fn broadcast_row_len(x: &Shape, b: &Shape, op: &str) -> Result<usize> {
+    let bd: Vec<usize> = b.dims().iter().copied().skip_while(|&d| d == 1).collect();
+    let xd = x.dims();
+    if bd.len() > xd.len() || xd[xd.len() - bd.len()..] != bd[..] {
+        bail!("{op}: {b:?} does not broadcast over the trailing dims of {x:?}");
+    }
+    Ok(bd.iter().product())
+}
+
+macro_rules! dispatch2 {
+    ($op:expr, $s1:expr, $s2:expr, |$a:ident, $b:ident, $t:ident| $body:expr) => {
+        match ($s1, $s2) {
+            (CpuStorage::F32($a), CpuStorage::F32($b)) => {
+                type $t = f32;
+                CpuStorage::F32($body)
+            }
+            (CpuStorage::F64($a), CpuStorage::F64($b)) => {
+                type $t = f64;
+                CpuStorage::F64($body)
+            }
+            (a, b) => bail!(
+                "{}: unsupported dtypes {:?}, {:?}",
+                $op,
+                a.dtype(),
+                b.dtype()
+            ),
+        }
+    };
+}
+
+/// `x + b` with `b` broadcast over the leading dimensions of `x`; backward: the gradient
+/// itself for `x`, its column sums for `b`.
+pub(crate) struct AddBroadcast;
+
+impl CustomOp2 for AddBroadcast {
+    fn name(&self) -> &'static str {
+        "vlp-add-broadcast"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let n = broadcast_row_len(l1.shape(), l2.shape(), op)?;
+        let out = dispatch2!(op, s1, s2, |x, b, T| {
+            let (x, b) = (contiguous(x, l1, op)?, contiguous(b, l2, op)?);
+            map_rows::<T>(x, n, |x, o| {
+                for ((o, &x), &b) in o.iter_mut().zip(x).zip(b) {
+                    *o = x + b;
+                }
+            })
+        });
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = grad.contiguous()?;
+        let n = b.elem_count();
+        let db = {
+            let (gs, gl) = g.storage_and_layout();
+            match g.dtype() {
+                DType::F32 => tensor_from(
+                    col_sums(slice_of::<f32>(&gs, gl, self.name())?, n),
+                    b.shape(),
+                    b,
+                )?,
+                DType::F64 => tensor_from(
+                    col_sums(slice_of::<f64>(&gs, gl, self.name())?, n),
+                    b.shape(),
+                    b,
+                )?,
+                dt => bail!("{}: unsupported dtype {dt:?}", self.name()),
+            }
+        };
+        Ok((Some(g), Some(db)))
+    }
+}
+
+const SQRT_HALF: f64 = std::f64::consts::FRAC_1_SQRT_2;
+/// `1 / sqrt(2 pi)`.
+const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
+
+fn gelu<T: Float>(u: T) -> T {
+    let half = <T as Real>::from_f64(0.5);
+    half * u * (T::ONE + (u * <T as Real>::from_f64(SQRT_HALF)).erf())
+}
+
+fn gelu_grad<T: Float>(u: T) -> T {
+    let half = <T as Real>::from_f64(0.5);
+    let cdf = half * (T::ONE + (u * <T as Real>::from_f64(SQRT_HALF)).erf());
+    cdf + u * <T as Real>::from_f64(INV_SQRT_2PI) * (T::ZERO - half * u * u).exp()
+}
+
+/// `gelu(x + b)` (erf form) with `b` broadcast over the leading dimensions; backward
+/// `dx = g * gelu'(x + b)`, `db` its column sums, from `x + b` recomputed.
+pub(crate) struct BiasGelu;
+
+impl CustomOp2 for BiasGelu {
+    fn name(&self) -> &'static str {
+        "vlp-bias-gelu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let n = broadcast_row_len(l1.shape(), l2.shape(), op)?;
+        let out = dispatch2!(op, s1, s2, |x, b, T| {
+            let (x, b) = (contiguous(x, l1, op)?, contiguous(b, l2, op)?);
+            map_rows::<T>(x, n, |x, o| {
+                for ((o, &x), &b) in o.iter_mut().zip(x).zip(b) {
+                    *o = gelu(x + b);
+                }
+            })
+        });
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (x, g) = (x.contiguous()?, grad.contiguous()?);
+        let n = b.elem_count();
+        let op = self.name();
+        let (xs, xl) = x.storage_and_layout();
+        let (bs, bl) = b.storage_and_layout();
+        let (gs, gl) = g.storage_and_layout();
+        fn run<T: Float>(x: &[T], b: &[T], g: &[T], n: usize) -> (Vec<T>, Vec<T>) {
+            let mut dx = vec![T::ZERO; x.len()];
+            if n == 0 {
+                return (dx, Vec::new());
+            }
+            let partials: Vec<Vec<Vec<T>>> = dx
+                .par_chunks_mut(BLOCK_ROWS * n)
+                .zip(
+                    x.par_chunks(BLOCK_ROWS * n)
+                        .zip(g.par_chunks(BLOCK_ROWS * n)),
+                )
+                .map(|(dx, (x, g))| {
+                    let mut db = vec![T::ZERO; n];
+                    for ((dx, x), g) in dx
+                        .chunks_exact_mut(n)
+                        .zip(x.chunks_exact(n))
+                        .zip(g.chunks_exact(n))
+                    {
+                        for i in 0..n {
+                            let d = g[i] * gelu_grad(x[i] + b[i]);
+                            dx[i] = d;
+                            db[i] += d;
+                        }
+                    }
+                    vec![db]
+                })
+                .collect();
+            let db = reduce_blocks(partials, 1, n).pop().unwrap_or_default();
+            (dx, db)
+        }
+        let (dx, db) = match x.dtype() {
+            DType::F32 => {
+                let (dx, db) = run::<f32>(
+                    slice_of(&xs, xl, op)?,
+                    slice_of(&bs, bl, op)?,
+                    slice_of(&gs, gl, op)?,
+                    n,
+                );
+                (
+                    tensor_from(dx, x.shape(), &x)?,
+                    tensor_from(db, b.shape(), b)?,
+                )
+            }
+            DType::F64 => {
+                let (dx, db) = run::<f64>(
+                    slice_of(&xs, xl, op)?,
+                    slice_of(&bs, bl, op)?,
+                    slice_of(&gs, gl, op)?,
+                    n,
+                );
+                (
+                    tensor_from(dx, x.shape(), &x)?,
+                    tensor_from(db, b.shape(), b)?,
+                )
+            }
+            dt => bail!("{op}: unsupported dtype {dt:?}"),
+        };
+        Ok((Some(dx), Some(db)))
+    }
+}
+
+/// LayerNorm over the last dimension with its gain and bias:
+/// `(x - mean) / sqrt(var + eps) * w + b`; backward in one pass over the rows (the row
+/// moments recomputed), with `dw` and `db` as column sums.
+pub(crate) struct LayerNormAffine {
+    pub(crate) eps: f64,
+}
+
+impl CustomOp3 for LayerNormAffine {
+    fn name(&self) -> &'static str {
+        "vlp-layer-norm-affine"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let n = last_dim(l1, op)?;
+        if l2.shape().elem_count() != n || l3.shape().elem_count() != n {
+            bail!("{op}: gain and bias must have {n} elements");
+        }
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
+                CpuStorage::F32(ln_fwd(
+                    contiguous(x, l1, op)?,
+                    contiguous(w, l2, op)?,
+                    contiguous(b, l3, op)?,
+                    n,
+                    self.eps as f32,
+                ))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
+                CpuStorage::F64(ln_fwd(
+                    contiguous(x, l1, op)?,
+                    contiguous(w, l2, op)?,
+                    contiguous(b, l3, op)?,
+                    n,
+                    self.eps,
+                ))
+            }
+            (x, _, _) => bail!("{op}: unsupported dtype {:?}", x.dtype()),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, g) = (x.contiguous()?, grad.contiguous()?);
+        let op = self.name();
+        let n = x.dim(candle_core::D::Minus1)?;
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        let (gs, gl) = g.storage_and_layout();
+        let (dx, dw, db) = match x.dtype() {
+            DType::F32 => {
+                let (dx, dw, db) = ln_bwd::<f32>(
+                    slice_of(&xs, xl, op)?,
+                    slice_of(&ws, wl, op)?,
+                    slice_of(&gs, gl, op)?,
+                    n,
+                    self.eps as f32,
+                );
+                (
+                    tensor_from(dx, x.shape(), &x)?,
+                    tensor_from(dw, w.shape(), w)?,
+                    tensor_from(db, b.shape(), b)?,
+                )
+            }
+            DType::F64 => {
+                let (dx, dw, db) = ln_bwd::<f64>(
+                    slice_of(&xs, xl, op)?,
+                    slice_of(&ws, wl, op)?,
+                    slice_of(&gs, gl, op)?,
+                    n,
+                    self.eps,
+                );
+                (
+                    tensor_from(dx, x.shape(), &x)?,
+                    tensor_from(dw, w.shape(), w)?,
+                    tensor_from(db, b.shape(), b)?,
+                )
+            }
+            dt => bail!("{op}: unsupported dtype {dt:?}"),
+        };
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+fn ln_fwd<T: Float>(x: &[T], w: &[T], b: &[T], n: usize, eps: T) -> Vec<T> {
+    map_rows(x, n, |x, o| {
+        let (mean, rstd) = moments(x, eps);
+        for (((o, &x), &w), &b) in o.iter_mut().zip(x).zip(w).zip(b) {
+            *o = (x - mean) * rstd * w + b;
+        }
+    })
+}
+
+/// With `y = (x - mean) * rstd` and `h = g * w`:
+/// `dx = rstd * (h - mean(h) - y * mean(h * y))`, `dw = sum_rows(g * y)`,
+/// `db = sum_rows(g)`.
+fn ln_bwd<T: Float>(x: &[T], w: &[T], g: &[T], n: usize, eps: T) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let mut dx = vec![T::ZERO; x.len()];
+    if n == 0 {
+        return (dx, Vec::new(), Vec::new());
+    }
+    let nf = <T as Real>::from_f64(n as f64);
+    let partials: Vec<Vec<Vec<T>>> = dx
+        .par_chunks_mut(BLOCK_ROWS * n)
+        .zip(
+            x.par_chunks(BLOCK_ROWS * n)
+                .zip(g.par_chunks(BLOCK_ROWS * n)),
+        )
+        .map(|(dx, (x, g))| {
+            let mut dw = vec![T::ZERO; n];
+            let mut db = vec![T::ZERO; n];
+            for ((dx, x), g) in dx
+                .chunks_exact_mut(n)
+                .zip(x.chunks_exact(n))
+                .zip(g.chunks_exact(n))
+            {
+                let (mean, rstd) = moments(x, eps);
+                let (mut sh, mut shy) = (T::ZERO, T::ZERO);
+                for i in 0..n {
+                    let y = (x[i] - mean) * rstd;
+                    let h = g[i] * w[i];
+                    sh += h;
+                    shy += h * y;
+                    dw[i] += g[i] * y;
+                    db[i] += g[i];
+                }
+                let (mh, mhy) = (sh / nf, shy / nf);
+                for i in 0..n {
+                    let y = (x[i] - mean) * rstd;
+                    dx[i] = rstd * (g[i] * w[i] - mh - y * mhy);
+                }
+            }
+            vec![dw, db]
+        })
+        .collect();
+    let mut sums = reduce_blocks(partials, 2, n);
+    let db = sums.pop().unwrap_or_default();
+    let dw = sums.pop().unwrap_or_default();
+    (dx, dw, db)
+}

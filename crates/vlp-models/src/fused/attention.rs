@@ -1,0 +1,473 @@
+//! Fused multi-head attention on the CPU, forward and backward, for f32 and f64.
+//!
+//! Inputs are the projections as the linears produce them, `[B, L, heads * d]` (any row
+//! strides, so views into a fused qkv projection need no copy), and the output is
+//! `[B, Lq, heads * d]` with the heads already merged. Per batch row and head:
+//! `S = scale * Q K^T + mask`, `P = softmax(S)`, `P' = P * keep` (dropout), `O = P' V`.
+//! The attention matrix is never kept between the passes: the backward recomputes `S`
+//! and `P` from `Q`, `K`, the mask and the dropout mask (which the op holds), then
+//! `dV = P'^T dO`, `dP = (dO V^T) * keep`, `dS = P * (dP - rowsum(dP * P))`,
+//! `dQ = scale * dS K`, `dK = scale * dS^T Q`. Batch rows run in parallel; the small
+//! matrix products go through `gemm` on one thread each.
+
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::affine::Float;
+
+/// The attention of one layer, with the pieces that are not differentiated: the
+/// additive key mask (`[B or 1, Lk]`) and the dropout multipliers (`[B, heads, Lq, Lk]`,
+/// `0` or `1 / (1 - p)`).
+pub(crate) struct FusedAttention {
+    pub(crate) heads: usize,
+    pub(crate) scale: f64,
+    pub(crate) mask: Option<Vec<f64>>,
+    pub(crate) keep: Option<Vec<f32>>,
+}
+
+/// Where one `[B, L, C]` input lives in its storage: the last dimension is contiguous.
+#[derive(Clone, Copy)]
+struct View {
+    offset: usize,
+    batch_stride: usize,
+    row_stride: usize,
+    len: usize,
+}
+
+impl View {
+    fn new(l: &Layout, op: &str) -> Result<(Self, [usize; 3])> {
+        let dims = l.dims();
+        let stride = l.stride();
+        if dims.len() != 3 || stride[2] != 1 {
+            bail!("{op}: inputs must be [B, L, C] with a contiguous last dimension, got {dims:?} / {stride:?}");
+        }
+        let (b, rows, c) = (dims[0], dims[1], dims[2]);
+        let len = if b * rows * c == 0 {
+            0
+        } else {
+            (b - 1) * stride[0] + (rows - 1) * stride[1] + c
+        };
+        Ok((
+            Self {
+                offset: l.start_offset(),
+                batch_stride: stride[0],
+                row_stride: stride[1],
+                len,
+            },
+            [b, rows, c],
+        ))
+    }
+
+    /// The part of `data` from batch row `b` on.
+    fn batch<'a, T>(&self, data: &'a [T], b: usize) -> &'a [T] {
+        &data[self.offset + b * self.batch_stride..self.offset + self.len]
+    }
+}
+
+/// `dst = [dst +] beta * lhs * rhs` for an `m x k` by `k x n` product, each matrix given
+/// by its slice and its row and column strides.
+#[allow(clippy::too_many_arguments)]
+fn mm<T: Float>(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [T],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: &[T],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[T],
+    (rhs_rs, rhs_cs): (usize, usize),
+    beta: T,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(
+        last(m, n, dst_rs, 1) < dst.len(),
+        "attention: dst out of bounds"
+    );
+    if k > 0 {
+        assert!(
+            last(m, k, lhs_rs, lhs_cs) < lhs.len(),
+            "attention: lhs out of bounds"
+        );
+        assert!(
+            last(k, n, rhs_rs, rhs_cs) < rhs.len(),
+            "attention: rhs out of bounds"
+        );
+    }
+    // SAFETY: the asserts above keep every element gemm touches inside the slices, and
+    // `dst` does not alias the inputs (it is a `&mut`).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            T::ONE,
+            beta,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        )
+    }
+}
+
+/// Shapes shared by the passes.
+#[derive(Clone, Copy)]
+struct Dims {
+    heads: usize,
+    d: usize,
+    lq: usize,
+    lk: usize,
+    c: usize,
+}
+
+impl FusedAttention {
+    fn dims(&self, q: [usize; 3], k: [usize; 3], v: [usize; 3], op: &str) -> Result<Dims> {
+        let [b, lq, c] = q;
+        if k[0] != b || v[0] != b || k[2] != c || v[2] != c || k[1] != v[1] {
+            bail!("{op}: q {q:?}, k {k:?}, v {v:?} do not fit together");
+        }
+        if self.heads == 0 || c % self.heads != 0 {
+            bail!("{op}: {c} channels do not split into {} heads", self.heads);
+        }
+        let lk = k[1];
+        if let Some(m) = &self.mask {
+            if m.len() != b * lk && m.len() != lk {
+                bail!("{op}: mask of {} values for batch {b} x {lk} keys", m.len());
+            }
+        }
+        if let Some(keep) = &self.keep {
+            if keep.len() != b * self.heads * lq * lk {
+                bail!("{op}: dropout mask of {} values", keep.len());
+            }
+        }
+        Ok(Dims {
+            heads: self.heads,
+            d: c / self.heads,
+            lq,
+            lk,
+            c,
+        })
+    }
+
+    /// `P` (before dropout) of batch row `b`, head `h`, into `p` (`lq x lk`).
+    #[allow(clippy::too_many_arguments)]
+    fn probs<T: Float>(
+        &self,
+        dm: Dims,
+        b: usize,
+        h: usize,
+        q: &[T],
+        qv: View,
+        k: &[T],
+        kv: View,
+        p: &mut [T],
+    ) {
+        let Dims { d, lq, lk, .. } = dm;
+        mm(
+            (lq, lk, d),
+            p,
+            lk,
+            false,
+            &qv.batch(q, b)[h * d..],
+            (qv.row_stride, 1),
+            &kv.batch(k, b)[h * d..],
+            (1, kv.row_stride),
+            <T as super::Real>::from_f64(self.scale),
+        );
+        let mask = self.mask.as_ref().map(|m| {
+            let start = if m.len() == lk { 0 } else { b * lk };
+            &m[start..start + lk]
+        });
+        for row in p.chunks_exact_mut(lk) {
+            if let Some(mask) = mask {
+                for (s, &m) in row.iter_mut().zip(mask) {
+                    *s += <T as super::Real>::from_f64(m);
+                }
+            }
+            let max = super::row_max(row);
+            let mut sum = T::ZERO;
+            for s in row.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let inv = T::ONE / sum;
+            for s in row.iter_mut() {
+                *s *= inv;
+            }
+        }
+    }
+
+    /// The dropout multipliers of batch row `b`, head `h` (`lq x lk`), if any.
+    fn keep_of(&self, dm: Dims, b: usize, h: usize) -> Option<&[f32]> {
+        let n = dm.lq * dm.lk;
+        let start = (b * dm.heads + h) * n;
+        self.keep.as_ref().map(|k| &k[start..start + n])
+    }
+
+    fn forward<T: Float>(
+        &self,
+        dm: Dims,
+        q: (&[T], View),
+        k: (&[T], View),
+        v: (&[T], View),
+        batch: usize,
+    ) -> Vec<T> {
+        let Dims {
+            heads,
+            d,
+            lq,
+            lk,
+            c,
+        } = dm;
+        let mut out = vec![T::ZERO; batch * lq * c];
+        if lq * c == 0 {
+            return out;
+        }
+        out.par_chunks_mut(lq * c).enumerate().for_each(|(b, out)| {
+            let mut p = vec![T::ZERO; lq * lk];
+            for h in 0..heads {
+                if lk > 0 {
+                    self.probs(dm, b, h, q.0, q.1, k.0, k.1, &mut p);
+                }
+                if let Some(keep) = self.keep_of(dm, b, h) {
+                    for (p, &m) in p.iter_mut().zip(keep) {
+                        *p *= <T as super::Real>::from_f64(f64::from(m));
+                    }
+                }
+                mm(
+                    (lq, d, lk),
+                    &mut out[h * d..],
+                    c,
+                    false,
+                    &p,
+                    (lk, 1),
+                    &v.1.batch(v.0, b)[h * d..],
+                    (v.1.row_stride, 1),
+                    T::ONE,
+                );
+            }
+        });
+        out
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn backward<T: Float>(
+        &self,
+        dm: Dims,
+        q: (&[T], View),
+        k: (&[T], View),
+        v: (&[T], View),
+        g: &[T],
+        batch: usize,
+    ) -> (Vec<T>, Vec<T>, Vec<T>) {
+        let Dims {
+            heads,
+            d,
+            lq,
+            lk,
+            c,
+        } = dm;
+        let mut dq = vec![T::ZERO; batch * lq * c];
+        let mut dk = vec![T::ZERO; batch * lk * c];
+        let mut dv = vec![T::ZERO; batch * lk * c];
+        if lq * lk * c == 0 {
+            return (dq, dk, dv);
+        }
+        let scale = <T as super::Real>::from_f64(self.scale);
+        dq.par_chunks_mut(lq * c)
+            .zip(dk.par_chunks_mut(lk * c).zip(dv.par_chunks_mut(lk * c)))
+            .enumerate()
+            .for_each(|(b, (dq, (dk, dv)))| {
+                let mut p = vec![T::ZERO; lq * lk];
+                let mut pd = vec![T::ZERO; lq * lk];
+                let mut dp = vec![T::ZERO; lq * lk];
+                let g = &g[b * lq * c..];
+                for h in 0..heads {
+                    self.probs(dm, b, h, q.0, q.1, k.0, k.1, &mut p);
+                    let keep = self.keep_of(dm, b, h);
+                    let dropped: &[T] = match keep {
+                        Some(keep) => {
+                            for ((pd, &p), &m) in pd.iter_mut().zip(&p).zip(keep) {
+                                *pd = p * <T as super::Real>::from_f64(f64::from(m));
+                            }
+                            &pd
+                        }
+                        None => &p,
+                    };
+                    // dV = P'^T dO
+                    mm(
+                        (lk, d, lq),
+                        &mut dv[h * d..],
+                        c,
+                        false,
+                        dropped,
+                        (1, lk),
+                        &g[h * d..],
+                        (c, 1),
+                        T::ONE,
+                    );
+                    // dP' = dO V^T, then dP = dP' * keep
+                    mm(
+                        (lq, lk, d),
+                        &mut dp,
+                        lk,
+                        false,
+                        &g[h * d..],
+                        (c, 1),
+                        &v.1.batch(v.0, b)[h * d..],
+                        (1, v.1.row_stride),
+                        T::ONE,
+                    );
+                    if let Some(keep) = keep {
+                        for (dp, &m) in dp.iter_mut().zip(keep) {
+                            *dp *= <T as super::Real>::from_f64(f64::from(m));
+                        }
+                    }
+                    // dS = P * (dP - rowsum(dP * P)), in place in dp
+                    for (dp, p) in dp.chunks_exact_mut(lk).zip(p.chunks_exact(lk)) {
+                        let s = dp.iter().zip(p).fold(T::ZERO, |s, (&a, &b)| s + a * b);
+                        for (dp, &p) in dp.iter_mut().zip(p) {
+                            *dp = p * (*dp - s);
+                        }
+                    }
+                    // dQ = scale * dS K
+                    mm(
+                        (lq, d, lk),
+                        &mut dq[h * d..],
+                        c,
+                        false,
+                        &dp,
+                        (lk, 1),
+                        &k.1.batch(k.0, b)[h * d..],
+                        (k.1.row_stride, 1),
+                        scale,
+                    );
+                    // dK = scale * dS^T Q
+                    mm(
+                        (lk, d, lq),
+                        &mut dk[h * d..],
+                        c,
+                        false,
+                        &dp,
+                        (1, lk),
+                        &q.1.batch(q.0, b)[h * d..],
+                        (q.1.row_stride, 1),
+                        scale,
+                    );
+                }
+            });
+        (dq, dk, dv)
+    }
+}
+
+fn cpu_slice<'a, T: Float>(s: &'a CpuStorage, op: &str) -> Result<&'a [T]> {
+    match T::cpu_storage_as_slice(s) {
+        Ok(v) => Ok(v),
+        Err(_) => bail!("{op}: q, k and v must share one float dtype"),
+    }
+}
+
+impl CustomOp3 for FusedAttention {
+    fn name(&self) -> &'static str {
+        "vlp-fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let ((qv, qd), (kv, kd), (vv, vd)) =
+            (View::new(l1, op)?, View::new(l2, op)?, View::new(l3, op)?);
+        let dm = self.dims(qd, kd, vd, op)?;
+        let shape = Shape::from(qd.to_vec());
+        let out = match s1 {
+            CpuStorage::F32(q) => CpuStorage::F32(self.forward(
+                dm,
+                (q, qv),
+                (cpu_slice(s2, op)?, kv),
+                (cpu_slice(s3, op)?, vv),
+                qd[0],
+            )),
+            CpuStorage::F64(q) => CpuStorage::F64(self.forward(
+                dm,
+                (q, qv),
+                (cpu_slice(s2, op)?, kv),
+                (cpu_slice(s3, op)?, vv),
+                qd[0],
+            )),
+            other => bail!(
+                "{op}: unsupported dtype {:?}",
+                candle_core::backend::BackendStorage::dtype(other)
+            ),
+        };
+        Ok((out, shape))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let op = self.name();
+        let g = grad.contiguous()?;
+        let (qs, ql) = q.storage_and_layout();
+        let (ks, kl) = k.storage_and_layout();
+        let (vs, vl) = v.storage_and_layout();
+        let (gs, gl) = g.storage_and_layout();
+        let ((qv, qd), (kv, kd), (vv, vd)) =
+            (View::new(ql, op)?, View::new(kl, op)?, View::new(vl, op)?);
+        let dm = self.dims(qd, kd, vd, op)?;
+        let (Storage::Cpu(qs), Storage::Cpu(ks), Storage::Cpu(vs), Storage::Cpu(gs)) =
+            (&*qs, &*ks, &*vs, &*gs)
+        else {
+            bail!("{op}: CPU tensors only");
+        };
+        let g_off = gl.start_offset();
+        macro_rules! run {
+            ($t:ty) => {{
+                let (dq, dk, dv) = self.backward::<$t>(
+                    dm,
+                    (cpu_slice(qs, op)?, qv),
+                    (cpu_slice(ks, op)?, kv),
+                    (cpu_slice(vs, op)?, vv),
+                    &cpu_slice::<$t>(gs, op)?[g_off..],
+                    qd[0],
+                );
+                (
+                    Tensor::from_vec(dq, q.shape(), q.device())?,
+                    Tensor::from_vec(dk, k.shape(), k.device())?,
+                    Tensor::from_vec(dv, v.shape(), v.device())?,
+                )
+            }};
+        }
+        let (dq, dk, dv) = match q.dtype() {
+            DType::F32 => run!(f32),
+            DType::F64 => run!(f64),
+            dt => bail!("{op}: unsupported dtype {dt:?}"),
+        };
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
