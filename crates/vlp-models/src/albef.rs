@@ -181,9 +181,7 @@ impl AlbefModel {
     pub fn momentum_update(&self, m: f64) -> Result<()> {
         for pair in &self.momentum {
             let var = as_var(&pair.name, &pair.momentum)?;
-            let blended = (pair.momentum.detach().affine(m, 0.0)?
-                + pair.online.detach().affine(1.0 - m, 0.0)?)?;
-            var.set(&blended)?;
+            crate::nn::ema_update(&var, &pair.online, m)?;
         }
         Ok(())
     }

@@ -93,10 +93,11 @@ fn fused_op(
         || k.dtype() != q.dtype()
         || v.dtype() != q.dtype()
         || heads == 0
+        || dropout_p >= 1.0
     {
         return Ok(None);
     }
-    let (b, lq, c) = q.dims3()?;
+    let (b, _, c) = q.dims3()?;
     let lk = k.dim(1)?;
     let mask = match mask {
         None => None,
@@ -113,16 +114,14 @@ fn fused_op(
             Some(m.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?)
         }
     };
-    let keep = if dropout_p > 0.0 {
-        Some(nn::dropout_keep_values(b * heads * lq * lk, dropout_p)?)
-    } else {
-        None
-    };
+    // One draw from the dropout stream, as the generic path's `nn::dropout` makes: the
+    // same seed gives both paths the same mask.
+    let dropout = (dropout_p > 0.0).then(|| nn::DropoutMask::draw(dropout_p));
     Ok(Some(crate::fused::attention::FusedAttention {
         heads,
         scale: 1.0 / ((c / heads) as f64).sqrt(),
         mask,
-        keep,
+        dropout,
     }))
 }
 

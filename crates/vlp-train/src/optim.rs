@@ -188,6 +188,12 @@ impl AdamW {
     /// One AdamW update at learning rate `lr`. Parameters without a gradient are left
     /// untouched (their moments too), as in PyTorch.
     pub fn step(&mut self, grads: &Gradients, lr: f64) -> Result<()> {
+        self.step_impl(grads, lr, true)
+    }
+
+    /// `in_place`: the fused in-place kernels where they apply (CPU, f32), otherwise
+    /// tensor ops (the reference the kernels are tested against).
+    fn step_impl(&mut self, grads: &Gradients, lr: f64, in_place: bool) -> Result<()> {
         self.step += 1;
         let AdamWConfig {
             beta1,
@@ -202,6 +208,37 @@ impl AdamW {
             let Some(g) = &grads.grads[i] else { continue };
             let g = g.to_dtype(DType::F32)?;
             let var = &self.params[i].1;
+            if in_place && kernels::applies(var.as_tensor(), &g, &self.m[i], &self.v[i]) {
+                let g = g.contiguous()?;
+                self.m[i].inplace_op2(
+                    &g,
+                    &kernels::Moment {
+                        beta: beta1,
+                        square: false,
+                    },
+                )?;
+                self.v[i].inplace_op2(
+                    &g,
+                    &kernels::Moment {
+                        beta: beta2,
+                        square: true,
+                    },
+                )?;
+                let decay = if self.decay[i] && weight_decay != 0.0 {
+                    Some(1.0 - lr * weight_decay)
+                } else {
+                    None
+                };
+                let update = kernels::Update {
+                    inv_sqrt_bias2: 1.0 / bias2.sqrt(),
+                    eps,
+                    step_size: lr / bias1,
+                    decay,
+                };
+                var.as_tensor()
+                    .inplace_op3(&self.m[i], &self.v[i], &update)?;
+                continue;
+            }
             let m = ((&self.m[i] * beta1)? + (&g * (1.0 - beta1))?)?;
             let v = ((&self.v[i] * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
             // PyTorch's form: p -= lr / bias1 * m / (sqrt(v) / sqrt(bias2) + eps).
@@ -274,6 +311,62 @@ mod tests {
 
     fn var(values: &[f32]) -> Var {
         Var::new(values, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn in_place_kernels_equal_the_tensor_op_update_bit_for_bit() {
+        let dev = Device::Cpu;
+        let make = || -> (Vec<(String, Var)>, AdamW) {
+            let w = Var::from_tensor(
+                &Tensor::arange(0f32, 600.0, &dev)
+                    .unwrap()
+                    .reshape((20, 30))
+                    .unwrap()
+                    .affine(0.01, -3.0)
+                    .unwrap(),
+            )
+            .unwrap();
+            let b = Var::from_tensor(
+                &Tensor::arange(0f32, 30.0, &dev)
+                    .unwrap()
+                    .affine(-0.1, 1.0)
+                    .unwrap(),
+            )
+            .unwrap();
+            let params = vec![("l.weight".to_string(), w), ("l.bias".to_string(), b)];
+            let opt = AdamW::new(
+                params.clone(),
+                AdamWConfig {
+                    weight_decay: 0.02,
+                    ..AdamWConfig::default()
+                },
+            )
+            .unwrap();
+            (params, opt)
+        };
+        let (pa, mut a) = make();
+        let (pb, mut b) = make();
+        for step in 0..4 {
+            let gs: Vec<Option<Tensor>> = pa
+                .iter()
+                .map(|(_, v)| Some((v.as_tensor().sin().unwrap() * (1.0 + step as f64)).unwrap()))
+                .collect();
+            let grads = Gradients { grads: gs };
+            a.step_impl(&grads, 1e-3, true).unwrap();
+            b.step_impl(&grads, 1e-3, false).unwrap();
+        }
+        for ((_, x), (_, y)) in pa.iter().zip(&pb) {
+            let x: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+            let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+            assert!(x.iter().zip(&y).all(|(x, y)| x.to_bits() == y.to_bits()));
+        }
+        for i in 0..2 {
+            for (x, y) in [(&a.m[i], &b.m[i]), (&a.v[i], &b.v[i])] {
+                let x: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+                let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+                assert!(x.iter().zip(&y).all(|(x, y)| x.to_bits() == y.to_bits()));
+            }
+        }
     }
 
     /// Hand-computed with PyTorch's `torch.optim.AdamW` formulas:
@@ -424,5 +517,133 @@ mod tests {
             other.v[0].to_vec1::<f32>().unwrap(),
             opt.v[0].to_vec1::<f32>().unwrap()
         );
+    }
+}
+
+/// AdamW's update as in-place passes over f32 CPU tensors: the moments, then the
+/// parameter. Each computes exactly what the tensor-op version in [`AdamW::step`] computes
+/// (the same f32 operations in the same order), without its dozen temporaries per
+/// parameter.
+mod kernels {
+    use candle_core::{bail, CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
+    use rayon::prelude::*;
+
+    const CHUNK: usize = 1 << 14;
+
+    /// Whether the in-place path serves these tensors: all f32, contiguous, on the CPU.
+    pub(super) fn applies(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor) -> bool {
+        [p, g, m, v]
+            .iter()
+            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.shape() == p.shape())
+            && [p, m, v].iter().all(|t| t.is_contiguous())
+    }
+
+    fn span<'a>(s: &'a [f32], l: &Layout, op: &str) -> Result<&'a [f32]> {
+        match l.contiguous_offsets() {
+            Some((a, b)) => Ok(&s[a..b]),
+            None => bail!("{op}: tensors must be contiguous"),
+        }
+    }
+
+    fn f32s<'a>(s: &'a CpuStorage, op: &str) -> Result<&'a [f32]> {
+        match s {
+            CpuStorage::F32(v) => Ok(v),
+            _ => bail!("{op}: f32 tensors only"),
+        }
+    }
+
+    /// `m = m * beta + g * (1 - beta)`, or with `square`, `v = v * beta + g^2 * (1 - beta)`.
+    pub(super) struct Moment {
+        pub(super) beta: f64,
+        pub(super) square: bool,
+    }
+
+    impl InplaceOp2 for Moment {
+        fn name(&self) -> &'static str {
+            "vlp-adamw-moment"
+        }
+
+        fn cpu_fwd(
+            &self,
+            s1: &mut CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+        ) -> Result<()> {
+            let op = self.name();
+            let g = span(f32s(s2, op)?, l2, op)?;
+            let Some((a, b)) = l1.contiguous_offsets() else {
+                bail!("{op}: the moment must be contiguous");
+            };
+            let CpuStorage::F32(m) = s1 else {
+                bail!("{op}: f32 tensors only");
+            };
+            let (beta, rest) = (self.beta as f32, (1.0 - self.beta) as f32);
+            let square = self.square;
+            m[a..b]
+                .par_chunks_mut(CHUNK)
+                .zip(g.par_chunks(CHUNK))
+                .for_each(|(m, g)| {
+                    for (m, &g) in m.iter_mut().zip(g) {
+                        let g = if square { g * g } else { g };
+                        *m = *m * beta + g * rest;
+                    }
+                });
+            Ok(())
+        }
+    }
+
+    /// `p = p [* decay] - m / (sqrt(v) * inv_sqrt_bias2 + eps) * step_size`.
+    pub(super) struct Update {
+        pub(super) inv_sqrt_bias2: f64,
+        pub(super) eps: f64,
+        pub(super) step_size: f64,
+        pub(super) decay: Option<f64>,
+    }
+
+    impl InplaceOp3 for Update {
+        fn name(&self) -> &'static str {
+            "vlp-adamw-update"
+        }
+
+        fn cpu_fwd(
+            &self,
+            s1: &mut CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+            s3: &CpuStorage,
+            l3: &Layout,
+        ) -> Result<()> {
+            let op = self.name();
+            let m = span(f32s(s2, op)?, l2, op)?;
+            let v = span(f32s(s3, op)?, l3, op)?;
+            let Some((a, b)) = l1.contiguous_offsets() else {
+                bail!("{op}: the parameter must be contiguous");
+            };
+            let CpuStorage::F32(p) = s1 else {
+                bail!("{op}: f32 tensors only");
+            };
+            let (inv, eps, step) = (
+                self.inv_sqrt_bias2 as f32,
+                self.eps as f32,
+                self.step_size as f32,
+            );
+            let decay = self.decay.map(|d| d as f32);
+            p[a..b]
+                .par_chunks_mut(CHUNK)
+                .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
+                .for_each(|(p, (m, v))| {
+                    for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+                        let update = m / (v.sqrt() * inv + eps) * step;
+                        let kept = match decay {
+                            Some(d) => *p * d,
+                            None => *p,
+                        };
+                        *p = kept - update;
+                    }
+                });
+            Ok(())
+        }
     }
 }

@@ -52,7 +52,7 @@ fn reduce_blocks<T: Float>(partials: Vec<Vec<Vec<T>>>, k: usize, n: usize) -> Ve
 }
 
 /// Column sums of a `[rows, n]` matrix, in parallel over blocks of rows.
-fn col_sums<T: Float>(g: &[T], n: usize) -> Vec<T> {
+pub(crate) fn col_sums<T: Float>(g: &[T], n: usize) -> Vec<T> {
     if n == 0 {
         return Vec::new();
     }
@@ -448,4 +448,55 @@ fn ln_bwd<T: Float>(x: &[T], w: &[T], g: &[T], n: usize, eps: T) -> (Vec<T>, Vec
     let db = sums.pop().unwrap_or_default();
     let dw = sums.pop().unwrap_or_default();
     (dx, dw, db)
+}
+
+/// In place: `target = m * target + (1 - m) * source`, the momentum twin's EMA (both
+/// contiguous, same shape and dtype). Written as candle's `affine`s and an add it would be
+/// three new tensors and a copy per parameter.
+pub(crate) struct Ema {
+    pub(crate) m: f64,
+}
+
+impl candle_core::InplaceOp2 for Ema {
+    fn name(&self) -> &'static str {
+        "vlp-ema"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let op = self.name();
+        if l1.shape() != l2.shape() {
+            bail!("{op}: shapes {:?} and {:?} differ", l1.shape(), l2.shape());
+        }
+        fn blend<T: Float>(t: &mut [T], s: &[T], m: T, one_minus_m: T) {
+            t.par_chunks_mut(1 << 14)
+                .zip(s.par_chunks(1 << 14))
+                .for_each(|(t, s)| {
+                    for (t, &s) in t.iter_mut().zip(s) {
+                        *t = *t * m + s * one_minus_m;
+                    }
+                });
+        }
+        let Some((a1, b1)) = l1.contiguous_offsets() else {
+            bail!("{op}: target must be contiguous");
+        };
+        match (s1, s2) {
+            (CpuStorage::F32(t), CpuStorage::F32(s)) => blend(
+                &mut t[a1..b1],
+                contiguous(s, l2, op)?,
+                self.m as f32,
+                (1.0 - self.m) as f32,
+            ),
+            (CpuStorage::F64(t), CpuStorage::F64(s)) => {
+                blend(&mut t[a1..b1], contiguous(s, l2, op)?, self.m, 1.0 - self.m)
+            }
+            _ => bail!("{op}: target and source must be both f32 or both f64"),
+        }
+        Ok(())
+    }
 }

@@ -15,15 +15,16 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::affine::Float;
+use crate::nn::DropoutMask;
 
 /// The attention of one layer, with the pieces that are not differentiated: the
-/// additive key mask (`[B or 1, Lk]`) and the dropout multipliers (`[B, heads, Lq, Lk]`,
-/// `0` or `1 / (1 - p)`).
+/// additive key mask (`[B or 1, Lk]`) and the dropout mask of the probabilities (over
+/// their `[B, heads, Lq, Lk]` positions).
 pub(crate) struct FusedAttention {
     pub(crate) heads: usize,
     pub(crate) scale: f64,
     pub(crate) mask: Option<Vec<f64>>,
-    pub(crate) keep: Option<Vec<f32>>,
+    pub(crate) dropout: Option<DropoutMask>,
 }
 
 /// Where one `[B, L, C]` input lives in its storage: the last dimension is contiguous.
@@ -149,11 +150,6 @@ impl FusedAttention {
                 bail!("{op}: mask of {} values for batch {b} x {lk} keys", m.len());
             }
         }
-        if let Some(keep) = &self.keep {
-            if keep.len() != b * self.heads * lq * lk {
-                bail!("{op}: dropout mask of {} values", keep.len());
-            }
-        }
         Ok(Dims {
             heads: self.heads,
             d: c / self.heads,
@@ -211,11 +207,14 @@ impl FusedAttention {
         }
     }
 
-    /// The dropout multipliers of batch row `b`, head `h` (`lq x lk`), if any.
-    fn keep_of(&self, dm: Dims, b: usize, h: usize) -> Option<&[f32]> {
-        let n = dm.lq * dm.lk;
-        let start = (b * dm.heads + h) * n;
-        self.keep.as_ref().map(|k| &k[start..start + n])
+    /// Multiplies the `lq x lk` block of batch row `b`, head `h` by its dropout mask.
+    fn apply_dropout<T: Float>(&self, dm: Dims, b: usize, h: usize, block: &mut [T]) {
+        if let Some(mask) = &self.dropout {
+            let start = (b * dm.heads + h) * dm.lq * dm.lk;
+            for (j, v) in block.iter_mut().enumerate() {
+                *v *= <T as super::Real>::from_f64(f64::from(mask.keep(start + j)));
+            }
+        }
     }
 
     fn forward<T: Float>(
@@ -243,11 +242,7 @@ impl FusedAttention {
                 if lk > 0 {
                     self.probs(dm, b, h, q.0, q.1, k.0, k.1, &mut p);
                 }
-                if let Some(keep) = self.keep_of(dm, b, h) {
-                    for (p, &m) in p.iter_mut().zip(keep) {
-                        *p *= <T as super::Real>::from_f64(f64::from(m));
-                    }
-                }
+                self.apply_dropout(dm, b, h, &mut p);
                 mm(
                     (lq, d, lk),
                     &mut out[h * d..],
@@ -298,15 +293,12 @@ impl FusedAttention {
                 let g = &g[b * lq * c..];
                 for h in 0..heads {
                     self.probs(dm, b, h, q.0, q.1, k.0, k.1, &mut p);
-                    let keep = self.keep_of(dm, b, h);
-                    let dropped: &[T] = match keep {
-                        Some(keep) => {
-                            for ((pd, &p), &m) in pd.iter_mut().zip(&p).zip(keep) {
-                                *pd = p * <T as super::Real>::from_f64(f64::from(m));
-                            }
-                            &pd
-                        }
-                        None => &p,
+                    let dropped: &[T] = if self.dropout.is_some() {
+                        pd.copy_from_slice(&p);
+                        self.apply_dropout(dm, b, h, &mut pd);
+                        &pd
+                    } else {
+                        &p
                     };
                     // dV = P'^T dO
                     mm(
@@ -332,11 +324,7 @@ impl FusedAttention {
                         (1, v.1.row_stride),
                         T::ONE,
                     );
-                    if let Some(keep) = keep {
-                        for (dp, &m) in dp.iter_mut().zip(keep) {
-                            *dp *= <T as super::Real>::from_f64(f64::from(m));
-                        }
-                    }
+                    self.apply_dropout(dm, b, h, &mut dp);
                     // dS = P * (dP - rowsum(dP * P)), in place in dp
                     for (dp, p) in dp.chunks_exact_mut(lk).zip(p.chunks_exact(lk)) {
                         let s = dp.iter().zip(p).fold(T::ZERO, |s, (&a, &b)| s + a * b);

@@ -11,6 +11,8 @@ use rayon::prelude::*;
 
 pub(crate) mod affine;
 pub(crate) mod attention;
+pub(crate) mod dropout;
+pub(crate) mod linear;
 
 /// The float operations the row kernels need, for f32 and f64.
 pub(crate) trait Real:

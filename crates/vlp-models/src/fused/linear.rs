@@ -1,0 +1,340 @@
+//! The linear layer `y = x W^T (+ b)` as one CPU op with a hand-written backward
+//! (`dx = g W`, `dW = g^T x`, `db` = column sums of `g`), for f32 and f64.
+//!
+//! Written with candle ops, a linear is five graph nodes (reshape, transpose, matmul,
+//! bias add, reshape), and candle's backward gives every node's inputs a zero-filled
+//! gradient buffer plus an addition: for activation-sized tensors those passes cost more
+//! than the products. As one node the backward is the three products and a column sum.
+//! The products go through `gemm` (candle's own CPU matrix-multiply crate) with the
+//! transposes expressed as strides.
+
+use candle_core::{
+    bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
+};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::affine::{col_sums, Float};
+use super::contiguous;
+
+/// Products smaller than this many multiply-adds run on one thread.
+const PARALLEL_MACS: usize = 1 << 16;
+
+/// `dst (m x n, row stride n) = [dst +] lhs (m x k) * rhs (k x n)`, strides given.
+#[allow(clippy::too_many_arguments)]
+fn gemm_into<T: Float>(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [T],
+    accumulate: bool,
+    lhs: &[T],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[T],
+    (rhs_rs, rhs_cs): (usize, usize),
+    threads: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(m * n <= dst.len(), "linear: dst out of bounds");
+    if k > 0 {
+        assert!(
+            last(m, k, lhs_rs, lhs_cs) < lhs.len(),
+            "linear: lhs out of bounds"
+        );
+        assert!(
+            last(k, n, rhs_rs, rhs_cs) < rhs.len(),
+            "linear: rhs out of bounds"
+        );
+    }
+    let parallelism = if m * n * k >= PARALLEL_MACS && threads > 1 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
+    // SAFETY: the asserts keep every element gemm reads or writes inside the slices;
+    // `dst` is a `&mut` and so aliases neither input.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            T::ONE,
+            T::ONE,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+/// `[rows, in] x [out, in]^T (+ [out])`.
+fn forward<T: Float>(
+    x: &[T],
+    w: &[T],
+    b: Option<&[T]>,
+    rows: usize,
+    inp: usize,
+    out: usize,
+) -> Vec<T> {
+    let mut y = vec![T::ZERO; rows * out];
+    if let (Some(b), true) = (b, out > 0) {
+        y.par_chunks_mut(out * 64).for_each(|rows| {
+            for row in rows.chunks_exact_mut(out) {
+                row.copy_from_slice(b);
+            }
+        });
+    }
+    let threads = rayon::current_num_threads();
+    gemm_into(
+        (rows, out, inp),
+        &mut y,
+        b.is_some(),
+        x,
+        (inp, 1),
+        w,
+        (1, inp),
+        threads,
+    );
+    y
+}
+
+/// `(dx, dw)` for `g`: `[rows, out]`.
+fn backward<T: Float>(
+    x: &[T],
+    w: &[T],
+    g: &[T],
+    rows: usize,
+    inp: usize,
+    out: usize,
+) -> (Vec<T>, Vec<T>) {
+    // The two products have the same size: each gets half the threads, and on two cores
+    // each runs on its own core without gemm's internal synchronisation.
+    let threads = rayon::current_num_threads().div_ceil(2);
+    rayon::join(
+        || {
+            let mut dx = vec![T::ZERO; rows * inp];
+            gemm_into(
+                (rows, inp, out),
+                &mut dx,
+                false,
+                g,
+                (out, 1),
+                w,
+                (inp, 1),
+                threads,
+            );
+            dx
+        },
+        || {
+            let mut dw = vec![T::ZERO; out * inp];
+            gemm_into(
+                (out, inp, rows),
+                &mut dw,
+                false,
+                g,
+                (1, out),
+                x,
+                (inp, 1),
+                threads,
+            );
+            dw
+        },
+    )
+}
+
+/// The shapes of a linear: `x` `[.., in]`, `w` `[out, in]`, optional `b` `[out]`.
+fn dims(x: &Layout, w: &Layout, b: Option<&Layout>, op: &str) -> Result<(usize, usize, usize)> {
+    let (Some(&inp), [out, w_in]) = (x.dims().last(), w.dims()) else {
+        bail!(
+            "{op}: x {:?} / weight {:?} are not [.., in] / [out, in]",
+            x.dims(),
+            w.dims()
+        );
+    };
+    if inp != *w_in {
+        bail!("{op}: x has {inp} features, the weight {w_in}");
+    }
+    if let Some(b) = b {
+        if b.shape().elem_count() != *out || b.dims().len() != 1 {
+            bail!("{op}: bias {:?} for {out} outputs", b.dims());
+        }
+    }
+    Ok((x.shape().elem_count() / inp.max(1), inp, *out))
+}
+
+fn out_shape(x: &Layout, out: usize) -> Shape {
+    let mut d = x.dims().to_vec();
+    if let Some(last) = d.last_mut() {
+        *last = out;
+    }
+    Shape::from(d)
+}
+
+fn slice<'a, T: Float>(s: &'a Storage, l: &Layout, op: &str) -> Result<&'a [T]> {
+    match s {
+        Storage::Cpu(c) => contiguous(T::cpu_storage_as_slice(c)?, l, op),
+        _ => bail!("{op}: CPU tensors only"),
+    }
+}
+
+/// Shared backward: gradients of `x`, `w` and (if `with_bias`) `b`.
+fn bwd_all(
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+    with_bias: bool,
+    op: &str,
+) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+    let g = grad.contiguous()?;
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    let (xs, xl) = x.storage_and_layout();
+    let (ws, wl) = w.storage_and_layout();
+    let (gs, gl) = g.storage_and_layout();
+    let (rows, inp, out) = dims(xl, wl, None, op)?;
+    macro_rules! run {
+        ($t:ty) => {{
+            let (xv, wv, gv) = (
+                slice::<$t>(&xs, xl, op)?,
+                slice::<$t>(&ws, wl, op)?,
+                slice::<$t>(&gs, gl, op)?,
+            );
+            let (dx, dw) = backward(xv, wv, gv, rows, inp, out);
+            let db = if with_bias {
+                Some(Tensor::from_vec(col_sums(gv, out), out, x.device())?)
+            } else {
+                None
+            };
+            (
+                Tensor::from_vec(dx, x.shape(), x.device())?,
+                Tensor::from_vec(dw, w.shape(), w.device())?,
+                db,
+            )
+        }};
+    }
+    Ok(match x.dtype() {
+        DType::F32 => run!(f32),
+        DType::F64 => run!(f64),
+        dt => bail!("{op}: unsupported dtype {dt:?}"),
+    })
+}
+
+/// `x W^T + b`.
+pub(crate) struct LinearBias;
+
+/// `x W^T`.
+pub(crate) struct LinearNoBias;
+
+impl CustomOp3 for LinearBias {
+    fn name(&self) -> &'static str {
+        "vlp-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let (rows, inp, out) = dims(l1, l2, Some(l3), op)?;
+        let y = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
+                CpuStorage::F32(forward(
+                    contiguous(x, l1, op)?,
+                    contiguous(w, l2, op)?,
+                    Some(contiguous(b, l3, op)?),
+                    rows,
+                    inp,
+                    out,
+                ))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
+                CpuStorage::F64(forward(
+                    contiguous(x, l1, op)?,
+                    contiguous(w, l2, op)?,
+                    Some(contiguous(b, l3, op)?),
+                    rows,
+                    inp,
+                    out,
+                ))
+            }
+            _ => bail!("{op}: x, weight and bias must be all f32 or all f64"),
+        };
+        Ok((y, out_shape(l1, out)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = bwd_all(x, w, grad, true, self.name())?;
+        Ok((Some(dx), Some(dw), db))
+    }
+}
+
+impl CustomOp2 for LinearNoBias {
+    fn name(&self) -> &'static str {
+        "vlp-linear-no-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let (rows, inp, out) = dims(l1, l2, None, op)?;
+        let y = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => CpuStorage::F32(forward(
+                contiguous(x, l1, op)?,
+                contiguous(w, l2, op)?,
+                None,
+                rows,
+                inp,
+                out,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(w)) => CpuStorage::F64(forward(
+                contiguous(x, l1, op)?,
+                contiguous(w, l2, op)?,
+                None,
+                rows,
+                inp,
+                out,
+            )),
+            _ => bail!("{op}: x and weight must be both f32 or both f64"),
+        };
+        Ok((y, out_shape(l1, out)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = bwd_all(x, w, grad, false, self.name())?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
