@@ -76,6 +76,51 @@ pub fn multi_head_attention(
     merge_heads(&a)
 }
 
+/// Self-attention on a packed `[B, L, 3 * heads * d]` projection (q, k, v along the last
+/// dimension, as ViT's `qkv` linear and a concatenated BERT q/k/v produce) ->
+/// `[B, L, heads * d]`. The fused kernel reads the three parts in place and returns one
+/// gradient for the projection; otherwise as [`multi_head_attention`] on the slices.
+pub fn self_attention_packed(
+    qkv: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+    dropout_p: f64,
+    backend: AttentionBackend,
+) -> Result<Tensor> {
+    let c = qkv.dim(candle_core::D::Minus1)? / 3;
+    let (q, k, v) = (
+        qkv.narrow(2, 0, c)?,
+        qkv.narrow(2, c, c)?,
+        qkv.narrow(2, 2 * c, c)?,
+    );
+    if backend == AttentionBackend::Fused && qkv.dim(candle_core::D::Minus1)? == 3 * c {
+        if let Some(op) = fused_op(&q, &k, &v, heads, mask, dropout_p)? {
+            return qkv.apply_op1(crate::fused::attention::PackedQkv(op));
+        }
+    }
+    multi_head_attention(&q, &k, &v, heads, mask, dropout_p, backend)
+}
+
+/// Cross-attention of queries `[B, Lq, heads * d]` over a packed `[B, Lk, 2 * heads * d]`
+/// key/value projection -> `[B, Lq, heads * d]`; fused like [`self_attention_packed`].
+pub fn cross_attention_packed(
+    q: &Tensor,
+    kv: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+    dropout_p: f64,
+    backend: AttentionBackend,
+) -> Result<Tensor> {
+    let c = kv.dim(candle_core::D::Minus1)? / 2;
+    let (k, v) = (kv.narrow(2, 0, c)?, kv.narrow(2, c, c)?);
+    if backend == AttentionBackend::Fused && kv.dim(candle_core::D::Minus1)? == 2 * c {
+        if let Some(op) = fused_op(q, &k, &v, heads, mask, dropout_p)? {
+            return q.apply_op2(kv, crate::fused::attention::PackedKv(op));
+        }
+    }
+    multi_head_attention(q, &k, &v, heads, mask, dropout_p, backend)
+}
+
 /// The fused CPU op for these inputs, or `None` where it does not apply (another device
 /// or dtype, a mask that is not a per-key mask).
 fn fused_op(
@@ -281,6 +326,52 @@ mod tests {
             compare(dtype, (2, 6, 6, 1, 5), true, 1, 0.0, false, tol)?;
             // q, k, v as views of one qkv projection (ViT)
             compare(dtype, (2, 9, 9, 4, 4), false, 0, 0.0, true, tol)?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn packed_attention_matches_generic() -> Result<()> {
+        let dev = Device::Cpu;
+        for (dtype, tol) in [(DType::F32, 2e-5), (DType::F64, 1e-12)] {
+            let (b, lq, lk, heads, d) = (3, 6, 9, 2, 4);
+            let c = heads * d;
+            let rand = |s: &[usize]| -> Result<Var> {
+                Var::from_tensor(&Tensor::randn(0f64, 1.0, s, &dev)?.to_dtype(dtype)?)
+            };
+            let am = Tensor::from_vec(
+                (0..b * lq)
+                    .map(|i| u32::from(i % lq < lq - i / lq))
+                    .collect::<Vec<u32>>(),
+                (b, lq),
+                &dev,
+            )?;
+            let mask = padding_mask(&am, dtype)?;
+            let (qkv, q, kv) = (
+                rand(&[b, lq, 3 * c])?,
+                rand(&[b, lq, c])?,
+                rand(&[b, lk, 2 * c])?,
+            );
+            let r = Tensor::randn(0f64, 1.0, (b, lq, c), &dev)?.to_dtype(dtype)?;
+            let run = |backend| -> Result<(Tensor, Tensor, candle_core::backprop::GradStore)> {
+                let _seed = nn::seed_dropout(11);
+                let a = self_attention_packed(&qkv, heads, Some(&mask), 0.2, backend)?;
+                let x = cross_attention_packed(&q, &kv, heads, None, 0.3, backend)?;
+                let grads = ((&a * &r)?.sum_all()? + (&x * &r)?.sum_all()?)?.backward()?;
+                Ok((a, x, grads))
+            };
+            let (af, xf, gf) = run(AttentionBackend::Fused)?;
+            let (ag, xg, gg) = run(AttentionBackend::Generic)?;
+            assert!(max_abs(&af, &ag)? <= tol && max_abs(&xf, &xg)? <= tol);
+            for var in [&qkv, &q, &kv] {
+                let (a, e) = (
+                    gf.get(var).expect("fused grad"),
+                    gg.get(var).expect("generic grad"),
+                );
+                assert_eq!(a.dims(), var.dims());
+                let dif = max_abs(a, e)?;
+                assert!(dif <= tol, "{dtype:?}: {dif}");
+            }
         }
         Ok(())
     }

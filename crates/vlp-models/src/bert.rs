@@ -9,7 +9,9 @@
 use candle_core::{DType, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use crate::attention::{multi_head_attention, padding_mask, AttentionBackend};
+use crate::attention::{
+    cross_attention_packed, padding_mask, self_attention_packed, AttentionBackend,
+};
 use crate::config::TextConfig;
 use crate::error::{ModelError, Result};
 use crate::nn::{self, Dropout, Embedding, LayerNorm, Linear};
@@ -64,19 +66,32 @@ impl BertAttention {
         train: bool,
         backend: AttentionBackend,
     ) -> Result<Tensor> {
-        let source = context.unwrap_or(x);
-        let a = multi_head_attention(
-            &self.query.forward(x)?,
-            &self.key.forward(source)?,
-            &self.value.forward(source)?,
-            self.heads,
-            mask,
-            self.dropout.active_p(train),
-            backend,
-        )?;
+        // The projections run as one packed linear (weights concatenated, a small copy):
+        // one product and one activation gradient instead of three.
+        let p = self.dropout.active_p(train);
+        let a = match context {
+            None => {
+                let qkv = packed_linear(x, &[&self.query, &self.key, &self.value])?;
+                self_attention_packed(&qkv, self.heads, mask, p, backend)?
+            }
+            Some(source) => {
+                let kv = packed_linear(source, &[&self.key, &self.value])?;
+                cross_attention_packed(&self.query.forward(x)?, &kv, self.heads, mask, p, backend)?
+            }
+        };
         let out = self.dropout.forward(&self.dense.forward(&a)?, train)?;
         Ok(self.norm.forward(&(out + x)?)?)
     }
+}
+
+/// `x` through several linears of one input width at once, outputs side by side along
+/// the last dimension.
+fn packed_linear(x: &Tensor, parts: &[&Linear]) -> Result<Tensor> {
+    let weights: Vec<&Tensor> = parts.iter().map(|l| l.weight()).collect();
+    let biases: Option<Vec<&Tensor>> = parts.iter().map(|l| l.bias()).collect();
+    let weight = Tensor::cat(&weights, 0)?;
+    let bias = biases.map(|b| Tensor::cat(&b, 0)).transpose()?;
+    Ok(nn::linear(x, &weight, bias.as_ref())?)
 }
 
 #[derive(Debug, Clone)]

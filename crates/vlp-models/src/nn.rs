@@ -654,6 +654,25 @@ mod tests {
     }
 
     #[test]
+    fn fused_linear_on_an_input_without_gradient_still_trains_its_weights() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (40, 16), &dev)?; // like image patches
+        let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (8, 16), &dev)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, 8, &dev)?)?;
+        let r = Tensor::randn(0f32, 1.0, (40, 8), &dev)?;
+        let gf = (linear(&x, &w, Some(&b))? * &r)?.sum_all()?.backward()?;
+        let gr = (linear_reference(&x, &w, Some(&b))? * &r)?
+            .sum_all()?
+            .backward()?;
+        assert!(gf.get(&x).is_none());
+        for v in [&w, &b] {
+            let d = max_rel(gf.get(v).expect("fused grad"), gr.get(v).expect("ref grad"))?;
+            assert!(d <= 1e-5, "{d}");
+        }
+        Ok(())
+    }
+
+    #[test]
     fn fused_broadcast_add_matches_reference() -> Result<()> {
         check_broadcast(add_broadcast, |x, b| x.broadcast_add(b), 1e-10)
     }

@@ -7,7 +7,7 @@
 use candle_core::{DType, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use crate::attention::{multi_head_attention, AttentionBackend};
+use crate::attention::{self_attention_packed, AttentionBackend};
 use crate::config::VisionConfig;
 use crate::error::{ModelError, Result};
 use crate::nn::{self, LayerNorm, Linear, WEIGHT_INIT};
@@ -39,16 +39,10 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor, backend: AttentionBackend) -> Result<Tensor> {
-        let d = x.dim(2)?;
         let h = self.norm1.forward(x)?;
-        // The fused qkv rows are q; k; v: the attention reads the three slices in place.
+        // The fused qkv rows are q; k; v: the attention reads the three parts in place.
         let qkv = self.qkv.forward(&h)?; // [B, L, 3 d]
-        let (q, k, v) = (
-            qkv.narrow(2, 0, d)?,
-            qkv.narrow(2, d, d)?,
-            qkv.narrow(2, 2 * d, d)?,
-        );
-        let a = multi_head_attention(&q, &k, &v, self.heads, None, 0.0, backend)?;
+        let a = self_attention_packed(&qkv, self.heads, None, 0.0, backend)?;
         let x = (x + self.proj.forward(&a)?)?;
         let h = self.fc1.forward_gelu(&self.norm2.forward(&x)?)?;
         Ok((&x + self.fc2.forward(&h)?)?)

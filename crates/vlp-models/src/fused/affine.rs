@@ -22,9 +22,31 @@ use super::{contiguous, last_dim, moments, Real};
 const BLOCK_ROWS: usize = 32;
 
 /// f32 and f64: the kernels' float operations and candle's storage access.
-pub(crate) trait Float: Real + WithDType {}
-impl Float for f32 {}
-impl Float for f64 {}
+pub(crate) trait Float: Real + WithDType {
+    /// `erf` and `exp` for GELU: the vectorisable versions in f32, libm's in f64.
+    fn gelu_erf(self) -> Self;
+    fn gelu_exp(self) -> Self;
+}
+impl Float for f32 {
+    #[inline(always)]
+    fn gelu_erf(self) -> Self {
+        super::math::erf_f32(self)
+    }
+    #[inline(always)]
+    fn gelu_exp(self) -> Self {
+        super::math::exp_f32(self)
+    }
+}
+impl Float for f64 {
+    #[inline(always)]
+    fn gelu_erf(self) -> Self {
+        libm::erf(self)
+    }
+    #[inline(always)]
+    fn gelu_exp(self) -> Self {
+        self.exp()
+    }
+}
 
 /// The contiguous CPU slice behind a tensor (held while `guard` lives).
 fn slice_of<'a, T: Float>(s: &'a Storage, l: &Layout, op: &str) -> Result<&'a [T]> {
@@ -180,15 +202,81 @@ const SQRT_HALF: f64 = std::f64::consts::FRAC_1_SQRT_2;
 /// `1 / sqrt(2 pi)`.
 const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
 
+#[inline(always)]
 fn gelu<T: Float>(u: T) -> T {
     let half = <T as Real>::from_f64(0.5);
-    half * u * (T::ONE + (u * <T as Real>::from_f64(SQRT_HALF)).erf())
+    half * u * (T::ONE + (u * <T as Real>::from_f64(SQRT_HALF)).gelu_erf())
 }
 
+#[inline(always)]
 fn gelu_grad<T: Float>(u: T) -> T {
     let half = <T as Real>::from_f64(0.5);
-    let cdf = half * (T::ONE + (u * <T as Real>::from_f64(SQRT_HALF)).erf());
-    cdf + u * <T as Real>::from_f64(INV_SQRT_2PI) * (T::ZERO - half * u * u).exp()
+    let cdf = half * (T::ONE + (u * <T as Real>::from_f64(SQRT_HALF)).gelu_erf());
+    cdf + u * <T as Real>::from_f64(INV_SQRT_2PI) * (T::ZERO - half * u * u).gelu_exp()
+}
+
+/// Rows of `o = gelu(x + b)` (`b` one row).
+#[inline(always)]
+fn gelu_fwd_rows<T: Float>(x: &[T], b: &[T], o: &mut [T]) {
+    let n = b.len();
+    for (o, x) in o.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
+        for i in 0..n {
+            o[i] = gelu(x[i] + b[i]);
+        }
+    }
+}
+
+/// Rows of `dx = g * gelu'(x + b)`, summed into `db`.
+#[inline(always)]
+fn gelu_bwd_rows<T: Float>(x: &[T], b: &[T], g: &[T], dx: &mut [T], db: &mut [T]) {
+    let n = b.len();
+    for ((dx, x), g) in dx
+        .chunks_exact_mut(n)
+        .zip(x.chunks_exact(n))
+        .zip(g.chunks_exact(n))
+    {
+        for i in 0..n {
+            let d = g[i] * gelu_grad(x[i] + b[i]);
+            dx[i] = d;
+            db[i] += d;
+        }
+    }
+}
+
+/// Whether this CPU runs the AVX2+FMA copies of the GELU loops.
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+fn gelu_fwd_block<T: Float>(x: &[T], b: &[T], o: &mut [T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2<T: Float>(x: &[T], b: &[T], o: &mut [T]) {
+            gelu_fwd_rows(x, b, o)
+        }
+        if has_avx2() {
+            // SAFETY: the CPU has the features `avx2` was compiled for.
+            return unsafe { avx2(x, b, o) };
+        }
+    }
+    gelu_fwd_rows(x, b, o)
+}
+
+fn gelu_bwd_block<T: Float>(x: &[T], b: &[T], g: &[T], dx: &mut [T], db: &mut [T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2<T: Float>(x: &[T], b: &[T], g: &[T], dx: &mut [T], db: &mut [T]) {
+            gelu_bwd_rows(x, b, g, dx, db)
+        }
+        if has_avx2() {
+            // SAFETY: the CPU has the features `avx2` was compiled for.
+            return unsafe { avx2(x, b, g, dx, db) };
+        }
+    }
+    gelu_bwd_rows(x, b, g, dx, db)
 }
 
 /// `gelu(x + b)` (erf form) with `b` broadcast over the leading dimensions; backward
@@ -211,11 +299,13 @@ impl CustomOp2 for BiasGelu {
         let n = broadcast_row_len(l1.shape(), l2.shape(), op)?;
         let out = dispatch2!(op, s1, s2, |x, b, T| {
             let (x, b) = (contiguous(x, l1, op)?, contiguous(b, l2, op)?);
-            map_rows::<T>(x, n, |x, o| {
-                for ((o, &x), &b) in o.iter_mut().zip(x).zip(b) {
-                    *o = gelu(x + b);
-                }
-            })
+            let mut out = vec![T::ZERO; x.len()];
+            if n > 0 {
+                out.par_chunks_mut(BLOCK_ROWS * n)
+                    .zip(x.par_chunks(BLOCK_ROWS * n))
+                    .for_each(|(o, x)| gelu_fwd_block(x, b, o));
+            }
+            out
         });
         Ok((out, l1.shape().clone()))
     }
@@ -246,17 +336,7 @@ impl CustomOp2 for BiasGelu {
                 )
                 .map(|(dx, (x, g))| {
                     let mut db = vec![T::ZERO; n];
-                    for ((dx, x), g) in dx
-                        .chunks_exact_mut(n)
-                        .zip(x.chunks_exact(n))
-                        .zip(g.chunks_exact(n))
-                    {
-                        for i in 0..n {
-                            let d = g[i] * gelu_grad(x[i] + b[i]);
-                            dx[i] = d;
-                            db[i] += d;
-                        }
-                    }
+                    gelu_bwd_block(x, b, g, dx, &mut db);
                     vec![db]
                 })
                 .collect();

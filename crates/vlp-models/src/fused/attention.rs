@@ -10,7 +10,10 @@
 //! `dQ = scale * dS K`, `dK = scale * dS^T Q`. Batch rows run in parallel; the small
 //! matrix products go through `gemm` on one thread each.
 
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage,
+    Tensor,
+};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -369,6 +372,173 @@ fn cpu_slice<'a, T: Float>(s: &'a CpuStorage, op: &str) -> Result<&'a [T]> {
     }
 }
 
+impl FusedAttention {
+    /// The forward on `[q, k, v]`, each a storage with its view and `[B, L, C]` dims.
+    fn run_fwd(
+        &self,
+        parts: [(&CpuStorage, View, [usize; 3]); 3],
+        op: &str,
+    ) -> Result<(CpuStorage, Shape)> {
+        let [(sq, qv, qd), (sk, kv, kd), (sv, vv, vd)] = parts;
+        let dm = self.dims(qd, kd, vd, op)?;
+        let shape = Shape::from(qd.to_vec());
+        let out = match sq {
+            CpuStorage::F32(q) => CpuStorage::F32(self.forward(
+                dm,
+                (q, qv),
+                (cpu_slice(sk, op)?, kv),
+                (cpu_slice(sv, op)?, vv),
+                qd[0],
+            )),
+            CpuStorage::F64(q) => CpuStorage::F64(self.forward(
+                dm,
+                (q, qv),
+                (cpu_slice(sk, op)?, kv),
+                (cpu_slice(sv, op)?, vv),
+                qd[0],
+            )),
+            other => bail!(
+                "{op}: unsupported dtype {:?}",
+                candle_core::backend::BackendStorage::dtype(other)
+            ),
+        };
+        Ok((out, shape))
+    }
+
+    /// The gradients of `[q, k, v]` as contiguous `[B, L, C]` tensors on `like`'s device.
+    fn run_bwd(
+        &self,
+        parts: [(&Storage, View, [usize; 3]); 3],
+        grad: &Tensor,
+        like: &Tensor,
+        op: &str,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let [(sq, qv, qd), (sk, kv, kd), (sv, vv, vd)] = parts;
+        let dm = self.dims(qd, kd, vd, op)?;
+        let g = grad.contiguous()?;
+        let (gs, gl) = g.storage_and_layout();
+        let (Storage::Cpu(qs), Storage::Cpu(ks), Storage::Cpu(vs), Storage::Cpu(gs)) =
+            (sq, sk, sv, &*gs)
+        else {
+            bail!("{op}: CPU tensors only");
+        };
+        let g_off = gl.start_offset();
+        let dev = like.device();
+        macro_rules! run {
+            ($t:ty) => {{
+                let (dq, dk, dv) = self.backward::<$t>(
+                    dm,
+                    (cpu_slice(qs, op)?, qv),
+                    (cpu_slice(ks, op)?, kv),
+                    (cpu_slice(vs, op)?, vv),
+                    &cpu_slice::<$t>(gs, op)?[g_off..],
+                    qd[0],
+                );
+                (
+                    Tensor::from_vec(dq, qd.to_vec(), dev)?,
+                    Tensor::from_vec(dk, kd.to_vec(), dev)?,
+                    Tensor::from_vec(dv, vd.to_vec(), dev)?,
+                )
+            }};
+        }
+        Ok(match like.dtype() {
+            DType::F32 => run!(f32),
+            DType::F64 => run!(f64),
+            dt => bail!("{op}: unsupported dtype {dt:?}"),
+        })
+    }
+}
+
+/// Views of the `n` equal slices of the last dimension of a `[B, L, n * C]` input (a
+/// packed qkv or kv projection).
+fn split_views<const N: usize>(l: &Layout, op: &str) -> Result<[(View, [usize; 3]); N]> {
+    let (v, [b, rows, packed]) = View::new(l, op)?;
+    if packed % N != 0 {
+        bail!("{op}: {packed} channels do not split into {N} projections");
+    }
+    let c = packed / N;
+    Ok(std::array::from_fn(|i| {
+        (
+            View {
+                offset: v.offset + i * c,
+                len: v.len.saturating_sub(i * c),
+                ..v
+            },
+            [b, rows, c],
+        )
+    }))
+}
+
+/// Self-attention on one packed `[B, L, 3C]` qkv projection (q, k, v in that order along
+/// the last dimension): no slicing ops in the graph, one gradient for the projection.
+pub(crate) struct PackedQkv(pub(crate) FusedAttention);
+
+impl CustomOp1 for PackedQkv {
+    fn name(&self) -> &'static str {
+        "vlp-fused-attention-qkv"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let [(qv, qd), (kv, kd), (vv, vd)] = split_views::<3>(l, self.name())?;
+        self.0
+            .run_fwd([(s, qv, qd), (s, kv, kd), (s, vv, vd)], self.name())
+    }
+
+    fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (st, l) = qkv.storage_and_layout();
+        let [(qv, qd), (kv, kd), (vv, vd)] = split_views::<3>(l, self.name())?;
+        let (dq, dk, dv) = self.0.run_bwd(
+            [(&st, qv, qd), (&st, kv, kd), (&st, vv, vd)],
+            grad,
+            qkv,
+            self.name(),
+        )?;
+        Ok(Some(Tensor::cat(&[dq, dk, dv], 2)?))
+    }
+}
+
+/// Cross-attention with queries `[B, Lq, C]` and one packed `[B, Lk, 2C]` kv projection.
+pub(crate) struct PackedKv(pub(crate) FusedAttention);
+
+impl CustomOp2 for PackedKv {
+    fn name(&self) -> &'static str {
+        "vlp-fused-attention-kv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (qv, qd) = View::new(l1, self.name())?;
+        let [(kv, kd), (vv, vd)] = split_views::<2>(l2, self.name())?;
+        self.0
+            .run_fwd([(s1, qv, qd), (s2, kv, kd), (s2, vv, vd)], self.name())
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        kv: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (sq, lq) = q.storage_and_layout();
+        let (skv, lkv) = kv.storage_and_layout();
+        let (qv, qd) = View::new(lq, self.name())?;
+        let [(kv_, kd), (vv, vd)] = split_views::<2>(lkv, self.name())?;
+        let (dq, dk, dv) = self.0.run_bwd(
+            [(&sq, qv, qd), (&skv, kv_, kd), (&skv, vv, vd)],
+            grad,
+            q,
+            self.name(),
+        )?;
+        Ok((Some(dq), Some(Tensor::cat(&[dk, dv], 2)?)))
+    }
+}
+
 impl CustomOp3 for FusedAttention {
     fn name(&self) -> &'static str {
         "vlp-fused-attention"
@@ -386,29 +556,7 @@ impl CustomOp3 for FusedAttention {
         let op = self.name();
         let ((qv, qd), (kv, kd), (vv, vd)) =
             (View::new(l1, op)?, View::new(l2, op)?, View::new(l3, op)?);
-        let dm = self.dims(qd, kd, vd, op)?;
-        let shape = Shape::from(qd.to_vec());
-        let out = match s1 {
-            CpuStorage::F32(q) => CpuStorage::F32(self.forward(
-                dm,
-                (q, qv),
-                (cpu_slice(s2, op)?, kv),
-                (cpu_slice(s3, op)?, vv),
-                qd[0],
-            )),
-            CpuStorage::F64(q) => CpuStorage::F64(self.forward(
-                dm,
-                (q, qv),
-                (cpu_slice(s2, op)?, kv),
-                (cpu_slice(s3, op)?, vv),
-                qd[0],
-            )),
-            other => bail!(
-                "{op}: unsupported dtype {:?}",
-                candle_core::backend::BackendStorage::dtype(other)
-            ),
-        };
-        Ok((out, shape))
+        self.run_fwd([(s1, qv, qd), (s2, kv, kd), (s3, vv, vd)], op)
     }
 
     fn bwd(
@@ -420,42 +568,13 @@ impl CustomOp3 for FusedAttention {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let op = self.name();
-        let g = grad.contiguous()?;
         let (qs, ql) = q.storage_and_layout();
         let (ks, kl) = k.storage_and_layout();
         let (vs, vl) = v.storage_and_layout();
-        let (gs, gl) = g.storage_and_layout();
         let ((qv, qd), (kv, kd), (vv, vd)) =
             (View::new(ql, op)?, View::new(kl, op)?, View::new(vl, op)?);
-        let dm = self.dims(qd, kd, vd, op)?;
-        let (Storage::Cpu(qs), Storage::Cpu(ks), Storage::Cpu(vs), Storage::Cpu(gs)) =
-            (&*qs, &*ks, &*vs, &*gs)
-        else {
-            bail!("{op}: CPU tensors only");
-        };
-        let g_off = gl.start_offset();
-        macro_rules! run {
-            ($t:ty) => {{
-                let (dq, dk, dv) = self.backward::<$t>(
-                    dm,
-                    (cpu_slice(qs, op)?, qv),
-                    (cpu_slice(ks, op)?, kv),
-                    (cpu_slice(vs, op)?, vv),
-                    &cpu_slice::<$t>(gs, op)?[g_off..],
-                    qd[0],
-                );
-                (
-                    Tensor::from_vec(dq, q.shape(), q.device())?,
-                    Tensor::from_vec(dk, k.shape(), k.device())?,
-                    Tensor::from_vec(dv, v.shape(), v.device())?,
-                )
-            }};
-        }
-        let (dq, dk, dv) = match q.dtype() {
-            DType::F32 => run!(f32),
-            DType::F64 => run!(f64),
-            dt => bail!("{op}: unsupported dtype {dt:?}"),
-        };
+        let (dq, dk, dv) =
+            self.run_bwd([(&qs, qv, qd), (&ks, kv, kd), (&vs, vv, vd)], grad, q, op)?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }

@@ -110,48 +110,58 @@ fn forward<T: Float>(
     y
 }
 
-/// `(dx, dw)` for `g`: `[rows, out]`.
+/// `(dx, dw)` for `g`: `[rows, out]`, each only if asked for (an input that does not
+/// track gradients, like the image patches, gets none).
+#[allow(clippy::too_many_arguments)]
 fn backward<T: Float>(
     x: &[T],
     w: &[T],
     g: &[T],
-    rows: usize,
-    inp: usize,
-    out: usize,
-) -> (Vec<T>, Vec<T>) {
-    // The two products have the same size: each gets half the threads, and on two cores
-    // each runs on its own core without gemm's internal synchronisation.
-    let threads = rayon::current_num_threads().div_ceil(2);
-    rayon::join(
-        || {
-            let mut dx = vec![T::ZERO; rows * inp];
-            gemm_into(
-                (rows, inp, out),
-                &mut dx,
-                false,
-                g,
-                (out, 1),
-                w,
-                (inp, 1),
-                threads,
-            );
-            dx
-        },
-        || {
-            let mut dw = vec![T::ZERO; out * inp];
-            gemm_into(
-                (out, inp, rows),
-                &mut dw,
-                false,
-                g,
-                (1, out),
-                x,
-                (inp, 1),
-                threads,
-            );
-            dw
-        },
-    )
+    (rows, inp, out): (usize, usize, usize),
+    need_dx: bool,
+    need_dw: bool,
+) -> (Option<Vec<T>>, Option<Vec<T>>) {
+    let all = rayon::current_num_threads();
+    let dx = |threads: usize| {
+        let mut dx = vec![T::ZERO; rows * inp];
+        gemm_into(
+            (rows, inp, out),
+            &mut dx,
+            false,
+            g,
+            (out, 1),
+            w,
+            (inp, 1),
+            threads,
+        );
+        dx
+    };
+    let dw = |threads: usize| {
+        let mut dw = vec![T::ZERO; out * inp];
+        gemm_into(
+            (out, inp, rows),
+            &mut dw,
+            false,
+            g,
+            (1, out),
+            x,
+            (inp, 1),
+            threads,
+        );
+        dw
+    };
+    match (need_dx, need_dw) {
+        // The two products have the same size: each gets half the threads, and on two
+        // cores each runs on its own core without gemm's internal synchronisation.
+        (true, true) => {
+            let half = all.div_ceil(2);
+            let (a, b) = rayon::join(|| dx(half), || dw(half));
+            (Some(a), Some(b))
+        }
+        (true, false) => (Some(dx(all)), None),
+        (false, true) => (None, Some(dw(all))),
+        (false, false) => (None, None),
+    }
 }
 
 /// The shapes of a linear: `x` `[.., in]`, `w` `[out, in]`, optional `b` `[out]`.
@@ -189,14 +199,15 @@ fn slice<'a, T: Float>(s: &'a Storage, l: &Layout, op: &str) -> Result<&'a [T]> 
     }
 }
 
-/// Shared backward: gradients of `x`, `w` and (if `with_bias`) `b`.
+/// Shared backward: gradients of `x` and `w` (for those that track gradients) and, if
+/// `with_bias`, of `b`.
 fn bwd_all(
     x: &Tensor,
     w: &Tensor,
     grad: &Tensor,
     with_bias: bool,
     op: &str,
-) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
     let g = grad.contiguous()?;
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     let (xs, xl) = x.storage_and_layout();
@@ -210,15 +221,17 @@ fn bwd_all(
                 slice::<$t>(&ws, wl, op)?,
                 slice::<$t>(&gs, gl, op)?,
             );
-            let (dx, dw) = backward(xv, wv, gv, rows, inp, out);
+            let (dx, dw) = backward(xv, wv, gv, (rows, inp, out), x.track_op(), w.track_op());
             let db = if with_bias {
                 Some(Tensor::from_vec(col_sums(gv, out), out, x.device())?)
             } else {
                 None
             };
             (
-                Tensor::from_vec(dx, x.shape(), x.device())?,
-                Tensor::from_vec(dw, w.shape(), w.device())?,
+                dx.map(|dx| Tensor::from_vec(dx, x.shape(), x.device()))
+                    .transpose()?,
+                dw.map(|dw| Tensor::from_vec(dw, w.shape(), w.device()))
+                    .transpose()?,
                 db,
             )
         }};
@@ -286,8 +299,7 @@ impl CustomOp3 for LinearBias {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, db) = bwd_all(x, w, grad, true, self.name())?;
-        Ok((Some(dx), Some(dw), db))
+        bwd_all(x, w, grad, true, self.name())
     }
 }
 
@@ -335,6 +347,6 @@ impl CustomOp2 for LinearNoBias {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (dx, dw, _) = bwd_all(x, w, grad, false, self.name())?;
-        Ok((Some(dx), Some(dw)))
+        Ok((dx, dw))
     }
 }

@@ -13,6 +13,7 @@ pub(crate) mod affine;
 pub(crate) mod attention;
 pub(crate) mod dropout;
 pub(crate) mod linear;
+pub(crate) mod math;
 
 /// The float operations the row kernels need, for f32 and f64.
 pub(crate) trait Real:
@@ -33,12 +34,11 @@ pub(crate) trait Real:
     fn exp(self) -> Self;
     fn ln(self) -> Self;
     fn sqrt(self) -> Self;
-    fn erf(self) -> Self;
     fn from_f64(v: f64) -> Self;
 }
 
 macro_rules! real {
-    ($t:ty, $erf:path) => {
+    ($t:ty) => {
         impl Real for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -52,17 +52,14 @@ macro_rules! real {
             fn sqrt(self) -> Self {
                 <$t>::sqrt(self)
             }
-            fn erf(self) -> Self {
-                $erf(self)
-            }
             fn from_f64(v: f64) -> Self {
                 v as $t
             }
         }
     };
 }
-real!(f32, libm::erff);
-real!(f64, libm::erf);
+real!(f32);
+real!(f64);
 
 /// Rows per rayon task: enough elements per task that scheduling stays cheap.
 fn min_rows(dim: usize) -> usize {
