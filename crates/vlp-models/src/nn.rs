@@ -202,14 +202,24 @@ pub fn dropout(x: &Tensor, p: f64) -> Result<Tensor> {
 }
 
 /// The randomness of one dropout call: element `i` is kept, and scaled by `1 / (1 - p)`,
-/// when the top 32 bits of SplitMix64's output at position `i` of the stream `seed` are
-/// at least `p * 2^32`. Any element's decision is computed on its own, in any order and
-/// on any thread.
+/// when a 32-bit hash of `i` keyed by the call's seed is at least `p * 2^32`. Any
+/// element's decision is computed on its own, in any order and on any thread, with
+/// 32-bit integer arithmetic that vectorises.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct DropoutMask {
-    seed: u64,
+    key: [u32; 2],
     threshold: u64,
     scale: f32,
+}
+
+/// A 32-bit integer hash with good avalanche (the "lowbias32" constants).
+#[inline(always)]
+fn hash32(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b);
+    x ^ (x >> 16)
 }
 
 impl DropoutMask {
@@ -220,20 +230,17 @@ impl DropoutMask {
             .with(|r| r.borrow_mut().as_mut().map(|rng| rng.next_u64()))
             .unwrap_or_else(random_seed);
         Self {
-            seed,
+            key: [seed as u32, (seed >> 32) as u32],
             threshold: (p.clamp(0.0, 1.0) * 4_294_967_296.0).ceil() as u64,
             scale: (1.0 / (1.0 - p)) as f32,
         }
     }
 
     /// The multiplier of element `i`: `0` or `1 / (1 - p)`.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn keep(&self, i: usize) -> f32 {
-        let h = vlp_core::rng::mix64(
-            self.seed
-                .wrapping_add((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
-        );
-        if h >> 32 >= self.threshold {
+        let h = hash32(hash32(i as u32 ^ self.key[0]).wrapping_add(self.key[1]));
+        if u64::from(h) >= self.threshold {
             self.scale
         } else {
             0.0

@@ -16,7 +16,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use super::{contiguous, last_dim, moments, Real};
+use super::{contiguous, last_dim, Real};
 
 /// Rows per block of the column sums.
 const BLOCK_ROWS: usize = 32;
@@ -243,40 +243,16 @@ fn gelu_bwd_rows<T: Float>(x: &[T], b: &[T], g: &[T], dx: &mut [T], db: &mut [T]
     }
 }
 
-/// Whether this CPU runs the AVX2+FMA copies of the GELU loops.
-#[cfg(target_arch = "x86_64")]
-fn has_avx2() -> bool {
-    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+super::with_avx2! {
+    fn gelu_fwd_block<T: Float>(x: &[T], b: &[T], o: &mut [T]) {
+        gelu_fwd_rows(x, b, o)
+    }
 }
 
-fn gelu_fwd_block<T: Float>(x: &[T], b: &[T], o: &mut [T]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2<T: Float>(x: &[T], b: &[T], o: &mut [T]) {
-            gelu_fwd_rows(x, b, o)
-        }
-        if has_avx2() {
-            // SAFETY: the CPU has the features `avx2` was compiled for.
-            return unsafe { avx2(x, b, o) };
-        }
+super::with_avx2! {
+    fn gelu_bwd_block<T: Float>(x: &[T], b: &[T], g: &[T], dx: &mut [T], db: &mut [T]) {
+        gelu_bwd_rows(x, b, g, dx, db)
     }
-    gelu_fwd_rows(x, b, o)
-}
-
-fn gelu_bwd_block<T: Float>(x: &[T], b: &[T], g: &[T], dx: &mut [T], db: &mut [T]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2<T: Float>(x: &[T], b: &[T], g: &[T], dx: &mut [T], db: &mut [T]) {
-            gelu_bwd_rows(x, b, g, dx, db)
-        }
-        if has_avx2() {
-            // SAFETY: the CPU has the features `avx2` was compiled for.
-            return unsafe { avx2(x, b, g, dx, db) };
-        }
-    }
-    gelu_bwd_rows(x, b, g, dx, db)
 }
 
 /// `gelu(x + b)` (erf form) with `b` broadcast over the leading dimensions; backward
@@ -473,13 +449,77 @@ impl CustomOp3 for LayerNormAffine {
     }
 }
 
-fn ln_fwd<T: Float>(x: &[T], w: &[T], b: &[T], n: usize, eps: T) -> Vec<T> {
-    map_rows(x, n, |x, o| {
-        let (mean, rstd) = moments(x, eps);
-        for (((o, &x), &w), &b) in o.iter_mut().zip(x).zip(w).zip(b) {
-            *o = (x - mean) * rstd * w + b;
+/// `sum(f(i))` over `0..n` in 8 interleaved partial sums (so the loop vectorises), added
+/// up in a fixed order.
+#[inline(always)]
+fn lane_sum<T: Float>(n: usize, f: impl Fn(usize) -> T) -> T {
+    let mut acc = [T::ZERO; 8];
+    let full = n / 8 * 8;
+    for i in (0..full).step_by(8) {
+        for (l, a) in acc.iter_mut().enumerate() {
+            *a += f(i + l);
         }
-    })
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for i in full..n {
+        s += f(i);
+    }
+    s
+}
+
+/// Mean and `1 / sqrt(var + eps)` of one row (biased variance, two passes).
+#[inline(always)]
+fn row_moments<T: Float>(x: &[T], eps: T) -> (T, T) {
+    let n = x.len();
+    let nf = <T as Real>::from_f64(n as f64);
+    let mean = lane_sum(n, |i| x[i]) / nf;
+    let var = lane_sum(n, |i| (x[i] - mean) * (x[i] - mean)) / nf;
+    (mean, T::ONE / (var + eps).sqrt())
+}
+
+super::with_avx2! {
+    fn ln_fwd_block<T: Float>(x: &[T], w: &[T], b: &[T], o: &mut [T], eps: T) {
+        let n = w.len();
+        for (o, x) in o.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
+            let (mean, rstd) = row_moments(x, eps);
+            for i in 0..n {
+                o[i] = (x[i] - mean) * rstd * w[i] + b[i];
+            }
+        }
+    }
+}
+
+fn ln_fwd<T: Float>(x: &[T], w: &[T], b: &[T], n: usize, eps: T) -> Vec<T> {
+    let mut out = vec![T::ZERO; x.len()];
+    if n > 0 {
+        out.par_chunks_mut(BLOCK_ROWS * n)
+            .zip(x.par_chunks(BLOCK_ROWS * n))
+            .for_each(|(o, x)| ln_fwd_block(x, w, b, o, eps));
+    }
+    out
+}
+
+super::with_avx2! {
+    /// One block of rows of [`ln_bwd`], adding into `dw` and `db`.
+    fn ln_bwd_block<T: Float>(x: &[T], w: &[T], g: &[T], dx: &mut [T], dw: &mut [T], db: &mut [T], eps: T) {
+        let n = w.len();
+        let nf = <T as Real>::from_f64(n as f64);
+        for ((dx, x), g) in dx.chunks_exact_mut(n).zip(x.chunks_exact(n)).zip(g.chunks_exact(n)) {
+            let (mean, rstd) = row_moments(x, eps);
+            let sh = lane_sum(n, |i| g[i] * w[i]);
+            let shy = lane_sum(n, |i| g[i] * w[i] * ((x[i] - mean) * rstd));
+            for i in 0..n {
+                let y = (x[i] - mean) * rstd;
+                dw[i] += g[i] * y;
+                db[i] += g[i];
+            }
+            let (mh, mhy) = (sh / nf, shy / nf);
+            for i in 0..n {
+                let y = (x[i] - mean) * rstd;
+                dx[i] = rstd * (g[i] * w[i] - mh - y * mhy);
+            }
+        }
+    }
 }
 
 /// With `y = (x - mean) * rstd` and `h = g * w`:
@@ -490,7 +530,6 @@ fn ln_bwd<T: Float>(x: &[T], w: &[T], g: &[T], n: usize, eps: T) -> (Vec<T>, Vec
     if n == 0 {
         return (dx, Vec::new(), Vec::new());
     }
-    let nf = <T as Real>::from_f64(n as f64);
     let partials: Vec<Vec<Vec<T>>> = dx
         .par_chunks_mut(BLOCK_ROWS * n)
         .zip(
@@ -500,27 +539,7 @@ fn ln_bwd<T: Float>(x: &[T], w: &[T], g: &[T], n: usize, eps: T) -> (Vec<T>, Vec
         .map(|(dx, (x, g))| {
             let mut dw = vec![T::ZERO; n];
             let mut db = vec![T::ZERO; n];
-            for ((dx, x), g) in dx
-                .chunks_exact_mut(n)
-                .zip(x.chunks_exact(n))
-                .zip(g.chunks_exact(n))
-            {
-                let (mean, rstd) = moments(x, eps);
-                let (mut sh, mut shy) = (T::ZERO, T::ZERO);
-                for i in 0..n {
-                    let y = (x[i] - mean) * rstd;
-                    let h = g[i] * w[i];
-                    sh += h;
-                    shy += h * y;
-                    dw[i] += g[i] * y;
-                    db[i] += g[i];
-                }
-                let (mh, mhy) = (sh / nf, shy / nf);
-                for i in 0..n {
-                    let y = (x[i] - mean) * rstd;
-                    dx[i] = rstd * (g[i] * w[i] - mh - y * mhy);
-                }
-            }
+            ln_bwd_block(x, w, g, dx, &mut dw, &mut db, eps);
             vec![dw, db]
         })
         .collect();

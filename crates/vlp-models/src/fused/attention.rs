@@ -128,6 +128,40 @@ fn mm<T: Float>(
     }
 }
 
+super::with_avx2! {
+    /// Row-wise `softmax(s + mask)` in place over `lk`-wide rows.
+    fn softmax_rows<T: Float>(p: &mut [T], lk: usize, mask: Option<&[f64]>) {
+        for row in p.chunks_exact_mut(lk) {
+            if let Some(mask) = mask {
+                for (s, &m) in row.iter_mut().zip(mask) {
+                    *s += <T as super::Real>::from_f64(m);
+                }
+            }
+            let mut max = [T::NEG_INF; 8];
+            for c in row.chunks(8) {
+                for (m, &v) in max.iter_mut().zip(c) {
+                    if v > *m {
+                        *m = v;
+                    }
+                }
+            }
+            let max = super::row_max(&max);
+            let mut sum = [T::ZERO; 8];
+            for c in row.chunks_mut(8) {
+                for (s, v) in sum.iter_mut().zip(c.iter_mut()) {
+                    *v = (*v - max).exp();
+                    *s += *v;
+                }
+            }
+            let sum = ((sum[0] + sum[4]) + (sum[1] + sum[5])) + ((sum[2] + sum[6]) + (sum[3] + sum[7]));
+            let inv = T::ONE / sum;
+            for v in row.iter_mut() {
+                *v *= inv;
+            }
+        }
+    }
+}
+
 /// Shapes shared by the passes.
 #[derive(Clone, Copy)]
 struct Dims {
@@ -191,23 +225,7 @@ impl FusedAttention {
             let start = if m.len() == lk { 0 } else { b * lk };
             &m[start..start + lk]
         });
-        for row in p.chunks_exact_mut(lk) {
-            if let Some(mask) = mask {
-                for (s, &m) in row.iter_mut().zip(mask) {
-                    *s += <T as super::Real>::from_f64(m);
-                }
-            }
-            let max = super::row_max(row);
-            let mut sum = T::ZERO;
-            for s in row.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let inv = T::ONE / sum;
-            for s in row.iter_mut() {
-                *s *= inv;
-            }
-        }
+        softmax_rows(p, lk, mask);
     }
 
     /// Multiplies the `lq x lk` block of batch row `b`, head `h` by its dropout mask.

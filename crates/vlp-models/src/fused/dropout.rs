@@ -14,16 +14,21 @@ const CHUNK: usize = 1 << 14;
 /// `x * keep(i)`; its gradient is the same op applied to the upstream gradient.
 pub(crate) struct Dropout(pub(crate) DropoutMask);
 
+super::with_avx2! {
+    /// `o = x * keep(start + j)` over one chunk.
+    fn apply_chunk<T: Float>(x: &[T], o: &mut [T], mask: &DropoutMask, start: usize) {
+        for (j, (o, &x)) in o.iter_mut().zip(x).enumerate() {
+            *o = x * <T as super::Real>::from_f64(f64::from(mask.keep(start + j)));
+        }
+    }
+}
+
 fn apply<T: Float>(x: &[T], mask: &DropoutMask) -> Vec<T> {
     let mut out = vec![T::ZERO; x.len()];
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .enumerate()
-        .for_each(|(c, (o, x))| {
-            for (j, (o, &x)) in o.iter_mut().zip(x).enumerate() {
-                *o = x * <T as super::Real>::from_f64(f64::from(mask.keep(c * CHUNK + j)));
-            }
-        });
+        .for_each(|(c, (o, x))| apply_chunk(x, o, mask, c * CHUNK));
     out
 }
 

@@ -9,6 +9,38 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+/// Defines `fn $name` whose body is compiled twice, as is and for AVX2+FMA, the second
+/// picked at run time on CPUs that have them. The body must only call `#[inline(always)]`
+/// code for the wider instructions to reach it.
+macro_rules! with_avx2 {
+    ($(#[$meta:meta])* fn $name:ident<$t:ident: $bound:path>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        fn $name<$t: $bound>($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn inner<$t: $bound>($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2<$t: $bound>($($arg: $ty),*) $(-> $ret)? {
+                    inner($($arg),*)
+                }
+                if $crate::fused::has_avx2() {
+                    // SAFETY: the CPU has the features `avx2` was compiled for.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            inner($($arg),*)
+        }
+    };
+}
+pub(crate) use with_avx2;
+
+/// Whether this CPU runs the AVX2+FMA copies of the kernels.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx2() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
 pub(crate) mod affine;
 pub(crate) mod attention;
 pub(crate) mod dropout;
@@ -38,13 +70,14 @@ pub(crate) trait Real:
 }
 
 macro_rules! real {
-    ($t:ty) => {
+    ($t:ty, $exp:path) => {
         impl Real for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
             const NEG_INF: Self = <$t>::NEG_INFINITY;
+            #[inline(always)]
             fn exp(self) -> Self {
-                <$t>::exp(self)
+                $exp(self)
             }
             fn ln(self) -> Self {
                 <$t>::ln(self)
@@ -58,8 +91,8 @@ macro_rules! real {
         }
     };
 }
-real!(f32);
-real!(f64);
+real!(f32, math::exp_f32);
+real!(f64, f64::exp);
 
 /// Rows per rayon task: enough elements per task that scheduling stays cheap.
 fn min_rows(dim: usize) -> usize {
@@ -146,14 +179,6 @@ fn log_softmax_bwd_row<T: Real>(y: &[T], g: &[T], o: &mut [T]) {
     for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
         *o = g - y.exp() * s;
     }
-}
-
-/// Mean and `1 / sqrt(var + eps)` of one row (biased variance, two passes).
-pub(crate) fn moments<T: Real>(x: &[T], eps: T) -> (T, T) {
-    let n = T::from_f64(x.len() as f64);
-    let mean = sum(x.iter().copied()) / n;
-    let var = sum(x.iter().map(|&v| (v - mean) * (v - mean))) / n;
-    (mean, T::ONE / (var + eps).sqrt())
 }
 
 /// Applies a row kernel, instantiated for f32 and f64, to one CPU storage.
