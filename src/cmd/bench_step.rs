@@ -25,11 +25,21 @@ pub struct StepArgs {
     /// model-only forward + backward.
     #[arg(long)]
     pub full: bool,
-    #[arg(long, default_value_t = 32)]
-    pub batch_size: usize,
-    /// Tokens per caption, [CLS] and [SEP] included (rows are padded to it).
-    #[arg(long, default_value_t = 30)]
-    pub text_len: usize,
+    /// Time a recipe's own pretraining step: its model (preset, config or init folder's
+    /// config), objectives and weights, batch size, caption length and weight decay, on
+    /// random inputs. Implies `--full`; `--batch-size`/`--text-len` still override.
+    #[arg(long, conflicts_with_all = ["preset", "config"])]
+    pub recipe: Option<std::path::PathBuf>,
+    /// Recipe overrides, `key=value` as for `vlp pretrain`.
+    #[arg(long = "set", requires = "recipe")]
+    pub set: Vec<String>,
+    /// Batch size [default: 32, or the recipe's].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Tokens per caption, [CLS] and [SEP] included (rows are padded to it) [default: 30,
+    /// or the recipe's `data.max_tokens`].
+    #[arg(long)]
+    pub text_len: Option<usize>,
     /// Timed steps (the median is reported).
     #[arg(long, default_value_t = 10)]
     pub steps: usize,
@@ -41,16 +51,45 @@ pub struct StepArgs {
 }
 
 pub fn run(args: StepArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.batch_size >= 2, "--batch-size must be at least 2");
-    anyhow::ensure!(args.text_len >= 3, "--text-len must be at least 3");
-    anyhow::ensure!(args.steps >= 1, "--steps must be at least 1");
-    let (cfg, model_name) = match &args.config {
-        Some(path) => (
+    let recipe = match &args.recipe {
+        Some(path) => Some(vlp_train::recipe::Recipe::load(path, &args.set)?),
+        None => None,
+    };
+    let (cfg, model_name) = match (&recipe, &args.config) {
+        (Some(r), _) => {
+            let cfg = match (&r.model.init, &r.model.config, &r.model.preset) {
+                (Some(init), ..) => {
+                    AlbefConfig::load(&init.join(vlp_train::checkpoint::CONFIG_FILE))?
+                }
+                (None, Some(path), _) => AlbefConfig::load(path)?,
+                (None, None, Some(preset)) => AlbefConfig::preset(preset)?,
+                (None, None, None) => anyhow::bail!("the recipe names no model"),
+            };
+            let name = args
+                .recipe
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            (cfg, name)
+        }
+        (None, Some(path)) => (
             vlp_models::import::load_config(path)?,
             path.display().to_string(),
         ),
-        None => (AlbefConfig::preset(&args.preset)?, args.preset.clone()),
+        (None, None) => (AlbefConfig::preset(&args.preset)?, args.preset.clone()),
     };
+    let full = args.full || recipe.is_some();
+    let batch_size = args
+        .batch_size
+        .or(recipe.as_ref().map(|r| r.data.batch_size))
+        .unwrap_or(32);
+    let text_len = args
+        .text_len
+        .or(recipe.as_ref().map(|r| r.data.max_tokens))
+        .unwrap_or(30);
+    anyhow::ensure!(batch_size >= 2, "--batch-size must be at least 2");
+    anyhow::ensure!(text_len >= 3, "--text-len must be at least 3");
+    anyhow::ensure!(args.steps >= 1, "--steps must be at least 1");
     let dev = Device::Cpu;
     let varmap = VarMap::new();
     let model = AlbefModel::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev))?;
@@ -61,18 +100,20 @@ pub fn run(args: StepArgs) -> anyhow::Result<()> {
         .map(|(_, v)| v.elem_count())
         .sum();
 
-    let (b, s) = (args.batch_size, cfg.vision.image_size);
+    let (b, s) = (batch_size, cfg.vision.image_size);
     let images = Tensor::randn(0f32, 1.0, (b, 3, s, s), &dev)?;
-    let (ids, mask) = random_captions(&cfg, b, args.text_len, args.seed)?;
+    let (ids, mask) = random_captions(&cfg, b, text_len, args.seed)?;
 
     let mut optim = AdamW::new(
         model.trainable_vars()?,
         AdamWConfig {
-            weight_decay: 0.02,
+            weight_decay: recipe.as_ref().map_or(0.02, |r| r.optim.weight_decay),
             ..AdamWConfig::default()
         },
     )?;
-    let objectives = ObjectiveConfig::default();
+    let objectives = recipe
+        .as_ref()
+        .map_or_else(ObjectiveConfig::default, |r| r.objectives.clone());
     let batch = StepBatch {
         images: images.clone(),
         input_ids: ids.clone(),
@@ -84,7 +125,7 @@ pub fn run(args: StepArgs) -> anyhow::Result<()> {
     let mut step = || -> anyhow::Result<[f64; 4]> {
         let t0 = Instant::now();
         let (forward, backward);
-        if args.full {
+        if full {
             step_index += 1;
             let losses = pretrain_losses(
                 &model,
@@ -125,15 +166,15 @@ pub fn run(args: StepArgs) -> anyhow::Result<()> {
     let median = times[times.len() / 2];
     eprintln!(
         "{model_name}: {params} trainable parameters, {} step min {:.3}s median {median:.3}s max {:.3}s",
-        if args.full { "full pretraining" } else { "model-only" },
+        if full { "full pretraining" } else { "model-only" },
         times[0],
         times[times.len() - 1]
     );
     let out = serde_json::json!({
         "model": model_name,
-        "step": if args.full { "full" } else { "model-only" },
+        "step": if full { "full" } else { "model-only" },
         "batch_size": b,
-        "text_len": args.text_len,
+        "text_len": text_len,
         "image_size": s,
         "steps": args.steps,
         "median_step_s": round3(median),

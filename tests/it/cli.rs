@@ -150,3 +150,50 @@ fn bench_step_times_the_full_pretraining_step_on_a_reference_config() {
     assert!(out["samples_per_s"].as_f64().unwrap() > 0.0, "{out}");
     assert!(out["trainable_params"].as_u64().unwrap() > 10_000, "{out}");
 }
+
+#[test]
+fn bench_step_times_a_recipes_own_step_and_its_overrides() {
+    let recipe = concat!(env!("CARGO_MANIFEST_DIR"), "/recipes/quickstart.toml");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "step",
+            "--recipe",
+            recipe,
+            "--batch-size",
+            "4",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+        ];
+        args.extend_from_slice(extra);
+        last_json(&vlp(&args))
+    };
+    let out = run(&[]);
+    assert_eq!(out["step"], "full", "{out}");
+    assert_eq!(out["batch_size"], 4, "{out}");
+    // The recipe's caption length (data.max_tokens) when --text-len is not given.
+    assert!(out["text_len"].as_u64().unwrap() >= 8, "{out}");
+    assert!(out["samples_per_s"].as_f64().unwrap() > 0.0, "{out}");
+    // --set reaches the recipe, and a bad key is refused by name.
+    let bad = Command::new(env!("CARGO_BIN_EXE_vlp"))
+        .args([
+            "bench",
+            "step",
+            "--recipe",
+            recipe,
+            "--set",
+            "objectives.nope=1",
+            "--steps",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("nope"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+}

@@ -162,11 +162,15 @@ fn fused_op(
     // One draw from the dropout stream, as the generic path's `nn::dropout` makes: the
     // same seed gives both paths the same mask.
     let dropout = (dropout_p > 0.0).then(|| nn::DropoutMask::draw(dropout_p));
+    let probs_bytes = b * heads * q.dim(1)? * lk * q.dtype().size_in_bytes();
+    let training = q.track_op() || k.track_op() || v.track_op();
     Ok(Some(crate::fused::attention::FusedAttention {
         heads,
         scale: 1.0 / ((c / heads) as f64).sqrt(),
         mask,
         dropout,
+        keep_probs: training && probs_bytes <= crate::fused::attention::KEEP_PROBS_BYTES,
+        saved_probs: std::sync::Mutex::new(None),
     }))
 }
 
@@ -373,6 +377,29 @@ mod tests {
                 assert!(dif <= tol, "{dtype:?}: {dif}");
             }
         }
+        Ok(())
+    }
+
+    #[test]
+    fn fused_attention_recomputes_what_it_did_not_keep() -> Result<()> {
+        // Kept (small, training) and recomputed probabilities give the same gradients.
+        let dev = Device::Cpu;
+        let (b, l, c, heads) = (2, 7, 8, 2);
+        let q = Var::from_tensor(&Tensor::randn(0f64, 1.0, (b, l, c), &dev)?)?;
+        let r = Tensor::randn(0f64, 1.0, (b, l, c), &dev)?;
+        let grads = |keep: bool| -> Result<Tensor> {
+            let _seed = nn::seed_dropout(5);
+            let mut op = fused_op(&q, &q, &q, heads, None, 0.2)?.expect("fusable");
+            assert!(
+                op.keep_probs,
+                "small training attention keeps its probabilities"
+            );
+            op.keep_probs = keep;
+            let out = q.apply_op3(&q, &q, op)?;
+            let g = (&out * &r)?.sum_all()?.backward()?;
+            Ok(g.get(&q).expect("grad").clone())
+        };
+        assert!(max_abs(&grads(true)?, &grads(false)?)? < 1e-12);
         Ok(())
     }
 

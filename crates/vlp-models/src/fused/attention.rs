@@ -28,7 +28,14 @@ pub(crate) struct FusedAttention {
     pub(crate) scale: f64,
     pub(crate) mask: Option<Vec<f64>>,
     pub(crate) dropout: Option<DropoutMask>,
+    /// Keep the forward's probabilities (before dropout) for the backward instead of
+    /// recomputing them: for training passes whose `[B, heads, Lq, Lk]` is small.
+    pub(crate) keep_probs: bool,
+    pub(crate) saved_probs: std::sync::Mutex<Option<CpuStorage>>,
 }
+
+/// Attention probabilities up to this many bytes are kept for the backward.
+pub(crate) const KEEP_PROBS_BYTES: usize = 64 << 20;
 
 /// Where one `[B, L, C]` input lives in its storage: the last dimension is contiguous.
 #[derive(Clone, Copy)]
@@ -257,26 +264,44 @@ impl FusedAttention {
         if lq * c == 0 {
             return out;
         }
-        out.par_chunks_mut(lq * c).enumerate().for_each(|(b, out)| {
-            let mut p = vec![T::ZERO; lq * lk];
-            for h in 0..heads {
-                if lk > 0 {
-                    self.probs(dm, b, h, q.0, q.1, k.0, k.1, &mut p);
+        let per_b = heads * lq * lk;
+        let mut kept = vec![T::ZERO; if self.keep_probs { batch * per_b } else { 0 }];
+        let kept_chunks: Vec<&mut [T]> = if self.keep_probs && per_b > 0 {
+            kept.chunks_mut(per_b).collect()
+        } else {
+            (0..batch).map(|_| <&mut [T]>::default()).collect()
+        };
+        out.par_chunks_mut(lq * c)
+            .zip(kept_chunks)
+            .enumerate()
+            .for_each(|(b, (out, kept))| {
+                let mut p = vec![T::ZERO; lq * lk];
+                for h in 0..heads {
+                    if lk > 0 {
+                        self.probs(dm, b, h, q.0, q.1, k.0, k.1, &mut p);
+                    }
+                    if !kept.is_empty() {
+                        kept[h * lq * lk..(h + 1) * lq * lk].copy_from_slice(&p);
+                    }
+                    self.apply_dropout(dm, b, h, &mut p);
+                    mm(
+                        (lq, d, lk),
+                        &mut out[h * d..],
+                        c,
+                        false,
+                        &p,
+                        (lk, 1),
+                        &v.1.batch(v.0, b)[h * d..],
+                        (v.1.row_stride, 1),
+                        T::ONE,
+                    );
                 }
-                self.apply_dropout(dm, b, h, &mut p);
-                mm(
-                    (lq, d, lk),
-                    &mut out[h * d..],
-                    c,
-                    false,
-                    &p,
-                    (lk, 1),
-                    &v.1.batch(v.0, b)[h * d..],
-                    (v.1.row_stride, 1),
-                    T::ONE,
-                );
+            });
+        if self.keep_probs {
+            if let Ok(mut saved) = self.saved_probs.lock() {
+                *saved = Some(T::to_cpu_storage_owned(kept));
             }
-        });
+        }
         out
     }
 
@@ -304,6 +329,11 @@ impl FusedAttention {
             return (dq, dk, dv);
         }
         let scale = <T as super::Real>::from_f64(self.scale);
+        let saved = self.saved_probs.lock().ok().and_then(|mut s| s.take());
+        let saved: Option<&[T]> = saved
+            .as_ref()
+            .and_then(|s| T::cpu_storage_as_slice(s).ok())
+            .filter(|s| s.len() == batch * heads * lq * lk);
         dq.par_chunks_mut(lq * c)
             .zip(dk.par_chunks_mut(lk * c).zip(dv.par_chunks_mut(lk * c)))
             .enumerate()
@@ -313,7 +343,13 @@ impl FusedAttention {
                 let mut dp = vec![T::ZERO; lq * lk];
                 let g = &g[b * lq * c..];
                 for h in 0..heads {
-                    self.probs(dm, b, h, q.0, q.1, k.0, k.1, &mut p);
+                    match saved {
+                        Some(all) => {
+                            let start = (b * heads + h) * lq * lk;
+                            p.copy_from_slice(&all[start..start + lq * lk]);
+                        }
+                        None => self.probs(dm, b, h, q.0, q.1, k.0, k.1, &mut p),
+                    }
                     let dropped: &[T] = if self.dropout.is_some() {
                         pd.copy_from_slice(&p);
                         self.apply_dropout(dm, b, h, &mut pd);
