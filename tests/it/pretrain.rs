@@ -107,6 +107,7 @@ keep_last = 2
 
 [eval]
 sets = [{ name = "val", shards = "val-000000.tar" }]
+k_test = 8
 "#,
         )
         .unwrap();
@@ -192,7 +193,13 @@ fn pretrain_writes_metrics_checkpoints_resolved_recipe_and_eval() {
     assert_eq!(recipe.optim.total_steps, Some(6));
     let eval: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("eval.json")).unwrap()).unwrap();
-    assert_eq!(eval["val"]["images"], 64);
+    assert_eq!(eval["val"]["itc"]["images"], 64);
+    assert_eq!(eval["val"]["reranked"]["texts"], 128, "{eval}");
+    assert_eq!(eval["val"]["k_test"], 8);
+    assert!(
+        eval["val"]["fused_pairs"].as_u64().unwrap() >= 128 * 8,
+        "{eval}"
+    );
     // The curves.
     let out = Command::new(vlp_bin())
         .args(["plot", &path_str(&run)])
@@ -447,10 +454,15 @@ fn pretrain_learns_itc_retrieval_on_synthetic_shapes() {
     let eval: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fx.path("run/eval.json")).unwrap()).unwrap();
     let (tr1, ir1) = (
-        eval["val"]["tr1"].as_f64().unwrap(),
-        eval["val"]["ir1"].as_f64().unwrap(),
+        eval["val"]["itc"]["tr1"].as_f64().unwrap(),
+        eval["val"]["itc"]["ir1"].as_f64().unwrap(),
     );
-    let mean = eval["val"]["r_mean"].as_f64().unwrap();
+    let mean = eval["val"]["itc"]["r_mean"].as_f64().unwrap();
+    // The ITM re-ranking ran too (k = 8) and reports its own recalls.
+    assert!(
+        eval["val"]["reranked"]["r_mean"].as_f64().is_some(),
+        "{eval}"
+    );
     eprintln!("held-out TR@1 {tr1:.1} IR@1 {ir1:.1} mean R {mean:.1} (chance R@1 1.6)");
     // Chance: IR@1 1.6, mean recall about 12 (two captions per image, 64 images).
     assert!(ir1 > 8.0 && tr1 > 5.0 && mean > 25.0, "{eval}");

@@ -238,7 +238,8 @@ impl AlbefModel {
     ///
     /// # Shapes
     /// `text`: `[B, L, H]` or `[B, L]` (see [`FusionText`]), `attention_mask`: `[B, L]`,
-    /// `image_tokens`: `[B, 1 + N, Dv]` -> `[B, L, H]`.
+    /// `image_tokens`: `[B, 1 + N, Dv]`, or `[1, 1 + N, Dv]` for one image under all `B`
+    /// texts (its cross-attention keys and values are then computed once) -> `[B, L, H]`.
     pub fn fuse(
         &self,
         text: FusionText,
@@ -625,7 +626,7 @@ fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
 }
 
 /// BLIP's image-grounded input: `[ENC]` in place of the first token, when the config has one.
-fn with_enc_token(input_ids: &Tensor, enc_id: Option<u32>) -> Result<Tensor> {
+pub fn with_enc_token(input_ids: &Tensor, enc_id: Option<u32>) -> Result<Tensor> {
     let Some(enc) = enc_id else {
         return Ok(input_ids.clone());
     };

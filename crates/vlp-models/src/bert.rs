@@ -75,7 +75,14 @@ impl BertAttention {
                 self_attention_packed(&qkv, self.heads, mask, p, backend)?
             }
             Some(source) => {
-                let kv = packed_linear(source, &[&self.key, &self.value])?;
+                let mut kv = packed_linear(source, &[&self.key, &self.value])?;
+                // One image for many texts (retrieval re-ranking): its keys and values
+                // are computed once and read by every row (a stride-0 view, no copy).
+                let n = x.dim(0)?;
+                if kv.dim(0)? == 1 && n > 1 {
+                    let (_, l, c) = kv.dims3()?;
+                    kv = kv.broadcast_as((n, l, c))?;
+                }
                 cross_attention_packed(&self.query.forward(x)?, &kv, self.heads, mask, p, backend)?
             }
         };
@@ -313,7 +320,8 @@ impl BertModel {
     ///
     /// # Shapes
     /// `text`: `[B, L, H]` states or `[B, L]` ids, `attention_mask`: `[B, L]`,
-    /// `image_states`: `[B, Li, vision_hidden]` -> `[B, L, H]`.
+    /// `image_states`: `[B, Li, vision_hidden]`, or `[1, Li, vision_hidden]` for one image
+    /// under every text -> `[B, L, H]`.
     pub fn forward_fusion(
         &self,
         text: FusionText,
@@ -326,7 +334,7 @@ impl BertModel {
             FusionText::Ids(ids) => (self.embed(ids, train)?, 0),
         };
         let (b, _, _) = x.dims3()?;
-        if image_states.dim(0)? != b {
+        if image_states.dim(0)? != b && image_states.dim(0)? != 1 {
             return Err(ModelError::input(
                 "image_states",
                 format!("batch {} for {b} texts", image_states.dim(0)?),

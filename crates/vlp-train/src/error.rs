@@ -24,6 +24,10 @@ pub enum TrainError {
     #[error("data: {0}")]
     Data(#[from] vlp_data::DataError),
 
+    /// The retrieval evaluation failed.
+    #[error("eval: {0}")]
+    Eval(#[from] vlp_eval::EvalError),
+
     /// A recipe could not be read, overridden or validated; the message names the key.
     #[error("recipe: {0}")]
     Recipe(String),

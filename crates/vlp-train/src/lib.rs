@@ -12,7 +12,6 @@ pub mod pretrain;
 pub mod recipe;
 pub mod schedule;
 pub mod step;
-pub mod zeroshot;
 
 pub use error::{Result, TrainError};
 pub use objectives::ObjectiveConfig;

@@ -20,7 +20,9 @@ use crate::objectives::itc::alpha_at;
 use crate::optim::{AdamW, AdamWConfig, Gradients};
 use crate::recipe::{OnNonFinite, Recipe};
 use crate::step::{pretrain_losses, Draws, StepBatch};
-use crate::zeroshot::{self, RetrievalMetrics};
+use vlp_eval::report::{json_report, markdown_table};
+use vlp_eval::set::{evaluate_set, EvalSet};
+use vlp_eval::{EvalConfig, EvalOutcome, ScoreMode};
 
 type Result<T> = std::result::Result<T, TrainError>;
 
@@ -45,7 +47,7 @@ pub struct Summary {
     pub run_dir: PathBuf,
     pub steps: u64,
     pub last_checkpoint: Option<PathBuf>,
-    pub eval: Vec<(String, RetrievalMetrics)>,
+    pub eval: Vec<(String, EvalOutcome)>,
     pub skipped_samples: u64,
 }
 
@@ -352,28 +354,32 @@ pub fn pretrain(recipe: Recipe, resume: bool, progress: &mut dyn Progress) -> Re
     }
     tracing::info!("trained {} steps", state.step);
 
-    // Zero-shot retrieval on each eval set.
+    // Zero-shot retrieval on each eval set: ITC ranking, then ITM re-ranking of the top k.
     let mut eval = Vec::new();
     if let Some(sets) = &recipe.eval {
+        let eval_cfg = EvalConfig {
+            k_test: sets.k_test,
+            score: sets.score.parse::<ScoreMode>()?,
+            image_batch: sets.batch_size,
+            text_batch: sets.batch_size.max(1) * 4,
+            progress: true,
+            ..EvalConfig::default()
+        };
+        let mut json = Map::new();
         for set in &sets.sets {
-            let data = zeroshot::load_eval_data(
+            let data = EvalSet::open(
                 &set.shards,
                 cfg.vision.image_size as u32,
                 recipe.data.max_words,
             )?;
-            let m = zeroshot::evaluate(&model, &tokenizer, &data, sets.batch_size)?;
-            println!("{}", m.table(&set.name));
-            eval.push((set.name.clone(), m));
+            let (outcome, _) = evaluate_set(&model, &tokenizer, &data, &eval_cfg)?;
+            print!("{}", markdown_table(&set.name, &outcome));
+            json.insert(
+                set.name.clone(),
+                json_report(&set.name, &outcome, &eval_cfg),
+            );
+            eval.push((set.name.clone(), outcome));
         }
-        let json: Map<String, Value> = eval
-            .iter()
-            .map(|(n, m)| {
-                (
-                    n.clone(),
-                    serde_json::to_value(m).expect("metrics are JSON"),
-                )
-            })
-            .collect();
         write_atomically(
             &run_dir.join(EVAL_FILE),
             serde_json::to_string_pretty(&json)

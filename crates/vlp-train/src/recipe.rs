@@ -163,6 +163,12 @@ pub struct EvalSection {
     pub sets: Vec<EvalSet>,
     #[serde(default = "sixty_four")]
     pub batch_size: usize,
+    /// Candidates per query re-scored by ITM (ALBEF: 256 COCO, 128 Flickr30K).
+    #[serde(default = "one_twenty_eight")]
+    pub k_test: usize,
+    /// `itm+itc` (BLIP/LAVIS, default), `itm` (ALBEF) or `itc` (no re-ranking).
+    #[serde(default = "itm_itc")]
+    pub score: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -174,6 +180,12 @@ pub struct EvalSet {
 
 fn one() -> usize {
     1
+}
+fn one_twenty_eight() -> usize {
+    128
+}
+fn itm_itc() -> String {
+    "itm+itc".to_string()
 }
 fn two() -> usize {
     2
@@ -226,6 +238,17 @@ impl Recipe {
 
     /// Checks what serde cannot: exactly one of preset/config, positive sizes, a length.
     pub fn validate(&self) -> Result<()> {
+        if let Some(eval) = &self.eval {
+            if eval.score.parse::<vlp_eval::ScoreMode>().is_err() {
+                return Err(TrainError::Recipe(format!(
+                    "eval.score = {:?}: expected \"itc\", \"itm\" or \"itm+itc\"",
+                    eval.score
+                )));
+            }
+            if eval.k_test == 0 {
+                return Err(TrainError::Recipe("eval.k_test must be at least 1".into()));
+            }
+        }
         let bad = |key: &str, why: &str| Err(TrainError::Recipe(format!("{key}: {why}")));
         match (&self.model.preset, &self.model.config, &self.model.init) {
             (Some(_), Some(_), _) => return bad("model", "give preset or config, not both"),
@@ -457,6 +480,16 @@ out_dir = "runs/x"
     }
 
     #[test]
+    fn eval_score_and_k_are_checked() {
+        let text = format!("{BASE}\n[eval]\nsets = []\nscore = \"itm-itc\"\n");
+        let e = Recipe::from_str_with(&text, &[]).unwrap_err().to_string();
+        assert!(e.contains("eval.score") && e.contains("itm+itc"), "{e}");
+        let text = format!("{BASE}\n[eval]\nsets = []\nk_test = 0\n");
+        let e = Recipe::from_str_with(&text, &[]).unwrap_err().to_string();
+        assert!(e.contains("eval.k_test"), "{e}");
+    }
+
+    #[test]
     fn resolved_recipe_round_trips() {
         let mut r = Recipe::from_str_with(BASE, &[]).unwrap();
         r.eval = Some(EvalSection {
@@ -465,6 +498,8 @@ out_dir = "runs/x"
                 shards: "b.tar".into(),
             }],
             batch_size: 4,
+            k_test: 16,
+            score: "itm".into(),
         });
         let text = r.to_toml().unwrap();
         assert_eq!(Recipe::from_str_with(&text, &[]).unwrap(), r);

@@ -1,0 +1,223 @@
+//! An evaluation shard set: every sample's captions, grouped by image id (samples that
+//! share an `image_id` are one image with all their captions), and the images streamed
+//! through the eval transform in order, never all held in memory.
+
+use std::collections::HashMap;
+use std::ops::ControlFlow;
+
+use candle_core::{Device, Tensor};
+use vlp_core::rng::Rng;
+use vlp_data::caption::pre_caption;
+use vlp_data::fields::{parse_sample, FieldsConfig};
+use vlp_data::image_ops::{
+    decode_rgb, image_dimensions, EvalTransform, ImageTransform, ImageTransformer, Normalization,
+};
+use vlp_data::shard::read_shard;
+use vlp_data::spec::expand_spec;
+
+use crate::error::{EvalError, Result};
+
+/// Decoded images above this many pixels are skipped (as the training loader does).
+const MAX_PIXELS: u64 = 89_478_485;
+
+/// The captions of a set: `text_image[t]` is the image of caption `t`; `image_keys[i]`
+/// the image id of image `i`.
+#[derive(Clone, Debug, Default)]
+pub struct EvalTexts {
+    pub captions: Vec<String>,
+    pub text_image: Vec<usize>,
+    pub image_keys: Vec<String>,
+    /// Samples skipped (unreadable image or sample), with a warning each.
+    pub skipped: usize,
+}
+
+/// A shard spec read at one image size.
+#[derive(Clone, Debug)]
+pub struct EvalSet {
+    urls: Vec<vlp_data::spec::ShardUrl>,
+    size: u32,
+    max_words: usize,
+}
+
+impl EvalSet {
+    /// `spec`: a shard spec (brace ranges, lists, directories); images at `size` px
+    /// (resize, CLIP normalisation); captions cleaned like training's (`max_words`).
+    pub fn open(spec: &str, size: u32, max_words: usize) -> Result<Self> {
+        let urls = expand_spec(spec)?;
+        if urls.is_empty() {
+            return Err(EvalError::input(
+                "eval shards",
+                format!("{spec} names no shards"),
+            ));
+        }
+        Ok(Self {
+            urls,
+            size,
+            max_words,
+        })
+    }
+
+    pub fn image_size(&self) -> u32 {
+        self.size
+    }
+
+    /// The captions of the set, read without decoding images (their headers are checked;
+    /// an image that fails the check is skipped, counted, and skipped again by
+    /// [`EvalSet::images`]).
+    pub fn texts(&self) -> Result<EvalTexts> {
+        self.scan(false, &mut |_, _| Ok(()))
+    }
+
+    /// One pass over the images in order, decoded and transformed, in batches of `batch`
+    /// as `[b, 3, S, S]` tensors (the same images, in the same order, as [`EvalSet::texts`]
+    /// lists).
+    pub fn images(&self, batch: usize, f: &mut dyn FnMut(&Tensor) -> Result<()>) -> Result<()> {
+        let s = self.size as usize;
+        let per = 3 * s * s;
+        let batch = batch.max(1);
+        let mut buf: Vec<f32> = Vec::with_capacity(batch * per);
+        let flush = |buf: &mut Vec<f32>, f: &mut dyn FnMut(&Tensor) -> Result<()>| -> Result<()> {
+            if buf.is_empty() {
+                return Ok(());
+            }
+            let n = buf.len() / per;
+            let t = Tensor::from_vec(std::mem::take(buf), (n, 3, s, s), &Device::Cpu)?;
+            f(&t)
+        };
+        self.scan(true, &mut |_, pixels| {
+            buf.extend_from_slice(&pixels);
+            if buf.len() >= batch * per {
+                flush(&mut buf, f)?;
+            }
+            Ok(())
+        })?;
+        flush(&mut buf, f)
+    }
+
+    /// One pass over the set in order: with `decode`, calls `on_image(index, pixels)`
+    /// (CHW, normalised) for each new image id; returns all captions. A corrupt shard is
+    /// an error naming it; an unreadable sample is skipped and counted.
+    fn scan(
+        &self,
+        decode: bool,
+        on_image: &mut dyn FnMut(usize, Vec<f32>) -> Result<()>,
+    ) -> Result<EvalTexts> {
+        let mut transformer = ImageTransformer::new(
+            ImageTransform::Eval(EvalTransform { size: self.size }),
+            Normalization::Clip,
+        );
+        let fields = FieldsConfig::default();
+        let mut rng = Rng::new(0);
+        let mut texts = EvalTexts::default();
+        let mut by_id: HashMap<String, usize> = HashMap::new();
+        let mut failure: Option<EvalError> = None;
+        for url in &self.urls {
+            let outcome = read_shard(url, 0, |raw| {
+                let sample = match parse_sample(raw, &fields) {
+                    Ok(s) => s,
+                    Err(skip) => {
+                        tracing::warn!(
+                            "eval: skipping {}/{}: {:?}",
+                            skip.url,
+                            skip.key,
+                            skip.reason
+                        );
+                        texts.skipped += 1;
+                        return ControlFlow::Continue(());
+                    }
+                };
+                let index = match by_id.get(&sample.image_id) {
+                    Some(&i) => i,
+                    None => {
+                        let checked = image_dimensions(&sample.image_bytes)
+                            .map_err(|e| e.to_string())
+                            .and_then(|(w, h)| {
+                                if u64::from(w) * u64::from(h) > MAX_PIXELS {
+                                    Err(format!("{w}x{h} exceeds {MAX_PIXELS} pixels"))
+                                } else {
+                                    Ok(())
+                                }
+                            });
+                        if let Err(e) = checked {
+                            tracing::warn!("eval: skipping {}: {e}", sample.key);
+                            texts.skipped += 1;
+                            return ControlFlow::Continue(());
+                        }
+                        let i = texts.image_keys.len();
+                        if decode {
+                            let img = match decode_rgb(&sample.image_bytes, MAX_PIXELS) {
+                                Ok(img) => img,
+                                Err(e) => {
+                                    failure = Some(EvalError::input(
+                                        "eval image",
+                                        format!(
+                                            "{}: header read but the image does not decode: {e}",
+                                            sample.key
+                                        ),
+                                    ));
+                                    return ControlFlow::Break(());
+                                }
+                            };
+                            let mut pixels = vec![0f32; transformer.output_len()];
+                            transformer.apply(&img, &mut rng, &mut pixels);
+                            if let Err(e) = on_image(i, pixels) {
+                                failure = Some(e);
+                                return ControlFlow::Break(());
+                            }
+                        }
+                        texts.image_keys.push(sample.image_id.clone());
+                        by_id.insert(sample.image_id.clone(), i);
+                        i
+                    }
+                };
+                for c in &sample.captions {
+                    texts.captions.push(pre_caption(c, self.max_words));
+                    texts.text_image.push(index);
+                }
+                ControlFlow::Continue(())
+            });
+            if let Some(e) = failure.take() {
+                return Err(e);
+            }
+            if let Some(problem) = outcome.problem {
+                return Err(EvalError::input(
+                    "eval shards",
+                    format!("{}: {:?} {}", problem.url, problem.reason, problem.detail),
+                ));
+            }
+        }
+        if texts.image_keys.is_empty() || texts.captions.is_empty() {
+            return Err(EvalError::input(
+                "eval shards",
+                "no readable image with a caption in the set",
+            ));
+        }
+        Ok(texts)
+    }
+}
+
+/// Evaluates `model` on a shard set: captions tokenised with `tokenizer`, images streamed
+/// (once, or twice when their states do not fit the budget).
+pub fn evaluate_set(
+    model: &vlp_models::AlbefModel,
+    tokenizer: &vlp_data::tokenize::TextTokenizer,
+    set: &EvalSet,
+    cfg: &crate::retrieval::EvalConfig,
+) -> Result<(crate::retrieval::EvalOutcome, EvalTexts)> {
+    let texts = set.texts()?;
+    let (ids, mask) = tokenizer
+        .encode_batch(&texts.captions)?
+        .to_tensors(&Device::Cpu)?;
+    let batch = cfg.image_batch;
+    let mut pass = |f: &mut dyn FnMut(&Tensor) -> Result<()>| set.images(batch, f);
+    let outcome = crate::retrieval::evaluate(
+        model,
+        &mut pass,
+        texts.image_keys.len(),
+        &ids,
+        &mask,
+        &texts.text_image,
+        cfg,
+    )?;
+    Ok((outcome, texts))
+}
