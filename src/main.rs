@@ -32,6 +32,9 @@ enum Command {
     Bench(BenchCommand),
     /// Convert a published checkpoint (HF BERT/ViT/BLIP, timm/DeiT, ALBEF .pth) to vlp's format.
     Convert(cmd::convert::ConvertArgs),
+    /// Evaluate checkpoints (image-text retrieval).
+    #[command(subcommand)]
+    Eval(EvalCommand),
     /// Pretrain (ITC + ITM + MLM) from a recipe; `--resume` continues a run exactly.
     Pretrain(cmd::pretrain::PretrainArgs),
     /// Draw the loss parts and the learning rate of a run to RUN_DIR/curves.png.
@@ -55,11 +58,20 @@ enum TokenizerCommand {
 }
 
 #[derive(Subcommand)]
+enum EvalCommand {
+    /// Image-text retrieval on a shard set: ITC ranking, ITM re-ranking of the top k,
+    /// TR/IR R@1/5/10, ranks; JSON report and Markdown table.
+    Retrieval(cmd::eval::RetrievalArgs),
+}
+
+#[derive(Subcommand)]
 enum BenchCommand {
     /// Throughput and peak RSS of the full training data pipeline, and the decode-only limit.
     Loader(cmd::bench::LoaderArgs),
     /// Forward + backward samples/s and memory of a model preset on random batches.
     Step(cmd::bench_step::StepArgs),
+    /// Retrieval evaluation (ITC + ITM re-ranking) timed phase by phase on a synthetic set.
+    Eval(cmd::bench_eval::EvalArgs),
 }
 
 /// Keeps freed batch buffers in the process for reuse.
@@ -115,6 +127,8 @@ fn main() -> std::process::ExitCode {
         Command::Tokenizer(TokenizerCommand::Train(a)) => cmd::tokenizer::run(a),
         Command::Bench(BenchCommand::Loader(a)) => cmd::bench::run(a),
         Command::Bench(BenchCommand::Step(a)) => cmd::bench_step::run(a),
+        Command::Bench(BenchCommand::Eval(a)) => cmd::bench_eval::run(a),
+        Command::Eval(EvalCommand::Retrieval(a)) => cmd::eval::run(a),
         Command::Convert(a) => cmd::convert::run(a),
         Command::Pretrain(a) => cmd::pretrain::run(a),
         Command::Plot(a) => cmd::plot::run(a),

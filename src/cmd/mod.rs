@@ -1,8 +1,10 @@
 //! One module per subcommand: its arguments and its `run`.
 
 pub mod bench;
+pub mod bench_eval;
 pub mod bench_step;
 pub mod convert;
+pub mod eval;
 pub mod plot;
 pub mod pretrain;
 pub mod shards_inspect;

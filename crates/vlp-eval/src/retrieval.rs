@@ -456,6 +456,10 @@ fn encode_texts(
     })
 }
 
+/// See [`itm_scores`]: the shortest caption of a fusion batch keeps at least this share
+/// of the longest one's length.
+const PAD_KEEP: f64 = 0.7;
+
 /// ITM "match" logits of `image` (`[1, Li, Hv]`) with each caption of `texts_of`, in that
 /// order; the captions run longest first in batches of `pair_batch`, each padded to its
 /// own longest.
@@ -471,7 +475,21 @@ fn itm_scores(
     let mut order: Vec<usize> = (0..texts_of.len()).collect();
     order.sort_by_key(|&p| std::cmp::Reverse(texts.lens[texts_of[p]]));
     let mut out = vec![0f32; texts_of.len()];
-    for chunk in order.chunks(pair_batch.max(1)) {
+    // Batches of at most `pair_batch` captions, cut where a caption is shorter than
+    // PAD_KEEP of the batch's longest: padding stays under 30% of the tokens.
+    let mut chunks: Vec<&[usize]> = Vec::new();
+    let mut start = 0;
+    for end in 1..=order.len() {
+        let cut = end == order.len()
+            || end - start >= pair_batch.max(1)
+            || (texts.lens[texts_of[order[end]]] as f64)
+                < PAD_KEEP * texts.lens[texts_of[order[start]]] as f64;
+        if cut {
+            chunks.push(&order[start..end]);
+            start = end;
+        }
+    }
+    for chunk in chunks {
         let n = chunk.len();
         let l = chunk
             .iter()
@@ -499,7 +517,7 @@ fn itm_scores(
                 .collect();
             let ids = Tensor::from_vec(ids, (n, l), &dev)?;
             let ids = with_enc_token(&ids, model.config().text.enc_id)?;
-            model.fuse(FusionText::Ids(&ids), &mask, image, false)?
+            model.fuse_cls(FusionText::Ids(&ids), &mask, image, false)?
         } else {
             let h = texts.hidden;
             let row = texts.max_len * h;
@@ -509,9 +527,9 @@ fn itm_scores(
                 states.extend_from_slice(&texts.states[t * row..t * row + l * h]);
             }
             let states = Tensor::from_vec(states, (n, l, h), &dev)?;
-            model.fuse(FusionText::States(&states), &mask, image, false)?
+            model.fuse_cls(FusionText::States(&states), &mask, image, false)?
         };
-        let logits = model.itm_logits(&cls(&fused)?)?.detach();
+        let logits = model.itm_logits(&fused)?.detach();
         let matched: Vec<f32> = logits.narrow(1, 1, 1)?.flatten_all()?.to_vec1()?;
         for (&p, s) in chunk.iter().zip(matched) {
             out[p] = s;

@@ -251,6 +251,19 @@ impl AlbefModel {
             .forward_fusion(text, attention_mask, image_tokens, train)
     }
 
+    /// The fusion encoder's [CLS] output, `[B, H]`, computing the last layer for [CLS]
+    /// alone (see [`BertModel::forward_fusion_cls`]); arguments as for [`AlbefModel::fuse`].
+    pub fn fuse_cls(
+        &self,
+        text: FusionText,
+        attention_mask: &Tensor,
+        image_tokens: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
+        self.text_encoder
+            .forward_fusion_cls(text, attention_mask, image_tokens, train)
+    }
+
     /// ITM logits (column 1 = "match").
     ///
     /// # Shapes
@@ -1094,6 +1107,40 @@ mod tests {
             .trainable_names()
             .iter()
             .any(|n| n.contains("layer.0.crossattention")));
+        Ok(())
+    }
+
+    #[test]
+    fn fuse_cls_equals_the_cls_row_of_the_full_fusion_in_both_layouts() -> Result<()> {
+        for blip in [false, true] {
+            let mut cfg = micro();
+            if blip {
+                cfg.text.layout = Layout::Blip;
+                cfg.text.type_vocab_size = 0;
+                cfg.text.has_mlm_head = false;
+                cfg.text.vocab_size = 52;
+                cfg.text.enc_id = Some(51);
+            }
+            let (_, model) = build(&cfg, DType::F32)?;
+            let (images, ids, mask) = batch(&cfg, DType::F32)?;
+            let (tokens, _) = model.encode_image(&images, false)?;
+            let text = if blip {
+                with_enc_token(&ids, cfg.text.enc_id)?
+            } else {
+                model.encode_text(&ids, &mask, false)?.0
+            };
+            let arg = || {
+                if blip {
+                    FusionText::Ids(&text)
+                } else {
+                    FusionText::States(&text)
+                }
+            };
+            let full = cls(&model.fuse(arg(), &mask, &tokens, false)?)?;
+            let fast = model.fuse_cls(arg(), &mask, &tokens, false)?;
+            assert_eq!(full.dims(), fast.dims());
+            assert!(max_abs(&(full - fast)?) < 1e-5, "blip {blip}");
+        }
         Ok(())
     }
 

@@ -140,9 +140,38 @@ impl BertLayer {
         train: bool,
         backend: AttentionBackend,
     ) -> Result<Tensor> {
-        let mut x = self
+        let x = self
             .attention
             .forward(x, None, Some(mask), train, backend)?;
+        self.after_self_attention(x, image, train, backend)
+    }
+
+    /// [`BertLayer::forward`] for the first `rows` positions only: their queries attend
+    /// to every position's keys and values, and nothing else is computed for the rest.
+    /// The output is exactly the first `rows` of [`BertLayer::forward`]'s.
+    fn forward_first(
+        &self,
+        x: &Tensor,
+        rows: usize,
+        mask: &Tensor,
+        image: Option<&Tensor>,
+        train: bool,
+        backend: AttentionBackend,
+    ) -> Result<Tensor> {
+        let xq = x.narrow(1, 0, rows)?;
+        let x = self
+            .attention
+            .forward(&xq, Some(x), Some(mask), train, backend)?;
+        self.after_self_attention(x, image, train, backend)
+    }
+
+    fn after_self_attention(
+        &self,
+        mut x: Tensor,
+        image: Option<&Tensor>,
+        train: bool,
+        backend: AttentionBackend,
+    ) -> Result<Tensor> {
         if let (Some(cross), Some(image)) = (&self.crossattention, image) {
             // The image mask is all ones: no additive mask at all.
             x = cross.forward(&x, Some(image), None, train, backend)?;
@@ -342,6 +371,44 @@ impl BertModel {
         }
         let mask = self.key_mask(attention_mask, &x)?;
         self.run_layers(x, &mask, start..self.cfg.layers, Some(image_states), train)
+    }
+
+    /// The fusion encoder's [CLS] output only, `[B, H]`: the same values as
+    /// `forward_fusion(..)[:, 0]`, with the last layer computed for the [CLS] position
+    /// alone (its keys and values still come from every token). What ITM scoring needs.
+    pub fn forward_fusion_cls(
+        &self,
+        text: FusionText,
+        attention_mask: &Tensor,
+        image_states: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (x, start) = match text {
+            FusionText::States(s) => (s.clone(), self.cfg.fusion_start()),
+            FusionText::Ids(ids) => (self.embed(ids, train)?, 0),
+        };
+        let (b, _, _) = x.dims3()?;
+        if image_states.dim(0)? != b && image_states.dim(0)? != 1 {
+            return Err(ModelError::input(
+                "image_states",
+                format!("batch {} for {b} texts", image_states.dim(0)?),
+            ));
+        }
+        let mask = self.key_mask(attention_mask, &x)?;
+        let last = self.cfg.layers;
+        if start >= last {
+            return Ok(x.narrow(1, 0, 1)?.squeeze(1)?);
+        }
+        let x = self.run_layers(x, &mask, start..last - 1, Some(image_states), train)?;
+        let out = self.layers[last - 1].forward_first(
+            &x,
+            1,
+            &mask,
+            Some(image_states),
+            train,
+            self.backend,
+        )?;
+        Ok(out.squeeze(1)?)
     }
 
     /// MLM logits over the vocabulary.

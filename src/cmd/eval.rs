@@ -1,0 +1,125 @@
+//! `vlp eval retrieval`: image-text retrieval of a checkpoint on a shard set, ALBEF's
+//! protocol (ITC ranking, ITM re-ranking of the top k), with a JSON report and a
+//! Markdown table.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use vlp_data::tokenize::TextTokenizer;
+use vlp_eval::report::{json_report, markdown_table};
+use vlp_eval::set::{evaluate_set, EvalSet};
+use vlp_eval::{EvalConfig, ScoreMode};
+use vlp_models::{AlbefConfig, AlbefModel};
+
+#[derive(clap::Args)]
+pub struct RetrievalArgs {
+    /// A checkpoint folder (`model.safetensors` + `config.json`): a pretraining or
+    /// fine-tuning checkpoint, or what `vlp convert` makes of ALBEF / HF BLIP-ITM files.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// The evaluation shards (images with one or more captions, grouped by image id).
+    #[arg(long)]
+    pub shards: String,
+    /// The tokenizer (`tokenizer.json`) the checkpoint was trained with.
+    #[arg(long)]
+    pub tokenizer: PathBuf,
+    /// Candidates per query re-scored by ITM (ALBEF: 256 COCO, 128 Flickr30K).
+    #[arg(long, default_value_t = 128)]
+    pub k_test: usize,
+    /// `itm+itc` (BLIP/LAVIS), `itm` (ALBEF) or `itc` (no re-ranking).
+    #[arg(long, default_value = "itm+itc")]
+    pub score: ScoreMode,
+    /// Tokens per caption, [CLS] and [SEP] included.
+    #[arg(long, default_value_t = 40)]
+    pub max_tokens: usize,
+    /// Words kept per caption by the caption cleaning (ALBEF: 30).
+    #[arg(long, default_value_t = 30)]
+    pub max_words: usize,
+    #[arg(long, default_value_t = 64)]
+    pub image_batch: usize,
+    #[arg(long, default_value_t = 256)]
+    pub text_batch: usize,
+    /// (image, text) pairs per fusion pass.
+    #[arg(long, default_value_t = 128)]
+    pub pair_batch: usize,
+    /// Token states kept in memory (MB); past it the image encoder runs again while
+    /// re-ranking instead of holding every image's tokens.
+    #[arg(long, default_value_t = 4096)]
+    pub state_budget_mb: usize,
+    /// The set's name in the reports [default: the shard spec].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Write the JSON report here (it is also printed as the last stdout line).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Write the Markdown table here.
+    #[arg(long)]
+    pub markdown: Option<PathBuf>,
+    /// No progress bars.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+/// Loads a checkpoint folder for inference: its tensors as plain (non-trainable) tensors.
+pub fn load_checkpoint(dir: &std::path::Path) -> anyhow::Result<(AlbefConfig, AlbefModel)> {
+    let cfg_path = dir.join(vlp_train::checkpoint::CONFIG_FILE);
+    let model_path = dir.join(vlp_train::checkpoint::MODEL_FILE);
+    let cfg =
+        AlbefConfig::load(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
+    anyhow::ensure!(
+        model_path.is_file(),
+        "{} does not exist",
+        model_path.display()
+    );
+    // SAFETY: the file is mapped read-only; vlp never writes a checkpoint in place (saves
+    // go to a temporary folder that is renamed).
+    let vb =
+        unsafe { VarBuilder::from_mmaped_safetensors(&[&model_path], DType::F32, &Device::Cpu) }
+            .with_context(|| format!("reading {}", model_path.display()))?;
+    let model =
+        AlbefModel::new(&cfg, vb).with_context(|| format!("loading {}", model_path.display()))?;
+    Ok((cfg, model))
+}
+
+pub fn run(args: RetrievalArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.k_test >= 1, "--k-test must be at least 1");
+    let (cfg, model) = load_checkpoint(&args.checkpoint)?;
+    let tokenizer = TextTokenizer::from_file(&args.tokenizer, args.max_tokens)
+        .with_context(|| format!("reading {}", args.tokenizer.display()))?;
+    anyhow::ensure!(
+        tokenizer.vocab_size() <= cfg.text.vocab_size,
+        "{} has {} tokens, the model's vocabulary {}",
+        args.tokenizer.display(),
+        tokenizer.vocab_size(),
+        cfg.text.vocab_size
+    );
+    let set = EvalSet::open(&args.shards, cfg.vision.image_size as u32, args.max_words)?;
+    let eval_cfg = EvalConfig {
+        k_test: args.k_test,
+        score: args.score,
+        image_batch: args.image_batch,
+        text_batch: args.text_batch,
+        pair_batch: args.pair_batch,
+        state_budget_mb: args.state_budget_mb,
+        progress: !args.no_progress,
+    };
+    let (outcome, texts) = evaluate_set(&model, &tokenizer, &set, &eval_cfg)?;
+    let name = args.name.clone().unwrap_or_else(|| args.shards.clone());
+    let table = markdown_table(&name, &outcome);
+    eprint!("{table}");
+    let mut report = json_report(&name, &outcome, &eval_cfg);
+    report["checkpoint"] = serde_json::json!(args.checkpoint.display().to_string());
+    report["skipped_samples"] = serde_json::json!(texts.skipped);
+    report["peak_rss_mb"] = serde_json::json!(crate::cmd::bench::peak_rss_mb());
+    if let Some(path) = &args.out {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.markdown {
+        std::fs::write(path, &table).with_context(|| format!("writing {}", path.display()))?;
+    }
+    println!("{report}");
+    Ok(())
+}
