@@ -35,6 +35,13 @@ enum Command {
     /// Evaluate checkpoints (image-text retrieval).
     #[command(subcommand)]
     Eval(EvalCommand),
+    /// ITC embeddings (projected, L2-normalised) of images and/or captions to safetensors.
+    Embed(cmd::embed::EmbedArgs),
+    /// ITC similarity and ITM match probability of every image x caption pair.
+    Score(cmd::embed::ScoreArgs),
+    /// Fine-tune a checkpoint for retrieval from a recipe (ITC with image-id positives, ITM),
+    /// validating every epoch and keeping the best checkpoint.
+    Finetune(cmd::pretrain::PretrainArgs),
     /// Pretrain (ITC + ITM + MLM) from a recipe; `--resume` continues a run exactly.
     Pretrain(cmd::pretrain::PretrainArgs),
     /// Draw the loss parts and the learning rate of a run to RUN_DIR/curves.png.
@@ -131,6 +138,9 @@ fn main() -> std::process::ExitCode {
         Command::Eval(EvalCommand::Retrieval(a)) => cmd::eval::run(a),
         Command::Convert(a) => cmd::convert::run(a),
         Command::Pretrain(a) => cmd::pretrain::run(a),
+        Command::Finetune(a) => cmd::pretrain::run_finetune(a),
+        Command::Embed(a) => cmd::embed::run_embed(a),
+        Command::Score(a) => cmd::embed::run_score(a),
         Command::Plot(a) => cmd::plot::run(a),
     };
     match result {

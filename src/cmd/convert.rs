@@ -45,6 +45,11 @@ pub struct ConvertArgs {
     /// Print the report as JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Image side of the target architecture, overriding the preset's or config's (e.g.
+    /// 384 for ALBEF's retrieval fine-tuned checkpoints; position embeddings of another
+    /// grid are interpolated). Needs --preset or --config.
+    #[arg(long)]
+    pub image_size: Option<usize>,
 }
 
 pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
@@ -59,6 +64,15 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
         (Some(name), _) => Some(AlbefConfig::preset(name)?),
         (None, Some(path)) => Some(load_config(path)?),
         (None, None) => None,
+    };
+    let config = match (config, args.image_size) {
+        (Some(mut cfg), Some(size)) => {
+            cfg.vision.image_size = size;
+            cfg.validate()?;
+            Some(cfg)
+        }
+        (None, Some(_)) => anyhow::bail!("--image-size needs --preset or --config"),
+        (cfg, None) => cfg,
     };
     let opts = ImportOptions {
         format,

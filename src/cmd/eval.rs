@@ -48,6 +48,9 @@ pub struct RetrievalArgs {
     /// re-ranking instead of holding every image's tokens.
     #[arg(long, default_value_t = 4096)]
     pub state_budget_mb: usize,
+    /// Image side [default: the checkpoint's]; position embeddings are interpolated to it.
+    #[arg(long)]
+    pub image_size: Option<usize>,
     /// The set's name in the reports [default: the shard spec].
     #[arg(long)]
     pub name: Option<String>,
@@ -63,21 +66,34 @@ pub struct RetrievalArgs {
 }
 
 /// Loads a checkpoint folder for inference: its tensors as plain (non-trainable) tensors.
-pub fn load_checkpoint(dir: &std::path::Path) -> anyhow::Result<(AlbefConfig, AlbefModel)> {
+/// With `image_size`, the model is built at that size and the position embeddings are
+/// interpolated to its grid.
+pub fn load_checkpoint(
+    dir: &std::path::Path,
+    image_size: Option<usize>,
+) -> anyhow::Result<(AlbefConfig, AlbefModel)> {
     let cfg_path = dir.join(vlp_train::checkpoint::CONFIG_FILE);
     let model_path = dir.join(vlp_train::checkpoint::MODEL_FILE);
-    let cfg =
+    let mut cfg =
         AlbefConfig::load(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
     anyhow::ensure!(
         model_path.is_file(),
         "{} does not exist",
         model_path.display()
     );
-    // SAFETY: the file is mapped read-only; vlp never writes a checkpoint in place (saves
-    // go to a temporary folder that is renamed).
-    let vb =
-        unsafe { VarBuilder::from_mmaped_safetensors(&[&model_path], DType::F32, &Device::Cpu) }
-            .with_context(|| format!("reading {}", model_path.display()))?;
+    if let Some(size) = image_size {
+        cfg.vision.image_size = size;
+        cfg.validate()?;
+    }
+    let mut tensors = candle_core::safetensors::load(&model_path, &Device::Cpu)
+        .with_context(|| format!("reading {}", model_path.display()))?;
+    let grid = cfg.vision.grid();
+    for (name, t) in tensors.iter_mut() {
+        if name.ends_with("pos_embed") && t.dim(1)? != cfg.vision.tokens() {
+            *t = vlp_models::interpolate_pos_embed(t, grid)?;
+        }
+    }
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
     let model =
         AlbefModel::new(&cfg, vb).with_context(|| format!("loading {}", model_path.display()))?;
     Ok((cfg, model))
@@ -85,7 +101,7 @@ pub fn load_checkpoint(dir: &std::path::Path) -> anyhow::Result<(AlbefConfig, Al
 
 pub fn run(args: RetrievalArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.k_test >= 1, "--k-test must be at least 1");
-    let (cfg, model) = load_checkpoint(&args.checkpoint)?;
+    let (cfg, model) = load_checkpoint(&args.checkpoint, args.image_size)?;
     let tokenizer = TextTokenizer::from_file(&args.tokenizer, args.max_tokens)
         .with_context(|| format!("reading {}", args.tokenizer.display()))?;
     anyhow::ensure!(

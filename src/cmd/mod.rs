@@ -4,6 +4,7 @@ pub mod bench;
 pub mod bench_eval;
 pub mod bench_step;
 pub mod convert;
+pub mod embed;
 pub mod eval;
 pub mod plot;
 pub mod pretrain;

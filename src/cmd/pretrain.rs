@@ -40,6 +40,25 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `vlp finetune`: the same loop as `vlp pretrain`, for a recipe that starts from a
+/// checkpoint (`model.init`) and usually validates every epoch (`eval.validate`), keeping
+/// the best checkpoint in `RUN_DIR/best`.
+pub fn run_finetune(args: PretrainArgs) -> anyhow::Result<()> {
+    let recipe = Recipe::load(&args.recipe, &args.set)?;
+    anyhow::ensure!(
+        recipe.model.init.is_some() || args.resume,
+        "a fine-tuning recipe starts from a checkpoint: set model.init (a folder from \
+         `vlp pretrain` or `vlp convert`)"
+    );
+    if recipe.eval.as_ref().is_none_or(|e| e.validate.is_none()) {
+        tracing::warn!("no eval.validate set: no per-epoch validation, the last weights are kept");
+    }
+    if recipe.objectives.mlm.enabled && recipe.objectives.mlm.weight != 0.0 {
+        tracing::warn!("MLM is on; ALBEF's retrieval fine-tuning turns it off (objectives.mlm.enabled = false)");
+    }
+    run(args)
+}
+
 /// An indicatif bar with the loss parts, lr and samples/s; hidden when not wanted or when
 /// standard error is not a terminal.
 struct Bar {

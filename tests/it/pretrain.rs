@@ -467,3 +467,209 @@ fn pretrain_learns_itc_retrieval_on_synthetic_shapes() {
     // Chance: IR@1 1.6, mean recall about 12 (two captions per image, 64 images).
     assert!(ir1 > 8.0 && tr1 > 5.0 && mean > 25.0, "{eval}");
 }
+
+/// `vlp finetune` from a pretraining checkpoint at a larger image size (position
+/// embeddings interpolated), validating every epoch and keeping the best checkpoint; then
+/// `vlp eval retrieval` on that checkpoint, with both reports checked.
+#[test]
+fn finetune_keeps_the_best_epoch_and_eval_retrieval_reports_on_it() {
+    let fx = Fixture::new(64);
+    let _ = ok(&fx.pretrain(&["optim.total_steps=2", "run.save_every=0"], false));
+    std::fs::write(
+        fx.path("ft.toml"),
+        r#"
+[model]
+init = "run/checkpoints/step-000002"
+
+[data]
+shards = "train-{000000..000003}.tar"
+tokenizer = "tok.json"
+batch_size = 16
+workers = 1
+image_size = 48
+transform = "light"
+shuffle_buffer = 16
+max_tokens = 16
+
+[objectives]
+image_id_positives = true
+mlm = { enabled = false }
+
+[optim]
+lr = 1e-4
+min_lr = 1e-5
+warmup_lr = 1e-4
+warmup_steps = 0
+weight_decay = 0.02
+epochs = 2
+
+[run]
+out_dir = "ft"
+seed = 3
+save_every = 0
+
+[eval]
+sets = [{ name = "val", shards = "val-000000.tar" }]
+validate = "val"
+k_test = 4
+"#,
+    )
+    .unwrap();
+    let out = Command::new(vlp_bin())
+        .args(["finetune", "--recipe", "ft.toml", "--no-progress"])
+        .current_dir(fx.path(""))
+        .output()
+        .unwrap();
+    let _ = ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("interpolated"), "{stderr}");
+    let best: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fx.path("ft/best/best.json")).unwrap())
+            .unwrap();
+    assert!(best["r_mean"].as_f64().is_some(), "{best}");
+    let vals = vlp_train::metrics::read(&fx.path("ft"))
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.get("val_r_mean").is_some())
+        .count();
+    assert_eq!(vals, 2, "one validation per epoch");
+    let eval: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fx.path("ft/eval.json")).unwrap()).unwrap();
+    assert_eq!(eval["val"]["best"], best, "{eval}");
+
+    // The best checkpoint, evaluated on its own.
+    let out = Command::new(vlp_bin())
+        .args([
+            "eval",
+            "retrieval",
+            "--checkpoint",
+            "ft/best",
+            "--shards",
+            "val-000000.tar",
+            "--tokenizer",
+            "tok.json",
+            "--max-tokens",
+            "16",
+            "--k-test",
+            "4",
+            "--out",
+            "r.json",
+            "--markdown",
+            "r.md",
+            "--no-progress",
+        ])
+        .current_dir(fx.path(""))
+        .output()
+        .unwrap();
+    let _ = ok(&out);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fx.path("r.json")).unwrap()).unwrap();
+    assert_eq!(report["reranked"]["images"], 64, "{report}");
+    assert_eq!(report["reranked"]["texts"], 128, "{report}");
+    assert_eq!(report["k_test"], 4);
+    assert_eq!(report["score"], "itm+itc");
+    assert!(report["fused_pairs"].as_u64().unwrap() >= 128 * 4);
+    let table = std::fs::read_to_string(fx.path("r.md")).unwrap();
+    assert!(
+        table.contains("| val-000000.tar | itm+itc (k=4) |"),
+        "{table}"
+    );
+    // The report's stdout line is the same JSON.
+    let last: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(last["reranked"], report["reranked"]);
+
+    // Embeddings of the set's images and of a caption file, with their keys.
+    std::fs::write(
+        fx.path("caps.txt"),
+        "a red circle\n\na blue square above a green triangle\n",
+    )
+    .unwrap();
+    let vlp_in = |args: &[&str]| {
+        let out = Command::new(vlp_bin())
+            .args(args)
+            .current_dir(fx.path(""))
+            .output()
+            .unwrap();
+        let _ = ok(&out);
+        out
+    };
+    vlp_in(&[
+        "embed",
+        "--checkpoint",
+        "ft/best",
+        "--shards",
+        "val-000000.tar",
+        "--texts",
+        "caps.txt",
+        "--tokenizer",
+        "tok.json",
+        "--max-tokens",
+        "16",
+        "--out",
+        "e.safetensors",
+    ]);
+    let bytes = std::fs::read(fx.path("e.safetensors")).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = meta.metadata().clone().unwrap();
+    let keys: Vec<String> = serde_json::from_str(&meta["image_keys"]).unwrap();
+    let lines: Vec<usize> = serde_json::from_str(&meta["text_lines"]).unwrap();
+    assert_eq!((keys.len(), lines), (64, vec![1, 3]));
+    let t = candle_core::safetensors::load(fx.path("e.safetensors"), &candle_core::Device::Cpu)
+        .unwrap();
+    let (img, txt) = (&t["image_embeds"], &t["text_embeds"]);
+    assert_eq!((img.dim(0).unwrap(), txt.dim(0).unwrap()), (64, 2));
+    let norms: Vec<f32> = img.sqr().unwrap().sum(1).unwrap().to_vec1().unwrap();
+    assert!(norms.iter().all(|n| (n - 1.0).abs() < 1e-4), "{norms:?}");
+
+    // Scores of image files against captions.
+    let px = image::RgbImage::from_fn(40, 40, |x, _| image::Rgb([(x * 6) as u8, 200, 30]));
+    px.save(fx.path("a.png")).unwrap();
+    let out = vlp_in(&[
+        "score",
+        "--checkpoint",
+        "ft/best",
+        "--image",
+        "a.png",
+        "--text",
+        "a red circle",
+        "--text",
+        "two green squares",
+        "--tokenizer",
+        "tok.json",
+        "--max-tokens",
+        "16",
+    ]);
+    let scores: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+    let pairs = scores["pairs"].as_array().unwrap();
+    assert_eq!(pairs.len(), 2);
+    for p in pairs {
+        let (s, prob) = (
+            p["itc_similarity"].as_f64().unwrap(),
+            p["itm_match_probability"].as_f64().unwrap(),
+        );
+        assert!(
+            (-1.0..=1.0).contains(&s) && (0.0..=1.0).contains(&prob),
+            "{p}"
+        );
+    }
+    // A missing file is an error naming it, not a panic.
+    let out = Command::new(vlp_bin())
+        .args([
+            "score",
+            "--checkpoint",
+            "ft/best",
+            "--image",
+            "nope.png",
+            "--text",
+            "x",
+            "--tokenizer",
+            "tok.json",
+        ])
+        .current_dir(fx.path(""))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope.png"));
+}

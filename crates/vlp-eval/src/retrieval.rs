@@ -20,7 +20,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, D};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use vlp_models::albef::{cls, with_enc_token};
+use vlp_models::albef::with_enc_token;
 use vlp_models::{AlbefModel, FusionText, Layout};
 
 use crate::error::{EvalError, Result};
@@ -542,6 +542,7 @@ fn itm_scores(
 mod tests {
     use super::*;
     use candle_nn::{VarBuilder, VarMap};
+    use vlp_models::albef::cls;
     use vlp_models::AlbefConfig;
 
     /// A random micro model, `n` random images and `c` random captions per image
@@ -664,6 +665,12 @@ mod tests {
                     .unwrap_or_else(|| rank_in(n, |o| col[o], g))
             })
             .collect();
+        // The ITM scores do change the order of some query's candidates.
+        let reordered = (0..n).any(|i| {
+            let top = top_k(&sims[i * m..(i + 1) * m], k);
+            rerank(&top, |t| score(i, t)) != top
+        });
+        assert!(reordered, "re-ranking left every ITC order as it was");
         let direct = RetrievalMetrics::from_ranks(&image_ranks, &text_ranks);
         let got = out.reranked.clone().unwrap();
         assert_eq!(

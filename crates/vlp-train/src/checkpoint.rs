@@ -44,7 +44,24 @@ pub struct TrainState {
     /// The run's random stream (per-step seeds for dropout and the objectives' draws).
     pub rng: Rng,
     pub recipe: Recipe,
+    /// The best validation so far (fine-tuning with `eval.validate`).
+    #[serde(default)]
+    pub best: Option<BestSoFar>,
+    /// The step of the last validation.
+    #[serde(default)]
+    pub validated_at: Option<u64>,
 }
+
+/// Where the best validation mean recall was reached.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BestSoFar {
+    pub step: u64,
+    pub epoch: u64,
+    pub r_mean: f64,
+}
+
+/// The folder, inside a run folder, that holds the best checkpoint.
+pub const BEST_DIR: &str = "best";
 
 /// The folder name of the checkpoint after `step` steps.
 pub fn dir_name(step: u64) -> String {
@@ -196,6 +213,47 @@ fn sync(path: &Path) -> Result<()> {
     std::fs::File::open(path)
         .and_then(|f| f.sync_all())
         .map_err(|e| TrainError::io(path, e))
+}
+
+/// Writes the model and its config to `RUN_DIR/best` (with `best.json` saying where it
+/// was reached), replacing the previous best only once the new one is complete: the new
+/// folder is written beside it, the old one is moved aside, the new one moved in, and
+/// only then the old one removed.
+pub fn save_best(
+    run_dir: &Path,
+    varmap: &VarMap,
+    config: &AlbefConfig,
+    best: &BestSoFar,
+) -> Result<PathBuf> {
+    let tmp = run_dir.join(format!(".tmp-{BEST_DIR}"));
+    let old = run_dir.join(format!(".old-{BEST_DIR}"));
+    let dst = run_dir.join(BEST_DIR);
+    for stale in [&tmp, &old] {
+        if stale.exists() {
+            std::fs::remove_dir_all(stale).map_err(|e| TrainError::io(stale, e))?;
+        }
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+    varmap
+        .save(tmp.join(MODEL_FILE))
+        .map_err(|e| TrainError::Checkpoint(format!("writing {}: {e}", tmp.display())))?;
+    config
+        .save(&tmp.join(CONFIG_FILE))
+        .map_err(TrainError::Model)?;
+    let json = serde_json::to_string_pretty(best)
+        .map_err(|e| TrainError::Checkpoint(format!("best: {e}")))?;
+    write_synced(&tmp.join("best.json"), json.as_bytes())?;
+    for f in [MODEL_FILE, CONFIG_FILE] {
+        sync(&tmp.join(f))?;
+    }
+    if dst.exists() {
+        std::fs::rename(&dst, &old).map_err(|e| TrainError::io(&dst, e))?;
+    }
+    std::fs::rename(&tmp, &dst).map_err(|e| TrainError::io(&dst, e))?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old).map_err(|e| TrainError::io(&old, e))?;
+    }
+    Ok(dst)
 }
 
 #[cfg(test)]

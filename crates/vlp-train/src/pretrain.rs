@@ -13,7 +13,7 @@ use vlp_data::loader::{Batch, Loader, LoaderState};
 use vlp_data::tokenize::TextTokenizer;
 use vlp_models::{AlbefConfig, AlbefModel};
 
-use crate::checkpoint::{self, TrainState};
+use crate::checkpoint::{self, BestSoFar, TrainState};
 use crate::error::TrainError;
 use crate::metrics::MetricsLog;
 use crate::objectives::itc::alpha_at;
@@ -107,15 +107,30 @@ pub fn pretrain(recipe: Recipe, resume: bool, progress: &mut dyn Progress) -> Re
         (None, None, None, Some(preset)) => AlbefConfig::preset(preset)?,
         (None, None, None, None) => unreachable!("Recipe::validate requires a model"),
     };
+    // A data.image_size other than the architecture's (fine-tuning at 384 px a model
+    // pretrained at 256): the model is built at the data's size and an init checkpoint's
+    // position embeddings are interpolated to it (ALBEF's `interpolate_pos_embed`).
+    let mut cfg = cfg;
+    if let (None, Some(size)) = (&resume_from, recipe.data.image_size) {
+        if size as usize != cfg.vision.image_size {
+            tracing::info!(
+                "model built at {size} px (the architecture says {})",
+                cfg.vision.image_size
+            );
+            cfg.vision.image_size = size as usize;
+            cfg.validate()?;
+        }
+    }
     let mut varmap = VarMap::new();
     let model = AlbefModel::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev))?;
     match (&resume_from, &recipe.model.init) {
         (Some(_), _) => {} // loaded below, with the optimizer
         (None, Some(init)) => {
-            let path = init.join(checkpoint::MODEL_FILE);
-            varmap
-                .load(&path)
-                .map_err(|e| TrainError::Checkpoint(format!("init {}: {e}", path.display())))?;
+            load_init(
+                &varmap,
+                &init.join(checkpoint::MODEL_FILE),
+                cfg.vision.grid(),
+            )?;
         }
         (None, None) => {
             seeded_init(&varmap, recipe.run.seed)?;
@@ -201,6 +216,8 @@ pub fn pretrain(recipe: Recipe, resume: bool, progress: &mut dyn Progress) -> Re
             loader: serde_json::to_value(loader.state()).expect("loader state is JSON"),
             rng: Rng::new(derive_seed(&[recipe.run.seed, 0x7EA1])),
             recipe: recipe.clone(),
+            best: None,
+            validated_at: None,
         },
     };
     let schedule = recipe.schedule(state.total_steps);
@@ -224,6 +241,12 @@ pub fn pretrain(recipe: Recipe, resume: bool, progress: &mut dyn Progress) -> Re
         .ok()
         .and_then(|v| v.parse().ok());
 
+    let validate = |state: &mut TrainState, metrics: &mut MetricsLog| {
+        validate_epoch(
+            &model, &tokenizer, &recipe, &cfg, &varmap, &run_dir, state, metrics,
+        )
+    };
+
     'train: while state.step < state.total_steps {
         let step = state.step;
         let lr = schedule.get_lr(step);
@@ -245,6 +268,10 @@ pub fn pretrain(recipe: Recipe, resume: bool, progress: &mut dyn Progress) -> Re
             let Some(batch) = loader.next_batch()? else {
                 break 'train; // the loader's epochs are done
             };
+            if batch.epoch > state.epoch && state.step > 0 && micro == 0 {
+                // An epoch ended with the last step: validate the weights it left.
+                validate(&mut state, &mut metrics)?;
+            }
             state.epoch = batch.epoch;
             samples += batch.len() as u64;
             let mut inputs = step_batch(&batch, recipe.objectives.image_id_positives)?;
@@ -354,17 +381,28 @@ pub fn pretrain(recipe: Recipe, resume: bool, progress: &mut dyn Progress) -> Re
     }
     tracing::info!("trained {} steps", state.step);
 
+    // The last epoch's validation, unless it already ran at this step.
+    if state.validated_at != Some(state.step) && state.step > 0 {
+        validate(&mut state, &mut metrics)?;
+    }
+    // Fine-tuning: the final evaluation uses the best validated weights.
+    if let Some(best) = &state.best {
+        let path = run_dir
+            .join(checkpoint::BEST_DIR)
+            .join(checkpoint::MODEL_FILE);
+        load_init(&varmap, &path, cfg.vision.grid())?;
+        tracing::info!(
+            "evaluating the best checkpoint: step {}, epoch {}, validation r_mean {:.2}",
+            best.step,
+            best.epoch,
+            best.r_mean
+        );
+    }
+
     // Zero-shot retrieval on each eval set: ITC ranking, then ITM re-ranking of the top k.
     let mut eval = Vec::new();
     if let Some(sets) = &recipe.eval {
-        let eval_cfg = EvalConfig {
-            k_test: sets.k_test,
-            score: sets.score.parse::<ScoreMode>()?,
-            image_batch: sets.batch_size,
-            text_batch: sets.batch_size.max(1) * 4,
-            progress: true,
-            ..EvalConfig::default()
-        };
+        let eval_cfg = eval_config(sets)?;
         let mut json = Map::new();
         for set in &sets.sets {
             let data = EvalSet::open(
@@ -374,10 +412,11 @@ pub fn pretrain(recipe: Recipe, resume: bool, progress: &mut dyn Progress) -> Re
             )?;
             let (outcome, _) = evaluate_set(&model, &tokenizer, &data, &eval_cfg)?;
             print!("{}", markdown_table(&set.name, &outcome));
-            json.insert(
-                set.name.clone(),
-                json_report(&set.name, &outcome, &eval_cfg),
-            );
+            let mut report = json_report(&set.name, &outcome, &eval_cfg);
+            if let Some(best) = &state.best {
+                report["best"] = serde_json::to_value(best).expect("JSON");
+            }
+            json.insert(set.name.clone(), report);
             eval.push((set.name.clone(), outcome));
         }
         write_atomically(
@@ -543,4 +582,121 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, bytes).map_err(|e| TrainError::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
+}
+
+/// The retrieval evaluation settings of a recipe's `[eval]` section.
+fn eval_config(sets: &crate::recipe::EvalSection) -> Result<EvalConfig> {
+    Ok(EvalConfig {
+        k_test: sets.k_test,
+        score: sets.score.parse::<ScoreMode>()?,
+        image_batch: sets.batch_size,
+        text_batch: sets.batch_size.max(1) * 4,
+        progress: true,
+        ..EvalConfig::default()
+    })
+}
+
+/// After an epoch (fine-tuning, `eval.validate` set): evaluates the validation set, logs
+/// `val_*` metrics, and keeps the weights in `RUN_DIR/best` when the mean recall beats
+/// the best so far. No-op without `eval.validate`.
+#[allow(clippy::too_many_arguments)]
+fn validate_epoch(
+    model: &AlbefModel,
+    tokenizer: &TextTokenizer,
+    recipe: &Recipe,
+    cfg: &AlbefConfig,
+    varmap: &VarMap,
+    run_dir: &Path,
+    state: &mut TrainState,
+    metrics: &mut MetricsLog,
+) -> Result<()> {
+    let Some(sets) = &recipe.eval else {
+        return Ok(());
+    };
+    let Some(name) = &sets.validate else {
+        return Ok(());
+    };
+    state.validated_at = Some(state.step);
+    let set = sets
+        .sets
+        .iter()
+        .find(|s| &s.name == name)
+        .expect("Recipe::validate checks eval.validate");
+    let data = EvalSet::open(
+        &set.shards,
+        cfg.vision.image_size as u32,
+        recipe.data.max_words,
+    )?;
+    let (outcome, _) = evaluate_set(model, tokenizer, &data, &eval_config(sets)?)?;
+    let m = outcome.main();
+    let mut record = Map::new();
+    record.insert("step".into(), json!(state.step));
+    record.insert("epoch".into(), json!(state.epoch));
+    for (k, v) in [
+        ("val_tr1", m.tr1),
+        ("val_tr5", m.tr5),
+        ("val_tr10", m.tr10),
+        ("val_ir1", m.ir1),
+        ("val_ir5", m.ir5),
+        ("val_ir10", m.ir10),
+        ("val_r_mean", m.r_mean),
+    ] {
+        record.insert(k.into(), json!(v));
+    }
+    metrics.write(&record)?;
+    let better = state.best.as_ref().is_none_or(|b| m.r_mean > b.r_mean);
+    tracing::info!(
+        "epoch {} validation on {name}: r_mean {:.2}{}",
+        state.epoch,
+        m.r_mean,
+        if better { " (best so far)" } else { "" }
+    );
+    if better {
+        let best = BestSoFar {
+            step: state.step,
+            epoch: state.epoch,
+            r_mean: m.r_mean,
+        };
+        checkpoint::save_best(run_dir, varmap, cfg, &best)?;
+        state.best = Some(best);
+    }
+    Ok(())
+}
+
+/// Loads a checkpoint's weights into `varmap` by name, interpolating position embeddings
+/// whose grid differs from `grid` (the model's).
+fn load_init(varmap: &VarMap, path: &Path, grid: usize) -> Result<()> {
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .map_err(|e| TrainError::Checkpoint(format!("init {}: {e}", path.display())))?;
+    let data = varmap.data().lock().expect("varmap lock");
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    for name in names {
+        let var = &data[name];
+        let Some(t) = tensors.get(name) else {
+            return Err(TrainError::Checkpoint(format!(
+                "init {}: no tensor {name}",
+                path.display()
+            )));
+        };
+        let t = if t.dims() != var.dims() && name.ends_with("pos_embed") {
+            tracing::info!(
+                "init: {name} {:?} interpolated to a {grid}x{grid} grid",
+                t.dims()
+            );
+            vlp_models::interpolate_pos_embed(t, grid)?
+        } else {
+            t.clone()
+        };
+        if t.dims() != var.dims() {
+            return Err(TrainError::Checkpoint(format!(
+                "init {}: {name} is {:?}, the model's {:?}",
+                path.display(),
+                t.dims(),
+                var.dims()
+            )));
+        }
+        var.set(&t.to_dtype(var.dtype())?)?;
+    }
+    Ok(())
 }

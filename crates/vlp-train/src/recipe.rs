@@ -169,6 +169,11 @@ pub struct EvalSection {
     /// `itm+itc` (BLIP/LAVIS, default), `itm` (ALBEF) or `itc` (no re-ranking).
     #[serde(default = "itm_itc")]
     pub score: String,
+    /// The set evaluated after every epoch (fine-tuning): the checkpoint with the best
+    /// mean recall (`r_mean`) so far is kept in `RUN_DIR/best`, and the final evaluation
+    /// of every set uses it.
+    #[serde(default)]
+    pub validate: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -247,6 +252,18 @@ impl Recipe {
             }
             if eval.k_test == 0 {
                 return Err(TrainError::Recipe("eval.k_test must be at least 1".into()));
+            }
+            if let Some(v) = &eval.validate {
+                if !eval.sets.iter().any(|s| &s.name == v) {
+                    return Err(TrainError::Recipe(format!(
+                        "eval.validate = {v:?} names none of eval.sets ({})",
+                        eval.sets
+                            .iter()
+                            .map(|s| s.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )));
+                }
             }
         }
         let bad = |key: &str, why: &str| Err(TrainError::Recipe(format!("{key}: {why}")));
@@ -500,6 +517,7 @@ out_dir = "runs/x"
             batch_size: 4,
             k_test: 16,
             score: "itm".into(),
+            validate: Some("a".into()),
         });
         let text = r.to_toml().unwrap();
         assert_eq!(Recipe::from_str_with(&text, &[]).unwrap(), r);
