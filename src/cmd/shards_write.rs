@@ -53,6 +53,11 @@ pub struct WriteArgs {
     /// Skip (and count) entries whose image is missing, or images without a caption file.
     #[arg(long)]
     pub skip_missing: bool,
+    /// One sample per caption instead of one per image (the image stored with each of
+    /// its captions, the image id kept): what ALBEF's training annotation files mean, whose
+    /// fine-tuning epochs go over every caption. For evaluation sets leave it off.
+    #[arg(long)]
+    pub per_caption: bool,
     /// Shuffle the records with this seed before writing (default: input order).
     #[arg(long, value_name = "S")]
     pub shuffle_seed: Option<u64>,
@@ -131,6 +136,9 @@ pub fn run(args: WriteArgs) -> anyhow::Result<()> {
         "read {}",
         input.display()
     );
+    if args.per_caption {
+        ingested.records = ingest::one_record_per_caption(std::mem::take(&mut ingested.records));
+    }
     if let Some(seed) = args.shuffle_seed {
         Rng::new(seed).shuffle(&mut ingested.records);
     }

@@ -154,6 +154,58 @@ fn write_json_merges_captions_of_one_image() {
 }
 
 #[test]
+fn write_json_per_caption_gives_one_sample_per_caption_with_the_image_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let a = jpg(d, "img/a.jpg", 10, 10);
+    jpg(d, "img/b.jpg", 10, 10);
+    fs::write(
+        d.join("train.json"),
+        r#"[
+            {"image": "img/a.jpg", "caption": "first of a", "image_id": "coco_1"},
+            {"image": "img/a.jpg", "caption": "second of a", "image_id": "coco_1"},
+            {"image": "img/b.jpg", "caption": "only b"}
+        ]"#,
+    )
+    .unwrap();
+    let stdout = vlp_ok(
+        &[
+            "shards",
+            "write",
+            "--json",
+            "train.json",
+            "--out",
+            "out/t",
+            "--per-caption",
+        ],
+        d,
+    );
+    assert!(stdout.contains("wrote 3 samples"), "{stdout}");
+    let m = members(&d.join("out/t-000000.tar"));
+    let metas: Vec<serde_json::Value> = (0..3)
+        .map(|i| json_of(&m, &format!("{i:09}.json")))
+        .collect();
+    let got: Vec<(&str, &str)> = metas
+        .iter()
+        .map(|j| {
+            (
+                j["caption"].as_str().unwrap(),
+                j["image_id"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("first of a", "coco_1"),
+            ("second of a", "coco_1"),
+            ("only b", "img/b.jpg")
+        ]
+    );
+    assert_eq!(member(&m, "000000001.jpg"), fs::read(&a).unwrap());
+}
+
+#[test]
 fn write_folder_reads_caption_sidecars() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();

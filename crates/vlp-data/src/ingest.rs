@@ -29,6 +29,29 @@ pub struct Record {
     pub source: String,
 }
 
+/// One record per caption: each image repeated with one of its captions, its image id
+/// kept (the input's, else its path), so that image-id positives and evaluation grouping
+/// still see one image. ALBEF's training annotation files list every caption as its own
+/// entry and its fine-tuning epochs go over every caption; merged records would make an
+/// epoch one caption per image.
+pub fn one_record_per_caption(records: Vec<Record>) -> Vec<Record> {
+    records
+        .into_iter()
+        .flat_map(|r| {
+            let id = r.image_id.clone().unwrap_or_else(|| r.source.clone());
+            r.captions
+                .iter()
+                .map(|c| Record {
+                    image: r.image.clone(),
+                    captions: vec![c.clone()],
+                    image_id: Some(id.clone()),
+                    source: r.source.clone(),
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 /// Options shared by the readers.
 #[derive(Clone, Debug, Default)]
 pub struct IngestOptions {
@@ -762,6 +785,30 @@ pub fn write_records(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn one_record_per_caption_keeps_the_image_id_or_the_path() {
+        let recs = vec![
+            Record {
+                image: PathBuf::from("/i/a.jpg"),
+                captions: vec!["one".into(), "two".into()],
+                image_id: Some("7".into()),
+                source: "a.jpg".into(),
+            },
+            Record {
+                image: PathBuf::from("/i/b.jpg"),
+                captions: vec!["three".into()],
+                image_id: None,
+                source: "b.jpg".into(),
+            },
+        ];
+        let out = one_record_per_caption(recs);
+        let got: Vec<(&str, &str)> = out
+            .iter()
+            .map(|r| (r.captions[0].as_str(), r.image_id.as_deref().unwrap()))
+            .collect();
+        assert_eq!(got, vec![("one", "7"), ("two", "7"), ("three", "b.jpg")]);
+    }
+
     use super::*;
 
     fn png(dir: &Path, rel: &str, w: u32, h: u32) -> PathBuf {
