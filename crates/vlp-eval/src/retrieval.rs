@@ -131,6 +131,9 @@ impl EvalOutcome {
     }
 }
 
+/// Images per block of the similarity matrix.
+const SIM_ROWS: usize = 256;
+
 /// One pass over the images of a set, in a fixed order: calls its argument with
 /// consecutive batches `[b, 3, S, S]`. Called once, or twice when the image states do not
 /// fit the budget.
@@ -213,8 +216,11 @@ pub fn evaluate(
             let (_, li, hv) = tokens.dims3()?;
             image_state_shape = (li, hv);
             if let Some(kept) = image_states.as_mut() {
-                let mb = (kept.len() + tokens.elem_count()) as f64 * 4.0 / 1048576.0;
+                let all = n_images * li * hv;
+                let mb = all as f64 * 4.0 / 1048576.0;
                 if text_mb + mb <= budget {
+                    // Reserved once: growing by doubling would briefly hold it twice.
+                    kept.reserve_exact(all.saturating_sub(kept.len()));
                     kept.extend(tokens.flatten_all()?.to_vec1::<f32>()?);
                 } else {
                     tracing::info!(
@@ -246,10 +252,14 @@ pub fn evaluate(
 
     // ITC similarities and candidates.
     let t0 = Instant::now();
-    let sims: Vec<f32> = image_feats
-        .matmul(&texts.feats.t()?)?
-        .flatten_all()?
-        .to_vec1()?;
+    // Row blocks of images, written into one buffer: the [N, M] matrix exists once.
+    let mut sims: Vec<f32> = Vec::with_capacity(n_images * m);
+    let text_t = texts.feats.t()?;
+    for start in (0..n_images).step_by(SIM_ROWS) {
+        let rows = SIM_ROWS.min(n_images - start);
+        let block = image_feats.narrow(0, start, rows)?.matmul(&text_t)?;
+        sims.extend(block.flatten_all()?.to_vec1::<f32>()?);
+    }
     let itc = RetrievalMetrics::from_similarities(&sims, n_images, text_image);
     let states_mb = text_mb
         + image_states
@@ -391,6 +401,8 @@ fn top_k(values: &[f32], k: usize) -> Vec<usize> {
     if k < idx.len() {
         idx.select_nth_unstable_by(k, cmp);
         idx.truncate(k);
+        // Kept per query: without this every list would hold all N or M slots.
+        idx.shrink_to_fit();
     }
     idx.sort_by(cmp);
     idx
@@ -433,6 +445,10 @@ fn encode_texts(
         feats.push(f.detach());
         if need && !blip {
             hidden = s.dim(2)?;
+            if states.is_empty() {
+                // Reserved once: growing by doubling would briefly hold it twice.
+                states.reserve_exact(m * max_len * hidden);
+            }
             states.extend(s.flatten_all()?.to_vec1::<f32>()?);
         }
         pb.inc(n as u64);
