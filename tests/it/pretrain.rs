@@ -537,6 +537,32 @@ k_test = 4
         serde_json::from_str(&std::fs::read_to_string(fx.path("ft/eval.json")).unwrap()).unwrap();
     assert_eq!(eval["val"]["best"], best, "{eval}");
 
+    // `optim.total_steps = 0`: no training, the init evaluated (the zero-shot recipe's way).
+    let out = Command::new(vlp_bin())
+        .args([
+            "finetune",
+            "--recipe",
+            "ft.toml",
+            "--no-progress",
+            "--set",
+            "optim.total_steps=0",
+            "--set",
+            "run.out_dir=zs",
+            "--set",
+            "model.init=ft/best",
+        ])
+        .current_dir(fx.path(""))
+        .output()
+        .unwrap();
+    let _ = ok(&out);
+    let zs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fx.path("zs/eval.json")).unwrap()).unwrap();
+    assert!(zs["val"]["reranked"]["r_mean"].as_f64().is_some(), "{zs}");
+    assert!(
+        !fx.path("zs/checkpoints").exists(),
+        "nothing trained, nothing saved"
+    );
+
     // The best checkpoint, evaluated on its own.
     let out = Command::new(vlp_bin())
         .args([
@@ -622,9 +648,27 @@ k_test = 4
     let norms: Vec<f32> = img.sqr().unwrap().sum(1).unwrap().to_vec1().unwrap();
     assert!(norms.iter().all(|n| (n - 1.0).abs() < 1e-4), "{norms:?}");
 
-    // Scores of image files against captions.
+    // Scores of image files against captions, and a folder of images embedded.
     let px = image::RgbImage::from_fn(40, 40, |x, _| image::Rgb([(x * 6) as u8, 200, 30]));
     px.save(fx.path("a.png")).unwrap();
+    std::fs::create_dir_all(fx.path("imgs")).unwrap();
+    px.save(fx.path("imgs/z.png")).unwrap();
+    px.save(fx.path("imgs/b.png")).unwrap();
+    std::fs::write(fx.path("imgs/notes.txt"), "not an image").unwrap();
+    vlp_in(&[
+        "embed",
+        "--checkpoint",
+        "ft/best",
+        "--images",
+        "imgs",
+        "--out",
+        "i.safetensors",
+    ]);
+    let bytes = std::fs::read(fx.path("i.safetensors")).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let names: Vec<String> =
+        serde_json::from_str(&meta.metadata().clone().unwrap()["image_keys"]).unwrap();
+    assert_eq!(names, ["b.png", "z.png"]);
     let out = vlp_in(&[
         "score",
         "--checkpoint",

@@ -372,9 +372,11 @@ pub fn pretrain(recipe: Recipe, resume: bool, progress: &mut dyn Progress) -> Re
         }
     }
     progress.finish();
-    if last_checkpoint
-        .as_ref()
-        .is_none_or(|p| !p.ends_with(checkpoint::dir_name(state.step)))
+    // (No checkpoint for a run that trained nothing: its weights are its init's.)
+    if state.step > 0
+        && last_checkpoint
+            .as_ref()
+            .is_none_or(|p| !p.ends_with(checkpoint::dir_name(state.step)))
     {
         state.loader = serde_json::to_value(loader.state()).expect("loader state is JSON");
         last_checkpoint = Some(save(&run_dir, &varmap, &optim, &cfg, &state, &recipe)?);
@@ -518,7 +520,8 @@ fn total_steps(recipe: &Recipe, steps_per_epoch: Option<u64>) -> Result<u64> {
         (None, Some(b)) => b,
         (None, None) => unreachable!("Recipe::validate requires a length"),
     };
-    if steps == 0 {
+    // `optim.total_steps = 0` asks for no training: the run evaluates its init (zero-shot).
+    if steps == 0 && recipe.optim.total_steps != Some(0) {
         return Err(TrainError::Recipe(
             "the run has 0 steps (fewer samples than one batch per epoch?)".into(),
         ));
