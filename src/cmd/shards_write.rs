@@ -16,6 +16,11 @@ pub enum FormatArg {
     Jpg,
     /// Re-encode to PNG (alpha composited onto white).
     Png,
+    /// With --json: ALBEF's/BLIP's annotation files as ALBEF reads them — images kept as
+    /// they are, one sample per caption entry with its image id (as --per-caption), so a
+    /// training epoch goes over every caption and evaluation groups captions by image.
+    #[value(name = "albef-json")]
+    AlbefJson,
 }
 
 #[derive(clap::Args, Debug)]
@@ -136,7 +141,12 @@ pub fn run(args: WriteArgs) -> anyhow::Result<()> {
         "read {}",
         input.display()
     );
-    if args.per_caption {
+    if matches!(args.format, FormatArg::AlbefJson) && args.json.is_none() {
+        anyhow::bail!(
+            "--format albef-json reads an ALBEF/BLIP annotation file: give it with --json"
+        );
+    }
+    if args.per_caption || matches!(args.format, FormatArg::AlbefJson) {
         ingested.records = ingest::one_record_per_caption(std::mem::take(&mut ingested.records));
     }
     if let Some(seed) = args.shuffle_seed {
@@ -144,7 +154,7 @@ pub fn run(args: WriteArgs) -> anyhow::Result<()> {
     }
     let encode = EncodeOptions {
         format: match args.format {
-            FormatArg::Keep => OutputFormat::Keep,
+            FormatArg::Keep | FormatArg::AlbefJson => OutputFormat::Keep,
             FormatArg::Jpg => OutputFormat::Jpg,
             FormatArg::Png => OutputFormat::Png,
         },

@@ -181,6 +181,25 @@ fn write_json_per_caption_gives_one_sample_per_caption_with_the_image_id() {
         d,
     );
     assert!(stdout.contains("wrote 3 samples"), "{stdout}");
+    // `--format albef-json` is the same thing, spelled as ALBEF users expect.
+    let again = vlp_ok(
+        &[
+            "shards",
+            "write",
+            "--json",
+            "train.json",
+            "--out",
+            "out/u",
+            "--format",
+            "albef-json",
+        ],
+        d,
+    );
+    assert!(again.contains("wrote 3 samples"), "{again}");
+    assert_eq!(
+        fs::read(d.join("out/u-000000.tar")).unwrap(),
+        fs::read(d.join("out/t-000000.tar")).unwrap()
+    );
     let m = members(&d.join("out/t-000000.tar"));
     let metas: Vec<serde_json::Value> = (0..3)
         .map(|i| json_of(&m, &format!("{i:09}.json")))
