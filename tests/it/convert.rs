@@ -381,3 +381,87 @@ fn broken_checkpoints_fail_cleanly() {
     assert!(all.contains("unknown format `gpt2`"), "{all}");
     assert!(!out.exists(), "nothing is written on failure");
 }
+
+/// A converted HF BLIP-ITM checkpoint (BLIP layout, no token types, no MLM head) serves
+/// `vlp score` and `vlp embed` like our own.
+#[test]
+fn a_converted_blip_checkpoint_scores_and_embeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = d.join("blip");
+    convert_ok(&[
+        s(&fixtures().join("hf/hf_blip/model.safetensors")),
+        "--out",
+        s(&out),
+    ]);
+    // A vocabulary inside the fixture's 200 ids.
+    let shards = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/shards/emoji-google-000000.tar"
+    );
+    let tok = d.join("tok.json");
+    let run = |args: &[&str]| {
+        let o = Command::new(vlp_bin())
+            .args(args)
+            .current_dir(d)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    run(&[
+        "tokenizer",
+        "train",
+        shards,
+        "--out",
+        s(&tok),
+        "--vocab-size",
+        "120",
+    ]);
+    let px = image::RgbImage::from_fn(20, 30, |x, y| {
+        image::Rgb([(x * 9) as u8, (y * 7) as u8, 90])
+    });
+    std::fs::create_dir_all(d.join("imgs")).unwrap();
+    px.save(d.join("imgs/a.png")).unwrap();
+    let said = run(&[
+        "score",
+        "--checkpoint",
+        s(&out),
+        "--image",
+        "imgs/a.png",
+        "--text",
+        "a smiling face",
+        "--tokenizer",
+        s(&tok),
+        "--max-tokens",
+        "12",
+    ]);
+    let scores: serde_json::Value = serde_json::from_str(said.lines().last().unwrap()).unwrap();
+    let p = scores["pairs"][0]["itm_match_probability"]
+        .as_f64()
+        .unwrap();
+    assert!((0.0..=1.0).contains(&p), "{scores}");
+    std::fs::write(d.join("caps.txt"), "a smiling face\na red heart\n").unwrap();
+    run(&[
+        "embed",
+        "--checkpoint",
+        s(&out),
+        "--images",
+        "imgs",
+        "--texts",
+        "caps.txt",
+        "--tokenizer",
+        s(&tok),
+        "--max-tokens",
+        "12",
+        "--out",
+        "e.safetensors",
+    ]);
+    let t = load(&d.join("e.safetensors"));
+    assert_eq!(t["image_embeds"].dim(0).unwrap(), 1);
+    assert_eq!(t["text_embeds"].dim(0).unwrap(), 2);
+}
