@@ -49,7 +49,7 @@ impl Float for f64 {
 }
 
 /// The contiguous CPU slice behind a tensor (held while `guard` lives).
-fn slice_of<'a, T: Float>(s: &'a Storage, l: &Layout, op: &str) -> Result<&'a [T]> {
+pub(crate) fn slice_of<'a, T: Float>(s: &'a Storage, l: &Layout, op: &str) -> Result<&'a [T]> {
     match s {
         Storage::Cpu(c) => contiguous(T::cpu_storage_as_slice(c)?, l, op),
         _ => bail!("{op}: CPU tensors only"),

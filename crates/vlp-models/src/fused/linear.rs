@@ -8,13 +8,11 @@
 //! The products go through `gemm` (candle's own CPU matrix-multiply crate) with the
 //! transposes expressed as strides.
 
-use candle_core::{
-    bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
-};
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::affine::{col_sums, Float};
+use super::affine::{col_sums, slice_of, Float};
 use super::contiguous;
 
 /// Products smaller than this many multiply-adds run on one thread.
@@ -192,13 +190,6 @@ fn out_shape(x: &Layout, out: usize) -> Shape {
     Shape::from(d)
 }
 
-fn slice<'a, T: Float>(s: &'a Storage, l: &Layout, op: &str) -> Result<&'a [T]> {
-    match s {
-        Storage::Cpu(c) => contiguous(T::cpu_storage_as_slice(c)?, l, op),
-        _ => bail!("{op}: CPU tensors only"),
-    }
-}
-
 /// Shared backward: gradients of `x` and `w` (for those that track gradients) and, if
 /// `with_bias`, of `b`.
 fn bwd_all(
@@ -217,9 +208,9 @@ fn bwd_all(
     macro_rules! run {
         ($t:ty) => {{
             let (xv, wv, gv) = (
-                slice::<$t>(&xs, xl, op)?,
-                slice::<$t>(&ws, wl, op)?,
-                slice::<$t>(&gs, gl, op)?,
+                slice_of::<$t>(&xs, xl, op)?,
+                slice_of::<$t>(&ws, wl, op)?,
+                slice_of::<$t>(&gs, gl, op)?,
             );
             let (dx, dw) = backward(xv, wv, gv, (rows, inp, out), x.track_op(), w.track_op());
             let db = if with_bias {
