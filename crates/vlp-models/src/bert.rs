@@ -358,6 +358,18 @@ impl BertModel {
         image_states: &Tensor,
         train: bool,
     ) -> Result<Tensor> {
+        let (x, start, mask) = self.fusion_input(text, attention_mask, image_states, train)?;
+        self.run_layers(x, &mask, start..self.cfg.layers, Some(image_states), train)
+    }
+
+    /// The fusion layers' input: the hidden states, the first fusion layer, the key mask.
+    fn fusion_input(
+        &self,
+        text: FusionText,
+        attention_mask: &Tensor,
+        image_states: &Tensor,
+        train: bool,
+    ) -> Result<(Tensor, usize, Tensor)> {
         let (x, start) = match text {
             FusionText::States(s) => (s.clone(), self.cfg.fusion_start()),
             FusionText::Ids(ids) => (self.embed(ids, train)?, 0),
@@ -370,7 +382,7 @@ impl BertModel {
             ));
         }
         let mask = self.key_mask(attention_mask, &x)?;
-        self.run_layers(x, &mask, start..self.cfg.layers, Some(image_states), train)
+        Ok((x, start, mask))
     }
 
     /// The fusion encoder's [CLS] output only, `[B, H]`: the same values as
@@ -383,18 +395,7 @@ impl BertModel {
         image_states: &Tensor,
         train: bool,
     ) -> Result<Tensor> {
-        let (x, start) = match text {
-            FusionText::States(s) => (s.clone(), self.cfg.fusion_start()),
-            FusionText::Ids(ids) => (self.embed(ids, train)?, 0),
-        };
-        let (b, _, _) = x.dims3()?;
-        if image_states.dim(0)? != b && image_states.dim(0)? != 1 {
-            return Err(ModelError::input(
-                "image_states",
-                format!("batch {} for {b} texts", image_states.dim(0)?),
-            ));
-        }
-        let mask = self.key_mask(attention_mask, &x)?;
+        let (x, start, mask) = self.fusion_input(text, attention_mask, image_states, train)?;
         let last = self.cfg.layers;
         if start >= last {
             return Ok(x.narrow(1, 0, 1)?.squeeze(1)?);

@@ -14,7 +14,6 @@ use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage,
     Tensor,
 };
-use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::affine::Float;
@@ -76,63 +75,31 @@ impl View {
     }
 }
 
-/// `dst = [dst +] beta * lhs * rhs` for an `m x k` by `k x n` product, each matrix given
-/// by its slice and its row and column strides.
+/// One head's product on this thread (the batch rows already run in parallel).
 #[allow(clippy::too_many_arguments)]
 fn mm<T: Float>(
-    (m, n, k): (usize, usize, usize),
+    mnk: (usize, usize, usize),
     dst: &mut [T],
     dst_rs: usize,
     accumulate: bool,
     lhs: &[T],
-    (lhs_rs, lhs_cs): (usize, usize),
+    lhs_strides: (usize, usize),
     rhs: &[T],
-    (rhs_rs, rhs_cs): (usize, usize),
+    rhs_strides: (usize, usize),
     beta: T,
 ) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
-    assert!(
-        last(m, n, dst_rs, 1) < dst.len(),
-        "attention: dst out of bounds"
-    );
-    if k > 0 {
-        assert!(
-            last(m, k, lhs_rs, lhs_cs) < lhs.len(),
-            "attention: lhs out of bounds"
-        );
-        assert!(
-            last(k, n, rhs_rs, rhs_cs) < rhs.len(),
-            "attention: rhs out of bounds"
-        );
-    }
-    // SAFETY: the asserts above keep every element gemm touches inside the slices, and
-    // `dst` does not alias the inputs (it is a `&mut`).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            T::ONE,
-            beta,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        )
-    }
+    super::gemm::gemm_into(
+        mnk,
+        dst,
+        dst_rs,
+        accumulate,
+        lhs,
+        lhs_strides,
+        rhs,
+        rhs_strides,
+        beta,
+        1,
+    )
 }
 
 super::with_avx2! {

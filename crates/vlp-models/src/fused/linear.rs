@@ -9,73 +9,11 @@
 //! transposes expressed as strides.
 
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
-use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::affine::{col_sums, slice_of, Float};
 use super::contiguous;
-
-/// Products smaller than this many multiply-adds run on one thread.
-const PARALLEL_MACS: usize = 1 << 16;
-
-/// `dst (m x n, row stride n) = [dst +] lhs (m x k) * rhs (k x n)`, strides given.
-#[allow(clippy::too_many_arguments)]
-fn gemm_into<T: Float>(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [T],
-    accumulate: bool,
-    lhs: &[T],
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: &[T],
-    (rhs_rs, rhs_cs): (usize, usize),
-    threads: usize,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
-    assert!(m * n <= dst.len(), "linear: dst out of bounds");
-    if k > 0 {
-        assert!(
-            last(m, k, lhs_rs, lhs_cs) < lhs.len(),
-            "linear: lhs out of bounds"
-        );
-        assert!(
-            last(k, n, rhs_rs, rhs_cs) < rhs.len(),
-            "linear: rhs out of bounds"
-        );
-    }
-    let parallelism = if m * n * k >= PARALLEL_MACS && threads > 1 {
-        Parallelism::Rayon(threads)
-    } else {
-        Parallelism::None
-    };
-    // SAFETY: the asserts keep every element gemm reads or writes inside the slices;
-    // `dst` is a `&mut` and so aliases neither input.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            T::ONE,
-            T::ONE,
-            false,
-            false,
-            false,
-            parallelism,
-        )
-    }
-}
+use super::gemm::gemm_into;
 
 /// `[rows, in] x [out, in]^T (+ [out])`.
 fn forward<T: Float>(
@@ -95,14 +33,17 @@ fn forward<T: Float>(
         });
     }
     let threads = rayon::current_num_threads();
+    let acc = b.is_some();
     gemm_into(
         (rows, out, inp),
         &mut y,
-        b.is_some(),
+        out,
+        acc,
         x,
         (inp, 1),
         w,
         (1, inp),
+        T::ONE,
         threads,
     );
     y
@@ -125,11 +66,13 @@ fn backward<T: Float>(
         gemm_into(
             (rows, inp, out),
             &mut dx,
+            inp,
             false,
             g,
             (out, 1),
             w,
             (inp, 1),
+            T::ONE,
             threads,
         );
         dx
@@ -139,11 +82,13 @@ fn backward<T: Float>(
         gemm_into(
             (out, inp, rows),
             &mut dw,
+            inp,
             false,
             g,
             (1, out),
             x,
             (inp, 1),
+            T::ONE,
             threads,
         );
         dw

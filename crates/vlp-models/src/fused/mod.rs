@@ -44,6 +44,7 @@ pub(crate) fn has_avx2() -> bool {
 pub(crate) mod affine;
 pub(crate) mod attention;
 pub(crate) mod dropout;
+pub(crate) mod gemm;
 pub(crate) mod linear;
 pub(crate) mod math;
 
