@@ -179,6 +179,46 @@ fn bwd_all(
     })
 }
 
+/// A CPU storage with its layout.
+type Operand<'a> = (&'a CpuStorage, &'a Layout);
+
+/// Shared forward of both ops: `x W^T (+ b)`, all three in one float dtype.
+fn fwd_all(x: Operand, w: Operand, bias: Option<Operand>, op: &str) -> Result<(CpuStorage, Shape)> {
+    let (rows, inp, out) = dims(x.1, w.1, bias.map(|(_, l)| l), op)?;
+    fn slice<'a, T: Float>((s, l): Operand<'a>, op: &str) -> Result<&'a [T]> {
+        match T::cpu_storage_as_slice(s) {
+            Ok(v) => contiguous(v, l, op),
+            Err(_) => bail!("{op}: x, weight and bias must share one float dtype"),
+        }
+    }
+    fn run<T: Float>(
+        x: Operand,
+        w: Operand,
+        bias: Option<Operand>,
+        dims: (usize, usize, usize),
+        op: &str,
+    ) -> Result<Vec<T>> {
+        let b = bias.map(|b| slice::<T>(b, op)).transpose()?;
+        Ok(forward(
+            slice(x, op)?,
+            slice(w, op)?,
+            b,
+            dims.0,
+            dims.1,
+            dims.2,
+        ))
+    }
+    let y = match x.0 {
+        CpuStorage::F32(_) => CpuStorage::F32(run(x, w, bias, (rows, inp, out), op)?),
+        CpuStorage::F64(_) => CpuStorage::F64(run(x, w, bias, (rows, inp, out), op)?),
+        other => bail!(
+            "{op}: unsupported dtype {:?}",
+            candle_core::backend::BackendStorage::dtype(other)
+        ),
+    };
+    Ok((y, out_shape(x.1, out)))
+}
+
 /// `x W^T + b`.
 pub(crate) struct LinearBias;
 
@@ -199,32 +239,7 @@ impl CustomOp3 for LinearBias {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let op = self.name();
-        let (rows, inp, out) = dims(l1, l2, Some(l3), op)?;
-        let y = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                CpuStorage::F32(forward(
-                    contiguous(x, l1, op)?,
-                    contiguous(w, l2, op)?,
-                    Some(contiguous(b, l3, op)?),
-                    rows,
-                    inp,
-                    out,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
-                CpuStorage::F64(forward(
-                    contiguous(x, l1, op)?,
-                    contiguous(w, l2, op)?,
-                    Some(contiguous(b, l3, op)?),
-                    rows,
-                    inp,
-                    out,
-                ))
-            }
-            _ => bail!("{op}: x, weight and bias must be all f32 or all f64"),
-        };
-        Ok((y, out_shape(l1, out)))
+        fwd_all((s1, l1), (s2, l2), Some((s3, l3)), self.name())
     }
 
     fn bwd(
@@ -251,28 +266,7 @@ impl CustomOp2 for LinearNoBias {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let op = self.name();
-        let (rows, inp, out) = dims(l1, l2, None, op)?;
-        let y = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(w)) => CpuStorage::F32(forward(
-                contiguous(x, l1, op)?,
-                contiguous(w, l2, op)?,
-                None,
-                rows,
-                inp,
-                out,
-            )),
-            (CpuStorage::F64(x), CpuStorage::F64(w)) => CpuStorage::F64(forward(
-                contiguous(x, l1, op)?,
-                contiguous(w, l2, op)?,
-                None,
-                rows,
-                inp,
-                out,
-            )),
-            _ => bail!("{op}: x and weight must be both f32 or both f64"),
-        };
-        Ok((y, out_shape(l1, out)))
+        fwd_all((s1, l1), (s2, l2), None, self.name())
     }
 
     fn bwd(
