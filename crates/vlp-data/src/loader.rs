@@ -112,7 +112,7 @@ impl Default for LoaderConfig {
             prefetch: 2,
             max_epochs: None,
             on_bad_data: BadDataPolicy::Skip,
-            max_pixels: 89_478_485,
+            max_pixels: vlp_core::MAX_IMAGE_PIXELS,
             fields: FieldsConfig::default(),
             caption_choice: CaptionChoice::Random,
             max_words: 30,
@@ -586,10 +586,7 @@ impl Iterator for Loader {
 fn hash_urls(urls: &[ShardUrl]) -> u64 {
     urls.iter().fold(0, |acc, u| {
         let bytes = u.to_string();
-        let h = bytes.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-        });
-        crate::rng::mix64(acc ^ h)
+        crate::rng::mix64(acc ^ vlp_core::hash::fnv1a64(bytes.as_bytes()))
     })
 }
 

@@ -17,8 +17,8 @@ use vlp_data::spec::expand_spec;
 
 use crate::error::{EvalError, Result};
 
-/// Decoded images above this many pixels are skipped (as the training loader does).
-const MAX_PIXELS: u64 = 89_478_485;
+// Decoded images above this many pixels are skipped (as the training loader does).
+use vlp_core::MAX_IMAGE_PIXELS as MAX_PIXELS;
 
 /// The captions of a set: `text_image[t]` is the image of caption `t`; `image_keys[i]`
 /// the image id of image `i`.

@@ -457,9 +457,7 @@ pub fn seeded_init(varmap: &VarMap, seed: u64) -> Result<()> {
         }
         let is_queue = name.ends_with("image_queue") || name.ends_with("text_queue");
         let std = if is_queue { 1.0 } else { 0.02 };
-        let name_hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-        });
+        let name_hash = vlp_core::hash::fnv1a64(name.as_bytes());
         let mut rng = Rng::new(derive_seed(&[seed, name_hash]));
         let values: Vec<f32> = (0..var.elem_count())
             .map(|_| {
@@ -550,12 +548,8 @@ fn step_batch(batch: &Batch, with_image_ids: bool) -> Result<StepBatch> {
             .image_ids
             .iter()
             .map(|id| {
-                id.parse::<i64>().unwrap_or_else(|_| {
-                    let h = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-                        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-                    });
-                    (h >> 1) as i64
-                })
+                id.parse::<i64>()
+                    .unwrap_or_else(|_| (vlp_core::hash::fnv1a64(id.as_bytes()) >> 1) as i64)
             })
             .collect();
         let n = ids.len();
