@@ -2,6 +2,7 @@
 //! library crates, map errors to exit codes.
 
 mod cmd;
+mod signals;
 
 use clap::{Parser, Subcommand};
 
@@ -137,17 +138,40 @@ fn main() -> std::process::ExitCode {
         Command::Bench(BenchCommand::Eval(a)) => cmd::bench_eval::run(a),
         Command::Eval(EvalCommand::Retrieval(a)) => cmd::eval::run(a),
         Command::Convert(a) => cmd::convert::run(a),
-        Command::Pretrain(a) => cmd::pretrain::run(a),
-        Command::Finetune(a) => cmd::pretrain::run_finetune(a),
+        Command::Pretrain(a) => return exit(cmd::pretrain::run(a)),
+        Command::Finetune(a) => return exit(cmd::pretrain::run_finetune(a)),
         Command::Embed(a) => cmd::embed::run_embed(a),
         Command::Score(a) => cmd::embed::run_score(a),
         Command::Plot(a) => cmd::plot::run(a),
     };
+    exit(result.map(|()| std::process::ExitCode::SUCCESS))
+}
+
+/// The process's exit: the command's status, or its error printed with its causes.
+fn exit(result: anyhow::Result<std::process::ExitCode>) -> std::process::ExitCode {
     match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes joined by ": ", each cause once: a cause whose text the message
+/// so far already holds (an error type that prints its source inside its own message)
+/// is not repeated.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }

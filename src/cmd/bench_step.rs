@@ -4,12 +4,15 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use vlp_core::device::DeviceSpec;
 use vlp_models::{smoke_loss, AlbefConfig, AlbefModel};
+use vlp_train::collective::SingleProcess;
 use vlp_train::objectives::ObjectiveConfig;
 use vlp_train::optim::{AdamW, AdamWConfig};
-use vlp_train::step::{pretrain_losses, Draws, StepBatch};
+use vlp_train::step::StepBatch;
+use vlp_train::train_step::{train_step, StepSettings};
 
 #[derive(clap::Args)]
 pub struct StepArgs {
@@ -48,6 +51,9 @@ pub struct StepArgs {
     pub warmup: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Where to run: `cpu`, `cuda` or `cuda:N` [default: the recipe's `run.device`, else cpu].
+    #[arg(long)]
+    pub device: Option<DeviceSpec>,
 }
 
 pub fn run(args: StepArgs) -> anyhow::Result<()> {
@@ -57,14 +63,7 @@ pub fn run(args: StepArgs) -> anyhow::Result<()> {
     };
     let (cfg, model_name) = match (&recipe, &args.config) {
         (Some(r), _) => {
-            let cfg = match (&r.model.init, &r.model.config, &r.model.preset) {
-                (Some(init), ..) => {
-                    AlbefConfig::load(&init.join(vlp_train::checkpoint::CONFIG_FILE))?
-                }
-                (None, Some(path), _) => AlbefConfig::load(path)?,
-                (None, None, Some(preset)) => AlbefConfig::preset(preset)?,
-                (None, None, None) => anyhow::bail!("the recipe names no model"),
-            };
+            let cfg = r.model_config(None)?;
             let name = args
                 .recipe
                 .as_ref()
@@ -90,7 +89,11 @@ pub fn run(args: StepArgs) -> anyhow::Result<()> {
     anyhow::ensure!(batch_size >= 2, "--batch-size must be at least 2");
     anyhow::ensure!(text_len >= 3, "--text-len must be at least 3");
     anyhow::ensure!(args.steps >= 1, "--steps must be at least 1");
-    let dev = Device::Cpu;
+    let dev = args
+        .device
+        .or(recipe.as_ref().map(|r| r.run.device))
+        .unwrap_or_default()
+        .resolve()?;
     let varmap = VarMap::new();
     let model = AlbefModel::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev))?;
     model.copy_params_to_momentum()?;
@@ -103,6 +106,7 @@ pub fn run(args: StepArgs) -> anyhow::Result<()> {
     let (b, s) = (batch_size, cfg.vision.image_size);
     let images = Tensor::randn(0f32, 1.0, (b, 3, s, s), &dev)?;
     let (ids, mask) = random_captions(&cfg, b, text_len, args.seed)?;
+    let batch = StepBatch::new(&images, &ids, &mask, None, &dev)?;
 
     let mut optim = AdamW::new(
         model.trainable_vars()?,
@@ -114,33 +118,40 @@ pub fn run(args: StepArgs) -> anyhow::Result<()> {
     let objectives = recipe
         .as_ref()
         .map_or_else(ObjectiveConfig::default, |r| r.objectives.clone());
-    let batch = StepBatch {
-        images: images.clone(),
-        input_ids: ids.clone(),
-        attention_mask: mask.clone(),
-        image_ids: None,
-    };
+    let clip_grad_norm = recipe.as_ref().and_then(|r| r.optim.clip_grad_norm);
     let mut step_index = 0u64;
     // Per step: [forward (losses), backward, optimizer, total] in seconds.
     let mut step = || -> anyhow::Result<[f64; 4]> {
         let t0 = Instant::now();
         let (forward, backward);
         if full {
+            // The training loop's own step (pretrain_losses, backward, AdamW, momentum
+            // update, enqueue) on the same batch every time.
             step_index += 1;
-            let losses = pretrain_losses(
-                &model,
-                &batch,
-                &objectives,
-                objectives.alpha,
-                Draws::Seeded(args.seed ^ step_index),
-            )?;
-            forward = t0.elapsed().as_secs_f64();
-            let store = losses.total.backward()?;
-            backward = t0.elapsed().as_secs_f64() - forward;
-            let grads = optim.gradients(&store, 1.0)?;
-            optim.step(&grads, 1e-4)?;
+            let settings = StepSettings {
+                objectives: &objectives,
+                accumulate: 1,
+                clip_grad_norm,
+                lr: 1e-4,
+                alpha: objectives.alpha,
+                seed: args.seed ^ step_index,
+            };
+            let report = train_step(&model, &mut optim, &SingleProcess, &settings, &mut |_| {
+                Ok(Some(batch.clone()))
+            })?
+            .expect("the batch source never ends");
+            if let Some(what) = report.nonfinite {
+                anyhow::bail!("non-finite {what} at step {step_index}");
+            }
+            [forward, backward] = [report.phase_secs[0], report.phase_secs[1]];
         } else {
-            let loss = smoke_loss(&model, &images, &ids, &mask, true)?;
+            let loss = smoke_loss(
+                &model,
+                &batch.images,
+                &batch.input_ids,
+                &batch.attention_mask,
+                true,
+            )?;
             forward = t0.elapsed().as_secs_f64();
             drop(loss.total.backward()?);
             backward = t0.elapsed().as_secs_f64() - forward;
@@ -224,7 +235,7 @@ fn random_captions(
             mask.push(u32::from(p < real));
         }
     }
-    let dev = Device::Cpu;
+    let dev = vlp_core::device::host();
     Ok((
         Tensor::from_vec(ids, (batch, len), &dev)?,
         Tensor::from_vec(mask, (batch, len), &dev)?,

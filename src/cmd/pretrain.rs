@@ -1,10 +1,12 @@
 //! `vlp pretrain`: ALBEF pretraining from a recipe, with `--set` overrides and `--resume`.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Map, Value};
+use vlp_core::device::DeviceSpec;
 use vlp_train::pretrain::{pretrain, Progress};
 use vlp_train::recipe::Recipe;
 
@@ -22,28 +24,45 @@ pub struct PretrainArgs {
     /// No progress bar (logs only).
     #[arg(long)]
     pub no_progress: bool,
+    /// Where to train: `cpu`, `cuda` or `cuda:N` [default: the recipe's `run.device`].
+    #[arg(long)]
+    pub device: Option<DeviceSpec>,
 }
 
-pub fn run(args: PretrainArgs) -> anyhow::Result<()> {
-    let recipe = Recipe::load(&args.recipe, &args.set)?;
+/// Runs the recipe. SIGINT and SIGTERM stop it at the next step boundary with a
+/// checkpoint; the process then exits with the conventional `128 + signal`.
+pub fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
+    let mut recipe = Recipe::load(&args.recipe, &args.set)?;
+    if let Some(device) = args.device {
+        recipe.run.device = device;
+    }
+    crate::signals::stop_at_step_boundary();
     let mut bar = Bar::new(!args.no_progress);
     let summary = pretrain(recipe, args.resume, &mut bar)?;
+    let checkpoint = summary
+        .last_checkpoint
+        .map(|p| format!(", last checkpoint {}", p.display()))
+        .unwrap_or_default();
+    if let Some(signal) = summary.interrupted {
+        eprintln!(
+            "stopped by signal {signal} after {} steps in {}{checkpoint}; continue with --resume",
+            summary.steps,
+            summary.run_dir.display(),
+        );
+        return Ok(ExitCode::from((128 + signal).clamp(0, 255) as u8));
+    }
     eprintln!(
-        "done: {} steps in {}{}",
+        "done: {} steps in {}{checkpoint}",
         summary.steps,
         summary.run_dir.display(),
-        summary
-            .last_checkpoint
-            .map(|p| format!(", last checkpoint {}", p.display()))
-            .unwrap_or_default()
     );
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `vlp finetune`: the same loop as `vlp pretrain`, for a recipe that starts from a
 /// checkpoint (`model.init`) and usually validates every epoch (`eval.validate`), keeping
 /// the best checkpoint in `RUN_DIR/best`.
-pub fn run_finetune(args: PretrainArgs) -> anyhow::Result<()> {
+pub fn run_finetune(args: PretrainArgs) -> anyhow::Result<ExitCode> {
     let recipe = Recipe::load(&args.recipe, &args.set)?;
     anyhow::ensure!(
         recipe.model.init.is_some() || args.resume,
@@ -89,7 +108,13 @@ impl Progress for Bar {
         self.bar = Some(bar);
     }
 
-    fn step(&mut self, step: u64, record: &Map<String, Value>) {
+    fn step(&mut self, step: u64) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(step);
+        }
+    }
+
+    fn log(&mut self, _step: u64, record: &Map<String, Value>) {
         let Some(bar) = &self.bar else { return };
         let mut msg = String::new();
         for (k, v) in record {
@@ -103,7 +128,6 @@ impl Progress for Bar {
             get("lr"),
             get("samples_per_s")
         ));
-        bar.set_position(step);
         bar.set_message(msg);
     }
 

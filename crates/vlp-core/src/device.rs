@@ -119,7 +119,10 @@ mod tests {
         assert_eq!(DeviceSpec::Cuda(3).to_string(), "cuda:3");
         for bad in ["", "cuda:", "cuda:x", "tpu", "cuda:-1"] {
             let err = bad.parse::<DeviceSpec>().unwrap_err().to_string();
-            assert!(err.contains("expected `cpu`, `cuda` or `cuda:N`"), "{bad}: {err}");
+            assert!(
+                err.contains("expected `cpu`, `cuda` or `cuda:N`"),
+                "{bad}: {err}"
+            );
         }
     }
 

@@ -39,8 +39,15 @@ pub struct TrainState {
     pub samples_seen: u64,
     /// Samples of steps skipped for a non-finite loss or gradient.
     pub skipped_samples: u64,
-    /// The loader's `LoaderState` as JSON.
-    pub loader: serde_json::Value,
+    /// Each rank's `LoaderState` as JSON, rank-major (checkpoints written before runs had
+    /// ranks hold one, under `loader`).
+    #[serde(alias = "loader", deserialize_with = "one_per_rank")]
+    pub loaders: Vec<serde_json::Value>,
+    /// Whether the momentum update ends each step (it started the next one in checkpoints
+    /// written before; resuming one of those runs that update first, so the continuation
+    /// is exact either way).
+    #[serde(default)]
+    pub momentum_updated: bool,
     /// The run's random stream (per-step seeds for dropout and the objectives' draws).
     pub rng: Rng,
     pub recipe: Recipe,
@@ -50,6 +57,17 @@ pub struct TrainState {
     /// The step of the last validation.
     #[serde(default)]
     pub validated_at: Option<u64>,
+}
+
+/// Reads `loaders` as a list, or one state (older checkpoints) as a list of one.
+fn one_per_rank<'de, D>(d: D) -> std::result::Result<Vec<serde_json::Value>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    Ok(match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Array(states) => states,
+        one => vec![one],
+    })
 }
 
 /// Where the best validation mean recall was reached.
@@ -108,11 +126,102 @@ pub fn list(run_dir: &Path) -> Result<Vec<u64>> {
     Ok(steps)
 }
 
-/// The newest complete checkpoint folder of a run, if any.
+/// The newest checkpoint folder of a run that [`verify`] accepts, if any. Newer ones it
+/// refuses (a model file cut short by a full disk, a tensor that is not finite) are passed
+/// over with a warning naming them and why.
 pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
-    Ok(list(run_dir)?
-        .last()
-        .map(|s| run_dir.join(CHECKPOINTS).join(dir_name(*s))))
+    for step in list(run_dir)?.into_iter().rev() {
+        let dir = run_dir.join(CHECKPOINTS).join(dir_name(step));
+        match verify(&dir) {
+            Ok(()) => return Ok(Some(dir)),
+            Err(e) => tracing::warn!("passing over {}: {e}", dir.display()),
+        }
+    }
+    Ok(None)
+}
+
+/// Checks that a checkpoint folder can be resumed from: its state parses, its config is
+/// there, its model and optimizer files are whole safetensors files (every tensor's bytes
+/// present) and every float in the model file is finite.
+pub fn verify(dir: &Path) -> Result<()> {
+    load_state(dir)?;
+    let config = dir.join(CONFIG_FILE);
+    if !config.is_file() {
+        return Err(TrainError::Checkpoint(format!(
+            "{} is missing",
+            config.display()
+        )));
+    }
+    for (file, check_finite) in [(MODEL_FILE, true), (OPTIM_FILE, false)] {
+        let path = dir.join(file);
+        let bytes = std::fs::read(&path).map_err(|e| TrainError::io(&path, e))?;
+        let tensors = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+            TrainError::Checkpoint(format!("{} is incomplete or corrupt ({e})", path.display()))
+        })?;
+        if check_finite {
+            let mut bad: Vec<String> = tensors
+                .tensors()
+                .into_iter()
+                .filter(|(_, view)| !view_is_finite(view))
+                .map(|(name, _)| name)
+                .collect();
+            if !bad.is_empty() {
+                bad.sort();
+                return Err(TrainError::Checkpoint(format!(
+                    "{} holds non-finite values in {}",
+                    path.display(),
+                    bad.join(", ")
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether every float of a stored tensor is finite (integers always are).
+fn view_is_finite(view: &safetensors::tensor::TensorView) -> bool {
+    use safetensors::Dtype;
+    let data = view.data();
+    match view.dtype() {
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .all(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite()),
+        Dtype::F64 => data
+            .chunks_exact(8)
+            .all(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")).is_finite()),
+        // bf16 and f16: an exponent of all ones is infinity or NaN.
+        Dtype::BF16 => data
+            .chunks_exact(2)
+            .all(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7F80 != 0x7F80),
+        Dtype::F16 => data
+            .chunks_exact(2)
+            .all(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7C00 != 0x7C00),
+        _ => true,
+    }
+}
+
+/// Removes what interrupted saves and deletions leave under `RUN/checkpoints`: temporary
+/// folders, folders being deleted, and step folders without their state file (which are
+/// never complete checkpoints: the state is written before the folder is renamed into
+/// place). Only the run holding the folder's lock calls this.
+pub fn sweep(run_dir: &Path) -> Result<()> {
+    let root = run_dir.join(CHECKPOINTS);
+    let Ok(entries) = std::fs::read_dir(&root) else {
+        return Ok(());
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| TrainError::io(&root, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        let leftover = name.starts_with(".tmp-")
+            || name.starts_with(".del-")
+            || (parse_dir_name(&name).is_some() && !path.join(STATE_FILE).is_file());
+        if leftover && path.is_dir() {
+            tracing::info!("removing the leftover {}", path.display());
+            std::fs::remove_dir_all(&path).map_err(|e| TrainError::io(&path, e))?;
+        }
+    }
+    Ok(())
 }
 
 /// Whether every element of a float tensor is finite (`x * 0 + 0` is 0 for finite `x`
@@ -150,6 +259,7 @@ pub fn save(
     }
     let root = run_dir.join(CHECKPOINTS);
     std::fs::create_dir_all(&root).map_err(|e| TrainError::io(&root, e))?;
+    sweep(run_dir)?;
     let name = dir_name(state.step);
     let tmp = root.join(format!(".tmp-{name}"));
     if tmp.exists() {
@@ -167,6 +277,7 @@ pub fn save(
         .map_err(|e| TrainError::Checkpoint(format!("state: {e}")))?;
     write_synced(&tmp.join(STATE_FILE), json.as_bytes())?;
     for f in [MODEL_FILE, OPTIM_FILE, CONFIG_FILE] {
+        same_mode_as(&tmp.join(f), &tmp.join(STATE_FILE))?;
         sync(&tmp.join(f))?;
     }
     let dst = root.join(&name);
@@ -178,8 +289,12 @@ pub fn save(
         let _ = d.sync_all();
     }
     for old in to_delete(&list(run_dir)?, keep_last) {
+        // Renamed first: a kill mid-deletion leaves a `.del-` folder the next save sweeps,
+        // never a half-deleted checkpoint that looks like one.
         let p = root.join(dir_name(old));
-        std::fs::remove_dir_all(&p).map_err(|e| TrainError::io(&p, e))?;
+        let doomed = root.join(format!(".del-{}", dir_name(old)));
+        std::fs::rename(&p, &doomed).map_err(|e| TrainError::io(&p, e))?;
+        std::fs::remove_dir_all(&doomed).map_err(|e| TrainError::io(&doomed, e))?;
     }
     Ok(dst)
 }
@@ -207,6 +322,15 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = std::fs::File::create(path).map_err(|e| TrainError::io(path, e))?;
     f.write_all(bytes).map_err(|e| TrainError::io(path, e))?;
     f.sync_all().map_err(|e| TrainError::io(path, e))
+}
+
+/// Gives `path` the permissions of `like` (a file this process created with the default
+/// mode, so the umask applies): the safetensors writer creates its files owner-only.
+fn same_mode_as(path: &Path, like: &Path) -> Result<()> {
+    let perms = std::fs::metadata(like)
+        .map_err(|e| TrainError::io(like, e))?
+        .permissions();
+    std::fs::set_permissions(path, perms).map_err(|e| TrainError::io(path, e))
 }
 
 fn sync(path: &Path) -> Result<()> {
@@ -244,6 +368,7 @@ pub fn save_best(
         .map_err(|e| TrainError::Checkpoint(format!("best: {e}")))?;
     write_synced(&tmp.join("best.json"), json.as_bytes())?;
     for f in [MODEL_FILE, CONFIG_FILE] {
+        same_mode_as(&tmp.join(f), &tmp.join("best.json"))?;
         sync(&tmp.join(f))?;
     }
     if dst.exists() {
@@ -281,10 +406,142 @@ mod tests {
         std::fs::create_dir_all(root.join(".tmp-step-000020")).unwrap();
         std::fs::create_dir_all(root.join("step-000030")).unwrap();
         assert_eq!(list(dir.path()).unwrap(), vec![10]);
-        assert_eq!(
-            latest(dir.path()).unwrap().unwrap(),
-            root.join("step-000010")
-        );
+        // Its state is no training state: nothing to resume from.
+        assert_eq!(latest(dir.path()).unwrap(), None);
+    }
+
+    /// A run folder with checkpoints of a two-variable "model" at `steps`.
+    fn saved_run(steps: &[u64], keep_last: usize) -> (tempfile::TempDir, VarMap) {
+        let dir = tempfile::tempdir().unwrap();
+        let varmap = VarMap::new();
+        let dev = candle_core::Device::Cpu;
+        let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+        vb.get_with_hints((2, 3), "w", candle_nn::init::Init::Const(0.5))
+            .unwrap();
+        vb.get_with_hints(3, "b", candle_nn::init::Init::Const(0.0))
+            .unwrap();
+        let optim = AdamW::new(
+            varmap
+                .all_vars()
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| (format!("p{i}"), v))
+                .collect(),
+            Default::default(),
+        )
+        .unwrap();
+        let config = AlbefConfig::preset("tiny").unwrap();
+        let recipe = Recipe::from_str_with(
+            "[model]\npreset = \"tiny\"\n[data]\nshards = \"x.tar\"\ntokenizer = \"t.json\"\n\
+             batch_size = 2\n[optim]\nlr = 1e-4\nmin_lr = 0.0\nwarmup_lr = 0.0\n\
+             warmup_steps = 0\nweight_decay = 0.0\ntotal_steps = 9\n[run]\nout_dir = \"r\"\n",
+            &[],
+        )
+        .unwrap();
+        for &step in steps {
+            let state = TrainState {
+                step,
+                epoch: 0,
+                total_steps: 9,
+                alpha_ramp_steps: 0,
+                samples_seen: 0,
+                skipped_samples: 0,
+                loaders: vec![serde_json::json!({})],
+                momentum_updated: true,
+                rng: Rng::new(1),
+                recipe: recipe.clone(),
+                best: None,
+                validated_at: None,
+            };
+            save(dir.path(), &varmap, &optim, &config, &state, keep_last).unwrap();
+        }
+        (dir, varmap)
+    }
+
+    fn step_dir(run: &Path, step: u64) -> PathBuf {
+        run.join(CHECKPOINTS).join(dir_name(step))
+    }
+
+    #[test]
+    fn resume_passes_over_a_truncated_or_non_finite_newest_checkpoint() {
+        let (dir, varmap) = saved_run(&[1, 2, 3], 0);
+        let run = dir.path();
+        assert_eq!(latest(run).unwrap().unwrap(), step_dir(run, 3));
+        // A model file cut short (a full disk, a kill after the rename on a filesystem
+        // that reordered the writes).
+        let model = step_dir(run, 3).join(MODEL_FILE);
+        let len = std::fs::metadata(&model).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&model)
+            .unwrap()
+            .set_len(len - 5)
+            .unwrap();
+        assert!(verify(&step_dir(run, 3))
+            .unwrap_err()
+            .to_string()
+            .contains("incomplete"));
+        assert_eq!(latest(run).unwrap().unwrap(), step_dir(run, 2));
+        // A NaN written into step 2's weights is named, and passed over too.
+        varmap.data().lock().unwrap()["w"]
+            .set(
+                &Tensor::new(
+                    &[[1f32, f32::NAN, 0.0], [0.0, 0.0, 0.0]],
+                    &candle_core::Device::Cpu,
+                )
+                .unwrap(),
+            )
+            .unwrap();
+        varmap.save(step_dir(run, 2).join(MODEL_FILE)).unwrap();
+        let err = verify(&step_dir(run, 2)).unwrap_err().to_string();
+        assert!(err.contains("non-finite") && err.contains(" w"), "{err}");
+        assert_eq!(latest(run).unwrap().unwrap(), step_dir(run, 1));
+    }
+
+    #[test]
+    fn pruning_leaves_no_half_deleted_checkpoint_and_leftovers_are_swept() {
+        let (dir, _) = saved_run(&[1], 1);
+        let root = dir.path().join(CHECKPOINTS);
+        // What kills left behind: a deletion cut short before and after its rename, and
+        // an interrupted save.
+        std::fs::create_dir_all(root.join("step-000000").join("x")).unwrap();
+        std::fs::create_dir_all(root.join(".del-step-000001")).unwrap();
+        std::fs::create_dir_all(root.join(".tmp-step-000007")).unwrap();
+        let (_, varmap) = saved_run(&[], 1);
+        let optim = AdamW::new(Vec::new(), Default::default()).unwrap();
+        let state: TrainState = load_state(&step_dir(dir.path(), 1)).unwrap();
+        let config = AlbefConfig::preset("tiny").unwrap();
+        for step in [2, 3] {
+            let state = TrainState {
+                step,
+                ..state.clone()
+            };
+            save(dir.path(), &varmap, &optim, &config, &state, 1).unwrap();
+        }
+        let mut names: Vec<String> = std::fs::read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, vec!["step-000003"]);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn checkpoint_files_get_the_mode_of_the_files_the_run_creates() {
+        use std::os::unix::fs::PermissionsExt;
+        let (dir, _) = saved_run(&[1], 0);
+        let step = step_dir(dir.path(), 1);
+        let mode = |f: &str| {
+            std::fs::metadata(step.join(f))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        for f in [MODEL_FILE, OPTIM_FILE, CONFIG_FILE] {
+            assert_eq!(mode(f), mode(STATE_FILE), "{f}");
+        }
     }
 
     #[test]

@@ -8,6 +8,10 @@ pub enum TrainError {
     #[error("tensor: {0}")]
     Tensor(#[from] candle_core::Error),
 
+    /// The device asked for cannot be used.
+    #[error(transparent)]
+    Device(#[from] vlp_core::device::DeviceError),
+
     /// The model refused an input or a parameter.
     #[error("model: {0}")]
     Model(#[from] vlp_models::ModelError),
@@ -43,6 +47,16 @@ pub enum TrainError {
     /// A loss or a gradient became NaN or infinite.
     #[error("non-finite {what} at step {step}")]
     NonFinite { step: u64, what: String },
+
+    /// Another run holds the run folder.
+    #[error(
+        "{run_dir} is in use by another run ({holder}); wait for it to end or choose another \
+         run.out_dir"
+    )]
+    Busy {
+        run_dir: std::path::PathBuf,
+        holder: String,
+    },
 
     /// A file or folder could not be read or written.
     #[error("{path}: {source}")]

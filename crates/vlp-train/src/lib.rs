@@ -4,15 +4,20 @@
 //! batch and returns the total loss with its named parts.
 
 pub mod checkpoint;
+pub mod collective;
 pub mod error;
+pub mod interrupt;
 pub mod metrics;
 pub mod objectives;
 pub mod optim;
 pub mod pretrain;
 pub mod recipe;
+pub mod run_lock;
 pub mod schedule;
 pub mod step;
+pub mod train_step;
 
 pub use error::{Result, TrainError};
 pub use objectives::ObjectiveConfig;
-pub use step::{pretrain_losses, Draws, StepBatch, StepLosses, StepStats};
+pub use step::{pretrain_losses, Draws, HostTokens, QueueEntry, StepBatch, StepLosses, StepStats};
+pub use train_step::{train_step, StepReport, StepSettings};

@@ -9,6 +9,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use crate::collective::Collective;
 use crate::error::TrainError;
 
 type Result<T> = std::result::Result<T, TrainError>;
@@ -57,17 +58,48 @@ impl Gradients {
             .filter_map(|((n, _), g)| g.as_ref().map(|g| (n.as_str(), g)))
     }
 
-    /// The L2 norm of all gradients together (PyTorch's `clip_grad_norm_` total norm).
-    pub fn global_norm(&self) -> Result<f64> {
-        let mut sum = 0f64;
-        for g in self.grads.iter().flatten() {
-            sum += g
-                .to_dtype(DType::F32)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f32>()? as f64;
+    /// Averages the gradients over the ranks of `collective` (data parallelism).
+    pub fn all_reduce_mean(&mut self, collective: &dyn Collective) -> Result<()> {
+        if collective.world_size() == 1 {
+            return Ok(());
         }
-        Ok(sum.sqrt())
+        let mut present: Vec<Tensor> = self.grads.iter().flatten().cloned().collect();
+        collective.all_reduce_mean(&mut present)?;
+        for (slot, reduced) in self.grads.iter_mut().flatten().zip(present) {
+            *slot = reduced;
+        }
+        Ok(())
+    }
+
+    /// The squared L2 norm of all gradients together, 0-d f64, computed on their device
+    /// without reading anything back (each tensor's sum in f32, the sum of sums in f64).
+    /// `None` when no parameter has a gradient.
+    pub fn squared_norm(&self) -> Result<Option<Tensor>> {
+        let sums: Vec<Tensor> = self
+            .grads
+            .iter()
+            .flatten()
+            .map(|g| {
+                g.to_dtype(DType::F32)?
+                    .sqr()?
+                    .sum_all()?
+                    .to_dtype(DType::F64)?
+                    .reshape(1)
+            })
+            .collect::<candle_core::Result<_>>()?;
+        if sums.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Tensor::cat(&sums, 0)?.sum_all()?))
+    }
+
+    /// The L2 norm of all gradients together (PyTorch's `clip_grad_norm_` total norm):
+    /// one reduction and one read.
+    pub fn global_norm(&self) -> Result<f64> {
+        Ok(match self.squared_norm()? {
+            Some(sq) => sq.to_scalar::<f64>()?.sqrt(),
+            None => 0.0,
+        })
     }
 
     /// Multiplies every gradient by `factor`.
@@ -83,13 +115,20 @@ impl Gradients {
     /// A non-finite norm is returned as is and nothing is scaled.
     pub fn clip_global_norm(&mut self, max_norm: f64) -> Result<f64> {
         let norm = self.global_norm()?;
+        self.clip_known_norm(norm, max_norm)?;
+        Ok(norm)
+    }
+
+    /// [`Gradients::clip_global_norm`] for a norm already read (with other values, in the
+    /// same transfer).
+    pub fn clip_known_norm(&mut self, norm: f64, max_norm: f64) -> Result<()> {
         if norm.is_finite() {
             let factor = max_norm / (norm + 1e-6);
             if factor < 1.0 {
                 self.scale(factor)?;
             }
         }
-        Ok(norm)
+        Ok(())
     }
 
     /// Adds `other` into `self` (gradient accumulation over micro-batches).

@@ -1,6 +1,8 @@
-//! The pretraining loop, top to bottom: model, data, optimizer; then per step the
-//! learning rate, alpha, losses, backward, clipping, AdamW, metrics and checkpoints; then
-//! the zero-shot evaluations of the recipe.
+//! The pretraining (and fine-tuning) loop, in named parts a reader finds from
+//! [`pretrain_with`]: `Run::setup` (device, run-folder lock, resume point, model, data,
+//! optimizer), `Run::train` (per step the learning rate, alpha and seed, then
+//! [`train_step`]; the non-finite policy, metrics, checkpoints, signals), `Run::finish`
+//! (the last checkpoint, validation and the zero-shot evaluations of the recipe).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -14,12 +16,16 @@ use vlp_data::tokenize::TextTokenizer;
 use vlp_models::{AlbefConfig, AlbefModel};
 
 use crate::checkpoint::{self, BestSoFar, TrainState};
+use crate::collective::{Collective, SingleProcess};
 use crate::error::TrainError;
+use crate::interrupt;
 use crate::metrics::MetricsLog;
 use crate::objectives::itc::alpha_at;
-use crate::optim::{AdamW, AdamWConfig, Gradients};
+use crate::optim::{AdamW, AdamWConfig};
 use crate::recipe::{OnNonFinite, Recipe};
-use crate::step::{pretrain_losses, Draws, StepBatch};
+use crate::run_lock::RunLock;
+use crate::step::{read_parts, StepBatch};
+use crate::train_step::{train_step, StepReport, StepSettings};
 use vlp_eval::report::{json_report, markdown_table};
 use vlp_eval::set::{evaluate_set, EvalSet};
 use vlp_eval::{EvalConfig, EvalOutcome, ScoreMode};
@@ -32,8 +38,11 @@ pub const EVAL_FILE: &str = "eval.json";
 /// What the caller sees of the run as it goes (the CLI draws a progress bar).
 pub trait Progress {
     fn start(&mut self, _first_step: u64, _total_steps: u64) {}
-    /// Every step's record (loss parts, lr, samples/s, ...).
-    fn step(&mut self, _step: u64, _record: &Map<String, Value>) {}
+    /// A step is done (cheap: nothing is read from the device for it).
+    fn step(&mut self, _step: u64) {}
+    /// The record logged at this step (loss parts, lr, samples/s, ...), every
+    /// `run.log_every` steps.
+    fn log(&mut self, _step: u64, _record: &Map<String, Value>) {}
     fn finish(&mut self) {}
 }
 
@@ -49,392 +58,536 @@ pub struct Summary {
     pub last_checkpoint: Option<PathBuf>,
     pub eval: Vec<(String, EvalOutcome)>,
     pub skipped_samples: u64,
+    /// The signal that stopped the run at a step boundary (after its checkpoint), if any.
+    pub interrupted: Option<i32>,
 }
 
-/// Trains as `recipe` says, in `recipe.run.out_dir`. With `resume`, continues from the
-/// newest checkpoint there (the checkpoint's recipe and architecture win over the given
-/// ones) exactly as the uninterrupted run would have gone on.
+/// Trains as `recipe` says, in `recipe.run.out_dir`, in this one process. With `resume`,
+/// continues from the newest usable checkpoint there (the checkpoint's recipe and
+/// architecture win over the given ones, the given device is used) exactly as the
+/// uninterrupted run would have gone on.
 pub fn pretrain(recipe: Recipe, resume: bool, progress: &mut dyn Progress) -> Result<Summary> {
-    let dev = Device::Cpu;
-    let run_dir = recipe.run.out_dir.clone();
-    std::fs::create_dir_all(&run_dir).map_err(|e| TrainError::io(&run_dir, e))?;
+    pretrain_with(recipe, resume, &SingleProcess, progress)
+}
 
-    // Where to start: a checkpoint (resume) or nothing.
-    let resume_from = if resume {
-        let dir = checkpoint::latest(&run_dir)?;
-        if dir.is_none() {
-            tracing::warn!(
-                "--resume: no checkpoint in {}, starting fresh",
-                run_dir.display()
-            );
-        }
-        dir
-    } else {
-        if !checkpoint::list(&run_dir)?.is_empty() {
-            return Err(TrainError::Checkpoint(format!(
-                "{} already holds checkpoints: pass --resume to continue, or choose another \
-                 run.out_dir",
-                run_dir.display()
-            )));
-        }
-        None
-    };
-    let saved = resume_from
-        .as_deref()
-        .map(checkpoint::load_state)
-        .transpose()?;
-    let recipe = match &saved {
-        Some(state) => {
-            if state.recipe != recipe {
-                tracing::warn!("resuming with the checkpoint's recipe; the given one differs");
-            }
-            state.recipe.clone()
-        }
-        None => recipe,
-    };
-    write_atomically(&run_dir.join(RESOLVED_RECIPE), recipe.to_toml()?.as_bytes())?;
+/// [`pretrain`] as one of `collective.world_size()` data-parallel processes: every rank
+/// runs this; rank 0 logs, saves and evaluates.
+pub fn pretrain_with(
+    recipe: Recipe,
+    resume: bool,
+    collective: &dyn Collective,
+    progress: &mut dyn Progress,
+) -> Result<Summary> {
+    let mut run = Run::setup(recipe, resume, collective)?;
+    let ended = run.train(progress)?;
+    run.finish(ended)
+}
 
-    // The model: architecture from the checkpoint, the init folder, a config or a preset.
-    let cfg = match (
-        &resume_from,
-        &recipe.model.init,
-        &recipe.model.config,
-        &recipe.model.preset,
-    ) {
-        (Some(dir), ..) => AlbefConfig::load(&dir.join(checkpoint::CONFIG_FILE))?,
-        (None, Some(init), ..) => AlbefConfig::load(&init.join(checkpoint::CONFIG_FILE))?,
-        (None, None, Some(path), _) => AlbefConfig::load(path)?,
-        (None, None, None, Some(preset)) => AlbefConfig::preset(preset)?,
-        (None, None, None, None) => unreachable!("Recipe::validate requires a model"),
-    };
-    // A data.image_size other than the architecture's (fine-tuning at 384 px a model
-    // pretrained at 256): the model is built at the data's size and an init checkpoint's
-    // position embeddings are interpolated to it (ALBEF's `interpolate_pos_embed`).
-    let mut cfg = cfg;
-    if let (None, Some(size)) = (&resume_from, recipe.data.image_size) {
-        if size as usize != cfg.vision.image_size {
-            tracing::info!(
-                "model built at {size} px (the architecture says {})",
-                cfg.vision.image_size
-            );
-            cfg.vision.image_size = size as usize;
-            cfg.validate()?;
-        }
-    }
-    let mut varmap = VarMap::new();
-    let model = AlbefModel::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev))?;
-    match (&resume_from, &recipe.model.init) {
-        (Some(_), _) => {} // loaded below, with the optimizer
-        (None, Some(init)) => {
-            load_init(
-                &varmap,
-                &init.join(checkpoint::MODEL_FILE),
-                cfg.vision.grid(),
-            )?;
-        }
-        (None, None) => {
-            seeded_init(&varmap, recipe.run.seed)?;
-            model.copy_params_to_momentum()?;
-        }
-    }
+/// Why the training loop ended.
+enum Ended {
+    /// `total_steps` reached.
+    Done,
+    /// The loader had no more batches (a finite data stream).
+    DataEnded,
+    /// A signal asked the run to stop.
+    Interrupted(i32),
+}
 
-    // The data.
-    let tokenizer = TextTokenizer::from_file(&recipe.data.tokenizer, recipe.data.max_tokens)?;
-    if tokenizer.vocab_size() > cfg.text.vocab_size {
-        return Err(TrainError::input(
-            "data.tokenizer",
-            format!(
-                "{} has {} tokens, the model's vocabulary {}",
-                recipe.data.tokenizer.display(),
-                tokenizer.vocab_size(),
-                cfg.text.vocab_size
-            ),
-        ));
-    }
-    let t = &cfg.text;
-    for (token, id) in [
-        ("[PAD]", t.pad_id),
-        ("[CLS]", t.cls_id),
-        ("[SEP]", t.sep_id),
-        ("[MASK]", t.mask_id),
-    ] {
-        if tokenizer.token_id(token) != Some(id) {
-            return Err(TrainError::input(
-                "data.tokenizer",
-                format!(
-                    "{} gives {token} id {:?}, the model expects {id}",
-                    recipe.data.tokenizer.display(),
-                    tokenizer.token_id(token)
-                ),
-            ));
-        }
-    }
-    let mut loader_cfg = recipe.loader_config(cfg.vision.image_size as u32);
-    // ALBEF's training loader keeps full batches only. The run ends at `total_steps`, so
-    // the loader runs on past the last epoch (epoch lengths in steps are estimates).
-    loader_cfg.drop_last = true;
-    loader_cfg.max_epochs = None;
-    let batch_size = loader_cfg.batch_size;
-    let mut loader = Loader::new(&recipe.data.shards, loader_cfg, tokenizer.clone())?;
+/// Everything a run holds between its steps.
+struct Run<'c> {
+    recipe: Recipe,
+    cfg: AlbefConfig,
+    device: Device,
+    run_dir: PathBuf,
+    varmap: VarMap,
+    model: AlbefModel,
+    tokenizer: TextTokenizer,
+    loader: Loader,
+    optim: AdamW,
+    state: TrainState,
+    /// `metrics.jsonl`, on the main process only.
+    metrics: Option<MetricsLog>,
+    last_checkpoint: Option<PathBuf>,
+    collective: &'c dyn Collective,
+    /// The run folder's lock, held by the main process for the whole run.
+    _lock: Option<RunLock>,
+}
 
-    // The optimizer.
-    let mut optim = AdamW::new(
-        model.trainable_vars()?,
-        AdamWConfig {
-            weight_decay: recipe.optim.weight_decay,
-            ..AdamWConfig::default()
-        },
-    )?;
-
-    // Lengths fixed at the start of the run: the schedule and the alpha ramp.
-    let accumulate = recipe.optim.accumulate as u64;
-    let steps_per_epoch = loader
-        .samples_in_epoch(0)
-        .map(|n| n / batch_size as u64 / accumulate);
-    let mut state = match saved {
-        Some(state) => {
-            let dir = resume_from.as_deref().expect("saved state has a folder");
-            checkpoint::load_into(dir, &mut varmap, &mut optim)?;
-            let loader_state: LoaderState =
-                serde_json::from_value(state.loader.clone()).map_err(|e| {
-                    TrainError::Checkpoint(format!("{}: loader state: {e}", dir.display()))
-                })?;
-            loader.restore(loader_state)?;
-            tracing::info!("resumed from {} at step {}", dir.display(), state.step);
-            state
-        }
-        None => TrainState {
-            step: 0,
-            epoch: 0,
-            total_steps: total_steps(&recipe, steps_per_epoch)?,
-            alpha_ramp_steps: match recipe.objectives.alpha_ramp_steps {
-                0 => steps_per_epoch.unwrap_or(recipe.optim.alpha_ramp_fallback_steps),
-                n => n,
-            },
-            samples_seen: 0,
-            skipped_samples: 0,
-            loader: serde_json::to_value(loader.state()).expect("loader state is JSON"),
-            rng: Rng::new(derive_seed(&[recipe.run.seed, 0x7EA1])),
-            recipe: recipe.clone(),
-            best: None,
-            validated_at: None,
-        },
-    };
-    let schedule = recipe.schedule(state.total_steps);
-    let params: usize = optim.decay_groups().0.len() + optim.decay_groups().1.len();
-    tracing::info!(
-        "training {} parameter tensors for {} steps (batch {batch_size} x {accumulate}), {} steps \
-         per epoch, alpha ramp {} steps",
-        params,
-        state.total_steps,
-        steps_per_epoch.map_or("unknown".into(), |s| s.to_string()),
-        state.alpha_ramp_steps
-    );
-
-    let mut metrics = MetricsLog::open(&run_dir, resume_from.as_ref().map(|_| state.step))?;
-    let mut last_checkpoint = resume_from.clone();
-    progress.start(state.step, state.total_steps);
-    let mut window = (Instant::now(), 0u64); // samples/s over the steps since the last log
-
-    // Test hook: NaN images at this step (counted from 1) exercise the non-finite guard end to end.
-    let inject_nan_at: Option<u64> = std::env::var("VLP_INJECT_NAN_AT_STEP")
-        .ok()
-        .and_then(|v| v.parse().ok());
-
-    let validate = |state: &mut TrainState, metrics: &mut MetricsLog| {
-        validate_epoch(
-            &model, &tokenizer, &recipe, &cfg, &varmap, &run_dir, state, metrics,
-        )
-    };
-
-    'train: while state.step < state.total_steps {
-        let step = state.step;
-        let lr = schedule.get_lr(step);
-        let alpha = alpha_at(step, state.alpha_ramp_steps, recipe.objectives.alpha);
-        let step_seed = state.rng.next_u64();
-
-        // Forward and backward over `accumulate` micro-batches; gradients are averaged.
-        let mut grads: Option<Gradients> = None;
-        let mut parts: Vec<(&'static str, f64)> = Vec::new();
-        let (mut temp, mut itm_fallbacks, mut samples) = (0.0, 0usize, 0u64);
-        let mut nonfinite: Option<String> = None;
-        // The step writes the queues as it goes; a skipped step must not leave its
-        // (possibly non-finite) features in them.
-        let queues = match recipe.run.on_nonfinite {
-            OnNonFinite::Skip => Some(snapshot(&varmap, QUEUE_VARS)?),
-            OnNonFinite::Stop => None,
+impl<'c> Run<'c> {
+    /// The model, the data, the optimizer and where training stands, fresh or resumed.
+    fn setup(recipe: Recipe, resume: bool, collective: &'c dyn Collective) -> Result<Self> {
+        let device = recipe.run.device.resolve()?;
+        let run_dir = recipe.run.out_dir.clone();
+        let main = collective.is_main();
+        let lock = if main {
+            Some(RunLock::acquire(&run_dir)?)
+        } else {
+            None
         };
-        for micro in 0..accumulate {
-            let Some(batch) = loader.next_batch()? else {
-                break 'train; // the loader's epochs are done
-            };
-            if batch.epoch > state.epoch && state.step > 0 && micro == 0 {
-                // An epoch ended with the last step: validate the weights it left.
-                validate(&mut state, &mut metrics)?;
-            }
-            state.epoch = batch.epoch;
-            samples += batch.len() as u64;
-            let mut inputs = step_batch(&batch, recipe.objectives.image_id_positives)?;
-            if inject_nan_at == Some(step + 1) {
-                inputs.images = (inputs.images * f64::NAN)?;
-            }
-            let losses = pretrain_losses(
-                &model,
-                &inputs,
-                &recipe.objectives,
-                alpha,
-                Draws::Seeded(derive_seed(&[step_seed, micro])),
-            )?;
-            if let Some((name, value)) = losses.parts.iter().find(|(_, v)| !v.is_finite()) {
-                nonfinite = Some(format!("loss part `{name}` ({value})"));
-                break;
-            }
-            let store = losses.total.backward()?;
-            let g = optim.gradients(&store, 1.0 / accumulate as f64)?;
-            match &mut grads {
-                Some(acc) => acc.add(&g)?,
-                None => grads = Some(g),
-            }
-            accumulate_parts(&mut parts, &losses.parts, accumulate);
-            temp = losses.temp;
-            itm_fallbacks += losses.stats.itm_fallbacks;
-        }
-        state.samples_seen += samples;
 
-        // Clipping returns the norm before clipping; a non-finite one poisons the update.
-        let mut grad_norm = f64::NAN;
-        if nonfinite.is_none() {
-            let grads = grads.as_mut().expect("at least one micro-batch");
-            grad_norm = match recipe.optim.clip_grad_norm {
-                Some(max) => grads.clip_global_norm(max)?,
-                None => grads.global_norm()?,
-            };
-            if !grad_norm.is_finite() {
-                nonfinite = Some(format!("gradient norm ({grad_norm})"));
-            }
-        }
-        match (&nonfinite, recipe.run.on_nonfinite) {
-            (None, _) => optim.step(grads.as_ref().expect("gradients"), lr)?,
-            (Some(what), OnNonFinite::Stop) => {
-                progress.finish();
-                tracing::error!(
-                    "stopped without saving; last good checkpoint: {}",
-                    last_checkpoint
-                        .as_ref()
-                        .map_or("none".into(), |p| p.display().to_string())
+        // Where to start: a checkpoint (resume) or nothing.
+        let resume_from = if resume {
+            let dir = checkpoint::latest(&run_dir)?;
+            if dir.is_none() {
+                tracing::warn!(
+                    "--resume: no usable checkpoint in {}, starting fresh",
+                    run_dir.display()
                 );
-                // Steps are counted from 1, as in metrics.jsonl and checkpoint names.
-                return Err(TrainError::NonFinite {
-                    step: step + 1,
-                    what: what.clone(),
-                });
             }
-            (Some(what), OnNonFinite::Skip) => {
-                tracing::warn!("step {}: non-finite {what}; update skipped", step + 1);
-                restore(&varmap, queues.expect("snapshot taken in skip mode"))?;
-                state.skipped_samples += samples;
+            dir
+        } else {
+            if !checkpoint::list(&run_dir)?.is_empty() {
+                return Err(TrainError::Checkpoint(format!(
+                    "{} already holds checkpoints: pass --resume to continue, or choose \
+                     another run.out_dir",
+                    run_dir.display()
+                )));
+            }
+            None
+        };
+        let saved = resume_from
+            .as_deref()
+            .map(checkpoint::load_state)
+            .transpose()?;
+        let recipe = match &saved {
+            Some(state) => {
+                // The checkpoint's recipe, on the device asked for now.
+                let mut from_checkpoint = state.recipe.clone();
+                from_checkpoint.run.device = recipe.run.device;
+                if from_checkpoint != recipe {
+                    tracing::warn!("resuming with the checkpoint's recipe; the given one differs");
+                }
+                from_checkpoint
+            }
+            None => recipe,
+        };
+        if main {
+            write_atomically(&run_dir.join(RESOLVED_RECIPE), recipe.to_toml()?.as_bytes())?;
+        }
+
+        // The model.
+        let cfg = recipe.model_config(resume_from.as_deref())?;
+        let mut varmap = VarMap::new();
+        let model = AlbefModel::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &device))?;
+        match (&resume_from, &recipe.model.init) {
+            (Some(_), _) => {} // loaded below, with the optimizer
+            (None, Some(init)) => {
+                load_init(
+                    &varmap,
+                    &init.join(checkpoint::MODEL_FILE),
+                    cfg.vision.grid(),
+                )?;
+            }
+            (None, None) => {
+                seeded_init(&varmap, recipe.run.seed)?;
+                model.copy_params_to_momentum()?;
             }
         }
-        state.step += 1;
-        window.1 += samples;
 
-        // Metrics.
+        // The data.
+        let tokenizer = TextTokenizer::from_file(&recipe.data.tokenizer, recipe.data.max_tokens)?;
+        check_tokenizer(&tokenizer, &cfg, &recipe)?;
+        let mut loader_cfg = recipe.loader_config(cfg.vision.image_size as u32, collective.rank());
+        // ALBEF's training loader keeps full batches only. The run ends at `total_steps`,
+        // so the loader runs on past the last epoch (epoch lengths in steps are estimates).
+        loader_cfg.drop_last = true;
+        loader_cfg.max_epochs = None;
+        let batch_size = loader_cfg.batch_size;
+        let mut loader = Loader::new(&recipe.data.shards, loader_cfg, tokenizer.clone())?;
+
+        // The optimizer.
+        let mut optim = AdamW::new(
+            model.trainable_vars()?,
+            AdamWConfig {
+                weight_decay: recipe.optim.weight_decay,
+                ..AdamWConfig::default()
+            },
+        )?;
+
+        // Where training stands; lengths fixed at the start of the run.
+        let accumulate = recipe.optim.accumulate as u64;
+        let steps_per_epoch = loader
+            .samples_in_epoch(0)
+            .map(|n| n / batch_size as u64 / accumulate);
+        let state = match saved {
+            Some(mut state) => {
+                let dir = resume_from.as_deref().expect("saved state has a folder");
+                checkpoint::load_into(dir, &mut varmap, &mut optim)?;
+                let rank = collective.rank();
+                if state.loaders.len() != collective.world_size() {
+                    return Err(TrainError::Checkpoint(format!(
+                        "{} holds the data position of {} process(es), this run has {}: \
+                         resume with the same world size",
+                        dir.display(),
+                        state.loaders.len(),
+                        collective.world_size()
+                    )));
+                }
+                let loader_state: LoaderState = serde_json::from_value(state.loaders[rank].clone())
+                    .map_err(|e| {
+                        TrainError::Checkpoint(format!(
+                            "{}: loader state of rank {rank}: {e}",
+                            dir.display()
+                        ))
+                    })?;
+                loader.restore(loader_state)?;
+                if !state.momentum_updated {
+                    // Written when the momentum update started each step: do the one the
+                    // next step would have started with.
+                    let o = &recipe.objectives;
+                    if o.itc_on() || o.mlm_on() {
+                        model.momentum_update(o.momentum)?;
+                    }
+                    state.momentum_updated = true;
+                }
+                tracing::info!("resumed from {} at step {}", dir.display(), state.step);
+                state
+            }
+            None => TrainState {
+                step: 0,
+                epoch: 0,
+                total_steps: total_steps(&recipe, steps_per_epoch)?,
+                alpha_ramp_steps: match recipe.objectives.alpha_ramp_steps {
+                    0 => steps_per_epoch.unwrap_or(recipe.optim.alpha_ramp_fallback_steps),
+                    n => n,
+                },
+                samples_seen: 0,
+                skipped_samples: 0,
+                loaders: Vec::new(), // filled at each save
+                momentum_updated: true,
+                rng: Rng::new(derive_seed(&[recipe.run.seed, 0x7EA1])),
+                recipe: recipe.clone(),
+                best: None,
+                validated_at: None,
+            },
+        };
+        // Every rank starts from rank 0's weights, momentum weights and queues.
+        broadcast_vars(&varmap, collective)?;
+
+        let params: usize = optim.decay_groups().0.len() + optim.decay_groups().1.len();
+        tracing::info!(
+            "training {params} parameter tensors on {} for {} steps (batch {batch_size} x \
+             {accumulate} x {} process(es)), {} steps per epoch, alpha ramp {} steps",
+            recipe.run.device,
+            state.total_steps,
+            collective.world_size(),
+            steps_per_epoch.map_or("unknown".into(), |s| s.to_string()),
+            state.alpha_ramp_steps
+        );
+        let metrics = if main {
+            Some(MetricsLog::open(
+                &run_dir,
+                resume_from.as_ref().map(|_| state.step),
+            )?)
+        } else {
+            None
+        };
+        Ok(Run {
+            recipe,
+            cfg,
+            device,
+            run_dir,
+            varmap,
+            model,
+            tokenizer,
+            loader,
+            optim,
+            state,
+            metrics,
+            last_checkpoint: resume_from,
+            collective,
+            _lock: lock,
+        })
+    }
+
+    /// The loop: one [`train_step`] per iteration, then logging and checkpoints, until
+    /// `total_steps`, the end of the data, or a signal.
+    fn train(&mut self, progress: &mut dyn Progress) -> Result<Ended> {
+        let schedule = self.recipe.schedule(self.state.total_steps);
+        // Test hook: NaN images at this step (counted from 1) exercise the non-finite
+        // guard end to end.
+        let inject_nan_at: Option<u64> = std::env::var("VLP_INJECT_NAN_AT_STEP")
+            .ok()
+            .and_then(|v| v.parse().ok());
+        progress.start(self.state.step, self.state.total_steps);
+        let mut window = (Instant::now(), 0u64); // samples/s since the last log
+        let ended = loop {
+            if self.state.step >= self.state.total_steps {
+                break Ended::Done;
+            }
+            if let Some(signal) = interrupt::requested() {
+                tracing::warn!(
+                    "signal {signal}: stopping after step {}, with a checkpoint",
+                    self.state.step
+                );
+                break Ended::Interrupted(signal);
+            }
+            let step = self.state.step;
+            let lr = schedule.get_lr(step);
+            let alpha = alpha_at(
+                step,
+                self.state.alpha_ramp_steps,
+                self.recipe.objectives.alpha,
+            );
+            let seed = self.state.rng.next_u64();
+            // The step's first batch, fetched here: when it opens a new epoch, the weights
+            // the last step left are validated first (fine-tuning).
+            let Some(first) = self.loader.next_batch()? else {
+                break Ended::DataEnded;
+            };
+            if first.epoch > self.state.epoch && step > 0 {
+                self.validate()?;
+            }
+            let settings = StepSettings {
+                objectives: &self.recipe.objectives,
+                accumulate: self.recipe.optim.accumulate as u64,
+                clip_grad_norm: self.recipe.optim.clip_grad_norm,
+                lr,
+                alpha,
+                seed,
+            };
+            let mut first = Some(first);
+            let mut next = |_micro: u64| -> Result<Option<StepBatch>> {
+                let batch = match first.take() {
+                    Some(batch) => batch,
+                    None => match self.loader.next_batch()? {
+                        Some(batch) => batch,
+                        None => return Ok(None),
+                    },
+                };
+                self.state.epoch = batch.epoch;
+                let mut inputs = step_batch(
+                    &batch,
+                    self.recipe.objectives.image_id_positives,
+                    &self.device,
+                )?;
+                if inject_nan_at == Some(step + 1) {
+                    inputs.images = (inputs.images * f64::NAN)?;
+                }
+                Ok(Some(inputs))
+            };
+            let report = train_step(
+                &self.model,
+                &mut self.optim,
+                self.collective,
+                &settings,
+                &mut next,
+            )?;
+            let Some(report) = report else {
+                break Ended::DataEnded;
+            };
+            self.state.samples_seen += report.samples;
+            if let Some(what) = &report.nonfinite {
+                match self.recipe.run.on_nonfinite {
+                    OnNonFinite::Stop => {
+                        progress.finish();
+                        tracing::error!(
+                            "stopped without saving; last good checkpoint: {}",
+                            self.last_checkpoint
+                                .as_ref()
+                                .map_or("none".into(), |p| p.display().to_string())
+                        );
+                        // Steps are counted from 1, as in metrics.jsonl and checkpoint names.
+                        return Err(TrainError::NonFinite {
+                            step: step + 1,
+                            what: what.clone(),
+                        });
+                    }
+                    OnNonFinite::Skip => {
+                        tracing::warn!("step {}: non-finite {what}; update skipped", step + 1);
+                        self.state.skipped_samples += report.samples;
+                    }
+                }
+            }
+            self.state.step += 1;
+            window.1 += report.samples;
+            progress.step(self.state.step);
+
+            let last = self.state.step == self.state.total_steps;
+            if self.state.step % self.recipe.run.log_every.max(1) == 0
+                || last
+                || self.state.step == 1
+            {
+                let secs = window.0.elapsed().as_secs_f64();
+                let record = self.record(
+                    &report,
+                    settings.lr,
+                    settings.alpha,
+                    window.1 as f64 / secs.max(1e-9),
+                )?;
+                if let Some(metrics) = &mut self.metrics {
+                    metrics.write(&record)?;
+                    tracing::debug!("{}", serde_json::Value::Object(record.clone()));
+                    progress.log(self.state.step, &record);
+                }
+                window = (Instant::now(), 0);
+            }
+            // Checkpoints: every `save_every` steps; the last one after the loop.
+            let every = self.recipe.run.save_every;
+            if every > 0 && self.state.step % every == 0 && !last {
+                self.save()?;
+            }
+        };
+        progress.finish();
+        Ok(ended)
+    }
+
+    /// A step's metrics record; the one place the loss parts are read from the device.
+    fn record(
+        &self,
+        report: &StepReport,
+        lr: f64,
+        alpha: f64,
+        samples_per_s: f64,
+    ) -> Result<Map<String, Value>> {
+        let mut parts = report.parts.clone();
+        parts.push(("temp", report.temp.clone()));
+        let values = read_parts(&parts)?;
         let mut record = Map::new();
-        record.insert("step".into(), json!(state.step));
-        record.insert("epoch".into(), json!(state.epoch));
+        record.insert("step".into(), json!(self.state.step));
+        record.insert("epoch".into(), json!(self.state.epoch));
         record.insert("lr".into(), json!(lr));
-        for (name, value) in &parts {
+        for (name, value) in &values[..values.len() - 1] {
             record.insert(format!("loss_{name}"), json!(value));
         }
-        record.insert("temp".into(), json!(temp));
+        record.insert("temp".into(), json!(values[values.len() - 1].1));
         record.insert("alpha".into(), json!(alpha));
-        let secs = window.0.elapsed().as_secs_f64();
-        record.insert(
-            "samples_per_s".into(),
-            json!(window.1 as f64 / secs.max(1e-9)),
-        );
-        record.insert("grad_norm".into(), json!(grad_norm));
-        record.insert("skipped_samples".into(), json!(state.skipped_samples));
-        record.insert("itm_fallbacks".into(), json!(itm_fallbacks));
-        progress.step(state.step, &record);
-        let last = state.step == state.total_steps;
-        if state.step % recipe.run.log_every.max(1) == 0 || last || state.step == 1 {
-            metrics.write(&record)?;
-            tracing::debug!("{}", serde_json::Value::Object(record.clone()));
-            window = (Instant::now(), 0);
-        }
-
-        // Checkpoints: every `save_every` steps; the last one after the loop.
-        let every = recipe.run.save_every;
-        if every > 0 && state.step % every == 0 && !last {
-            state.loader = serde_json::to_value(loader.state()).expect("loader state is JSON");
-            last_checkpoint = Some(save(&run_dir, &varmap, &optim, &cfg, &state, &recipe)?);
-        }
+        record.insert("samples_per_s".into(), json!(samples_per_s));
+        record.insert("grad_norm".into(), json!(report.grad_norm));
+        record.insert("skipped_samples".into(), json!(self.state.skipped_samples));
+        record.insert("itm_fallbacks".into(), json!(report.itm_fallbacks));
+        Ok(record)
     }
-    progress.finish();
-    // (No checkpoint for a run that trained nothing: its weights are its init's.)
-    if state.step > 0
-        && last_checkpoint
+
+    /// Writes a checkpoint of the current step: every rank's data position is gathered,
+    /// the main process writes.
+    fn save(&mut self) -> Result<()> {
+        let mine = serde_json::to_vec(&self.loader.state()).expect("loader state is JSON");
+        self.state.loaders = self
+            .collective
+            .all_gather_bytes(&mine)?
+            .iter()
+            .map(|bytes| serde_json::from_slice(bytes))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| TrainError::Checkpoint(format!("a rank's loader state: {e}")))?;
+        if self.collective.is_main() {
+            let dir = checkpoint::save(
+                &self.run_dir,
+                &self.varmap,
+                &self.optim,
+                &self.cfg,
+                &self.state,
+                self.recipe.run.keep_last,
+            )?;
+            tracing::info!("saved {}", dir.display());
+            self.last_checkpoint = Some(dir);
+        }
+        Ok(())
+    }
+
+    /// After the loop: the last checkpoint, the last validation, and the zero-shot
+    /// evaluations of the recipe (on the best weights when fine-tuning kept some).
+    fn finish(mut self, ended: Ended) -> Result<Summary> {
+        // (No checkpoint for a run that trained nothing: its weights are its init's.)
+        let saved_now = self
+            .last_checkpoint
             .as_ref()
-            .is_none_or(|p| !p.ends_with(checkpoint::dir_name(state.step)))
-    {
-        state.loader = serde_json::to_value(loader.state()).expect("loader state is JSON");
-        last_checkpoint = Some(save(&run_dir, &varmap, &optim, &cfg, &state, &recipe)?);
+            .is_some_and(|p| p.ends_with(checkpoint::dir_name(self.state.step)));
+        if self.state.step > 0 && !saved_now {
+            self.save()?;
+        }
+        tracing::info!("trained {} steps", self.state.step);
+        let interrupted = match ended {
+            Ended::Interrupted(signal) => Some(signal),
+            Ended::Done | Ended::DataEnded => None,
+        };
+        let mut eval = Vec::new();
+        if interrupted.is_none() && self.collective.is_main() {
+            // The last epoch's validation, unless it already ran at this step.
+            if self.state.validated_at != Some(self.state.step) && self.state.step > 0 {
+                self.validate()?;
+            }
+            eval = self.evaluate()?;
+        }
+        Ok(Summary {
+            run_dir: self.run_dir,
+            steps: self.state.step,
+            last_checkpoint: self.last_checkpoint,
+            eval,
+            skipped_samples: self.state.skipped_samples,
+            interrupted,
+        })
     }
-    tracing::info!("trained {} steps", state.step);
 
-    // The last epoch's validation, unless it already ran at this step.
-    if state.validated_at != Some(state.step) && state.step > 0 {
-        validate(&mut state, &mut metrics)?;
-    }
-    // Fine-tuning: the final evaluation uses the best validated weights.
-    if let Some(best) = &state.best {
-        let path = run_dir
-            .join(checkpoint::BEST_DIR)
-            .join(checkpoint::MODEL_FILE);
-        load_init(&varmap, &path, cfg.vision.grid())?;
-        tracing::info!(
-            "evaluating the best checkpoint: step {}, epoch {}, validation r_mean {:.2}",
-            best.step,
-            best.epoch,
-            best.r_mean
-        );
-    }
-
-    // Zero-shot retrieval on each eval set: ITC ranking, then ITM re-ranking of the top k.
-    let mut eval = Vec::new();
-    if let Some(sets) = &recipe.eval {
+    /// Zero-shot retrieval on each eval set of the recipe: ITC ranking, then ITM
+    /// re-ranking of the top k; `eval.json` in the run folder. Fine-tuning evaluates the
+    /// best validated weights.
+    fn evaluate(&mut self) -> Result<Vec<(String, EvalOutcome)>> {
+        let mut eval = Vec::new();
+        let Some(sets) = &self.recipe.eval else {
+            return Ok(eval);
+        };
+        if let Some(best) = &self.state.best {
+            let path = self
+                .run_dir
+                .join(checkpoint::BEST_DIR)
+                .join(checkpoint::MODEL_FILE);
+            load_init(&self.varmap, &path, self.cfg.vision.grid())?;
+            tracing::info!(
+                "evaluating the best checkpoint: step {}, epoch {}, validation r_mean {:.2}",
+                best.step,
+                best.epoch,
+                best.r_mean
+            );
+        }
         let eval_cfg = eval_config(sets)?;
         let mut json = Map::new();
         for set in &sets.sets {
+            if interrupt::requested().is_some() {
+                tracing::warn!("signal: evaluation of {} and later sets skipped", set.name);
+                break;
+            }
             let data = EvalSet::open(
                 &set.shards,
-                cfg.vision.image_size as u32,
-                recipe.data.max_words,
+                self.cfg.vision.image_size as u32,
+                self.recipe.data.max_words,
             )?;
-            let (outcome, _) = evaluate_set(&model, &tokenizer, &data, &eval_cfg)?;
+            let (outcome, _) = evaluate_set(&self.model, &self.tokenizer, &data, &eval_cfg)?;
             print!("{}", markdown_table(&set.name, &outcome));
             let mut report = json_report(&set.name, &outcome, &eval_cfg);
-            if let Some(best) = &state.best {
+            if let Some(best) = &self.state.best {
                 report["best"] = serde_json::to_value(best).expect("JSON");
             }
             json.insert(set.name.clone(), report);
             eval.push((set.name.clone(), outcome));
         }
         write_atomically(
-            &run_dir.join(EVAL_FILE),
+            &self.run_dir.join(EVAL_FILE),
             serde_json::to_string_pretty(&json)
                 .expect("JSON")
                 .as_bytes(),
         )?;
+        Ok(eval)
     }
-    Ok(Summary {
-        run_dir,
-        steps: state.step,
-        last_checkpoint,
-        eval,
-        skipped_samples: state.skipped_samples,
-    })
+
+    /// After an epoch (fine-tuning, `eval.validate` set): evaluates the validation set,
+    /// logs `val_*` metrics, and keeps the weights in `RUN_DIR/best` when the mean recall
+    /// beats the best so far. No-op without `eval.validate`.
+    fn validate(&mut self) -> Result<()> {
+        let Some(metrics) = &mut self.metrics else {
+            return Ok(()); // not the main process
+        };
+        validate_epoch(
+            &self.model,
+            &self.tokenizer,
+            &self.recipe,
+            &self.cfg,
+            &self.varmap,
+            &self.run_dir,
+            &mut self.state,
+            metrics,
+        )
+    }
 }
 
 /// Redraws every randomly initialised variable from the run's seed, so that two runs with
@@ -476,28 +629,6 @@ pub fn seeded_init(varmap: &VarMap, seed: u64) -> Result<()> {
     Ok(())
 }
 
-/// The model's queue variables (FIFO feature queues and their write position).
-const QUEUE_VARS: &[&str] = &["image_queue", "text_queue", "idx_queue", "queue_ptr"];
-
-/// Copies of the named variables.
-fn snapshot(varmap: &VarMap, names: &[&str]) -> Result<Vec<(String, Tensor)>> {
-    let data = varmap.data().lock().expect("varmap lock");
-    names
-        .iter()
-        .filter_map(|n| data.get(*n).map(|v| (n.to_string(), v)))
-        .map(|(n, v)| Ok((n, v.as_tensor().copy()?)))
-        .collect()
-}
-
-/// Writes snapshot copies back into their variables.
-fn restore(varmap: &VarMap, saved: Vec<(String, Tensor)>) -> Result<()> {
-    let data = varmap.data().lock().expect("varmap lock");
-    for (name, t) in saved {
-        data[&name].set(&t)?;
-    }
-    Ok(())
-}
-
 /// The schedule's length: `optim.total_steps`, or `optim.epochs` epochs of full batches,
 /// whichever is smaller.
 fn total_steps(recipe: &Recipe, steps_per_epoch: Option<u64>) -> Result<u64> {
@@ -527,52 +658,80 @@ fn total_steps(recipe: &Recipe, steps_per_epoch: Option<u64>) -> Result<u64> {
     Ok(steps)
 }
 
-fn save(
-    run_dir: &Path,
-    varmap: &VarMap,
-    optim: &AdamW,
-    cfg: &AlbefConfig,
-    state: &TrainState,
-    recipe: &Recipe,
-) -> Result<PathBuf> {
-    let dir = checkpoint::save(run_dir, varmap, optim, cfg, state, recipe.run.keep_last)?;
-    tracing::info!("saved {}", dir.display());
-    Ok(dir)
-}
-
-/// The loader's batch as the step takes it; image ids (numbers, or hashes of other ids)
-/// only when the objectives use them.
-fn step_batch(batch: &Batch, with_image_ids: bool) -> Result<StepBatch> {
-    let image_ids = if with_image_ids {
-        let ids: Vec<i64> = batch
+/// The loader's batch as the step takes it, on `device`; image ids (numbers, or hashes of
+/// other ids) only when the objectives use them.
+fn step_batch(batch: &Batch, with_image_ids: bool, device: &Device) -> Result<StepBatch> {
+    let image_ids = with_image_ids.then(|| {
+        batch
             .image_ids
             .iter()
             .map(|id| {
                 id.parse::<i64>()
                     .unwrap_or_else(|_| (vlp_core::hash::fnv1a64(id.as_bytes()) >> 1) as i64)
             })
-            .collect();
-        let n = ids.len();
-        Some(Tensor::from_vec(ids, n, batch.images.device())?)
-    } else {
-        None
-    };
-    Ok(StepBatch {
-        images: batch.images.clone(),
-        input_ids: batch.input_ids.clone(),
-        attention_mask: batch.attention_mask.clone(),
+            .collect()
+    });
+    StepBatch::new(
+        &batch.images,
+        &batch.input_ids,
+        &batch.attention_mask,
         image_ids,
-    })
+        device,
+    )
 }
 
-/// Adds a micro-batch's loss parts, averaged over the micro-batches, into `sum`.
-fn accumulate_parts(sum: &mut Vec<(&'static str, f64)>, parts: &[(&'static str, f64)], n: u64) {
-    for (name, value) in parts {
-        match sum.iter_mut().find(|(s, _)| s == name) {
-            Some((_, s)) => *s += value / n as f64,
-            None => sum.push((name, value / n as f64)),
+/// Checks that the tokenizer fits the model: its vocabulary within the model's, and the
+/// special tokens at the ids the model was built with.
+fn check_tokenizer(tokenizer: &TextTokenizer, cfg: &AlbefConfig, recipe: &Recipe) -> Result<()> {
+    if tokenizer.vocab_size() > cfg.text.vocab_size {
+        return Err(TrainError::input(
+            "data.tokenizer",
+            format!(
+                "{} has {} tokens, the model's vocabulary {}",
+                recipe.data.tokenizer.display(),
+                tokenizer.vocab_size(),
+                cfg.text.vocab_size
+            ),
+        ));
+    }
+    let t = &cfg.text;
+    for (token, id) in [
+        ("[PAD]", t.pad_id),
+        ("[CLS]", t.cls_id),
+        ("[SEP]", t.sep_id),
+        ("[MASK]", t.mask_id),
+    ] {
+        if tokenizer.token_id(token) != Some(id) {
+            return Err(TrainError::input(
+                "data.tokenizer",
+                format!(
+                    "{} gives {token} id {:?}, the model expects {id}",
+                    recipe.data.tokenizer.display(),
+                    tokenizer.token_id(token)
+                ),
+            ));
         }
     }
+    Ok(())
+}
+
+/// Sets every variable to rank 0's value (weights, momentum weights, queues).
+fn broadcast_vars(varmap: &VarMap, collective: &dyn Collective) -> Result<()> {
+    if collective.world_size() == 1 {
+        return Ok(());
+    }
+    let data = varmap.data().lock().expect("varmap lock");
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    let mut tensors: Vec<Tensor> = names
+        .iter()
+        .map(|n| data[*n].as_tensor().copy())
+        .collect::<candle_core::Result<_>>()?;
+    collective.broadcast(&mut tensors)?;
+    for (name, t) in names.into_iter().zip(tensors) {
+        data[name].set(&t)?;
+    }
+    Ok(())
 }
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -663,7 +822,7 @@ fn validate_epoch(
 /// Loads a checkpoint's weights into `varmap` by name, interpolating position embeddings
 /// whose grid differs from `grid` (the model's).
 fn load_init(varmap: &VarMap, path: &Path, grid: usize) -> Result<()> {
-    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+    let tensors = candle_core::safetensors::load(path, &vlp_core::device::host())
         .map_err(|e| TrainError::Checkpoint(format!("init {}: {e}", path.display())))?;
     let data = varmap.data().lock().expect("varmap lock");
     let mut names: Vec<&String> = data.keys().collect();
@@ -693,7 +852,7 @@ fn load_init(varmap: &VarMap, path: &Path, grid: usize) -> Result<()> {
                 var.dims()
             )));
         }
-        var.set(&t.to_dtype(var.dtype())?)?;
+        var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
     }
     Ok(())
 }

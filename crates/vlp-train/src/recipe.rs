@@ -5,8 +5,11 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use vlp_core::device::DeviceSpec;
 use vlp_data::image_ops::{EvalTransform, ImageTransform, TrainTransform};
 use vlp_data::loader::{LoaderConfig, Mode};
+
+use vlp_models::AlbefConfig;
 
 use crate::error::TrainError;
 use crate::objectives::ObjectiveConfig;
@@ -154,6 +157,9 @@ pub struct RunSection {
     pub on_nonfinite: OnNonFinite,
     #[serde(default)]
     pub dtype: ComputeDtype,
+    /// Where the model trains: `cpu`, `cuda` or `cuda:N` (`--device` overrides it).
+    #[serde(default)]
+    pub device: DeviceSpec,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -320,8 +326,38 @@ impl Recipe {
         }
     }
 
-    /// The loader options for training at `image_size`.
-    pub fn loader_config(&self, image_size: u32) -> LoaderConfig {
+    /// The architecture of the run's model: a resumed checkpoint's, else the init
+    /// folder's, a config file's or a preset's; built at `data.image_size` when that
+    /// differs (fine-tuning at 384 px a model pretrained at 256: the init's position
+    /// embeddings are then interpolated, ALBEF's `interpolate_pos_embed`). A resumed run
+    /// keeps its checkpoint's architecture as it is.
+    pub fn model_config(&self, resume_from: Option<&Path>) -> Result<AlbefConfig> {
+        let config_file = |dir: &Path| dir.join(crate::checkpoint::CONFIG_FILE);
+        if let Some(dir) = resume_from {
+            return Ok(AlbefConfig::load(&config_file(dir))?);
+        }
+        let m = &self.model;
+        let mut cfg = match (&m.init, &m.config, &m.preset) {
+            (Some(init), ..) => AlbefConfig::load(&config_file(init))?,
+            (None, Some(path), _) => AlbefConfig::load(path)?,
+            (None, None, Some(preset)) => AlbefConfig::preset(preset)?,
+            (None, None, None) => unreachable!("Recipe::validate requires a model"),
+        };
+        if let Some(size) = self.data.image_size {
+            if size as usize != cfg.vision.image_size {
+                tracing::info!(
+                    "model built at {size} px (the architecture says {})",
+                    cfg.vision.image_size
+                );
+                cfg.vision.image_size = size as usize;
+                cfg.validate()?;
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// The loader options for training at `image_size` on process `rank`.
+    pub fn loader_config(&self, image_size: u32, rank: usize) -> LoaderConfig {
         let d = &self.data;
         let size = d.image_size.unwrap_or(image_size);
         let image = match d.transform {
@@ -341,6 +377,7 @@ impl Recipe {
             batch_size: d.batch_size,
             workers: d.workers,
             world_size: d.world_size,
+            rank,
             seed: self.run.seed,
             mode: d.mode,
             shuffle_buffer: d.shuffle_buffer,

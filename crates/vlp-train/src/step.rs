@@ -1,8 +1,10 @@
 //! One ALBEF pretraining step's losses (ALBEF paper §3; `ALBEF.forward` of
-//! `models/model_pretrain.py`), in the reference order of operations: the model's momentum
-//! twin and queues are updated here, the online parameters are left to the optimizer.
+//! `models/model_pretrain.py`), in the reference order of operations. The model's weights,
+//! momentum twin and queues are left as they are: the update that follows the losses
+//! (AdamW, the momentum update, the enqueue) is `train_step`'s, once the step is known to
+//! be finite.
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use vlp_core::rng::{derive_seed, Rng};
 use vlp_models::config::Layout;
 use vlp_models::{nn, AlbefModel};
@@ -20,7 +22,9 @@ const DROPOUT_STREAM: u64 = 1;
 const ITM_STREAM: u64 = 2;
 const MLM_STREAM: u64 = 3;
 
-/// The tensors of one training batch, on the model's device.
+/// The tensors of one training batch, on the model's device, with host copies of the
+/// integer inputs that the host-side draws (MLM masks, ITM positives) read, so that a step
+/// never downloads them from the device.
 #[derive(Debug, Clone)]
 pub struct StepBatch {
     /// `[B, 3, S, S]`, normalised pixels.
@@ -31,6 +35,51 @@ pub struct StepBatch {
     pub attention_mask: Tensor,
     /// `[B]` i64 image ids; needed when `image_id_positives` is on, enqueued when given.
     pub image_ids: Option<Tensor>,
+    /// The same ids and mask in host memory.
+    pub host: HostTokens,
+}
+
+/// A batch's token ids, attention mask and image ids in host memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostTokens {
+    /// `[B][L]`.
+    pub input_ids: Vec<Vec<u32>>,
+    /// `[B][L]`.
+    pub attention_mask: Vec<Vec<u32>>,
+    /// `[B]`.
+    pub image_ids: Option<Vec<i64>>,
+}
+
+impl StepBatch {
+    /// A batch on `device` from tensors built in host memory (the loader's): the integer
+    /// inputs are copied out on the host, then everything moves to the device.
+    ///
+    /// # Shapes
+    /// `images`: `[B, 3, S, S]`; `input_ids`, `attention_mask`: `[B, L]`; `image_ids`: `[B]`.
+    pub fn new(
+        images: &Tensor,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        image_ids: Option<Vec<i64>>,
+        device: &Device,
+    ) -> Result<Self> {
+        let host = HostTokens {
+            input_ids: input_ids.to_dtype(DType::U32)?.to_vec2::<u32>()?,
+            attention_mask: attention_mask.to_dtype(DType::U32)?.to_vec2::<u32>()?,
+            image_ids,
+        };
+        let image_ids = match &host.image_ids {
+            Some(ids) => Some(Tensor::new(ids.as_slice(), device)?),
+            None => None,
+        };
+        Ok(StepBatch {
+            images: images.to_device(device)?,
+            input_ids: input_ids.to_device(device)?,
+            attention_mask: attention_mask.to_device(device)?,
+            image_ids,
+            host,
+        })
+    }
 }
 
 /// Where the step's random choices come from.
@@ -62,32 +111,69 @@ pub struct StepStats {
     pub masked_tokens: usize,
 }
 
-/// The step's losses.
+/// The step's losses. Every value stays a tensor on the model's device: reading one is a
+/// device synchronisation, done at the logging interval, not every step.
 #[derive(Debug, Clone)]
 pub struct StepLosses {
     /// The weighted sum of the enabled objectives, 0-d, with its graph: call `backward`.
     pub total: Tensor,
     /// Each enabled objective's unweighted value (`itc` or `vsepp`, `itm`, `mlm`), then the
-    /// weighted `total`.
-    pub parts: Vec<(&'static str, f64)>,
-    /// The temperature after clamping.
-    pub temp: f64,
+    /// weighted `total`; 0-d, detached.
+    pub parts: Vec<(&'static str, Tensor)>,
+    /// The temperature after clamping, 0-d.
+    pub temp: Tensor,
     pub stats: StepStats,
+    /// What the step puts into the queues once its update is known to be finite.
+    pub queue_entry: Option<QueueEntry>,
+}
+
+/// This batch's momentum features (and image ids), for [`AlbefModel::enqueue`] after the
+/// step (gathered over the ranks first).
+#[derive(Debug, Clone)]
+pub struct QueueEntry {
+    /// `[B, E]`.
+    pub image_feat_m: Tensor,
+    /// `[B, E]`.
+    pub text_feat_m: Tensor,
+    /// `[B]` i64.
+    pub image_ids: Option<Tensor>,
 }
 
 impl StepLosses {
-    /// The value of the part named `name`.
-    pub fn part(&self, name: &str) -> Option<f64> {
-        self.parts.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
+    /// Every part's value, read from the device in one transfer.
+    pub fn values(&self) -> Result<Vec<(&'static str, f64)>> {
+        read_parts(&self.parts)
+    }
+
+    /// The value of the part named `name` (one device read).
+    pub fn part(&self, name: &str) -> Result<Option<f64>> {
+        self.parts
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, t)| Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?))
+            .transpose()
     }
 }
 
+/// Named 0-d tensors read in one device transfer.
+pub fn read_parts(parts: &[(&'static str, Tensor)]) -> Result<Vec<(&'static str, f64)>> {
+    if parts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let tensors: Vec<Tensor> = parts
+        .iter()
+        .map(|(_, t)| t.to_dtype(DType::F64)?.reshape(1))
+        .collect::<candle_core::Result<_>>()?;
+    let values = Tensor::cat(&tensors, 0)?.to_vec1::<f64>()?;
+    Ok(parts.iter().map(|(n, _)| *n).zip(values).collect())
+}
+
 /// The losses of one pretraining step, in ALBEF's order: 1 clamp the temperature; 2 the
-/// online image and text encoders; 3 the momentum update; 4 the updated momentum
-/// encoders; 5 ITC (or VSE++) against the stored queues; 6 enqueue the momentum features;
-/// 7 ITM with hard negatives; 8 MLM with distillation; 9 the weighted total. Objectives
-/// that are off are not computed; ITC's queue and the momentum twin are updated only when
-/// an objective reads them.
+/// online image and text encoders; 3-4 the momentum encoders (ALBEF updates the momentum
+/// twin first; here that update ends the previous step, see `train_step`, which leaves
+/// the same weights in place); 5 ITC (or VSE++) against the stored queues; 6 the momentum
+/// features to enqueue ([`StepLosses::queue_entry`]); 7 ITM with hard negatives; 8 MLM
+/// with distillation; 9 the weighted total. Objectives that are off are not computed.
 ///
 /// # Shapes
 /// See [`StepBatch`]; `alpha` is the distillation weight in effect (see
@@ -121,6 +207,18 @@ pub fn pretrain_losses(
                 batch.input_ids.dims(),
                 batch.attention_mask.dims()
             ),
+        ));
+    }
+    if batch.host.input_ids.len() != b
+        || batch
+            .host
+            .image_ids
+            .as_ref()
+            .is_some_and(|ids| ids.len() != b)
+    {
+        return Err(TrainError::input(
+            "batch",
+            "the host copies of the ids do not match the batch (build it with StepBatch::new)",
         ));
     }
     let image_ids = match (&batch.image_ids, cfg.image_id_positives) {
@@ -162,11 +260,8 @@ pub fn pretrain_losses(
     let (text_states, text_feat) =
         model.encode_text(&batch.input_ids, &batch.attention_mask, train)?;
 
-    // 3-4. The momentum update FIRST, then the updated twin's forward.
+    // 3-4. The momentum twin's forward (its update ended the previous step).
     let needs_image_m = itc_on || mlm_on;
-    if needs_image_m {
-        model.momentum_update(cfg.momentum)?;
-    }
     let image_m = if needs_image_m {
         Some(model.encode_image_m(&batch.images, train)?)
     } else {
@@ -182,21 +277,22 @@ pub fn pretrain_losses(
         None
     };
 
-    let mut parts: Vec<(&'static str, f64)> = Vec::new();
+    let mut parts: Vec<(&'static str, Tensor)> = Vec::new();
     let mut weighted: Vec<Tensor> = Vec::new();
     let mut add = |name: &'static str, loss: &Tensor, weight: f64| -> Result<()> {
-        parts.push((name, loss.to_dtype(DType::F64)?.to_scalar::<f64>()?));
+        parts.push((name, loss.detach()));
         weighted.push(loss.affine(weight, 0.0)?);
         Ok(())
     };
 
-    // 5. The contrastive objective; the queues as stored before this step's enqueue
-    // (copied: the enqueue writes their storage in place, and backward reads them).
+    // 5. The contrastive objective against the queues as stored (the enqueue comes after
+    // the step's backward, so they need no copy).
     let mut local_sims: Option<(Tensor, Tensor)> = None;
+    let mut queue_entry = None;
     if let (true, Some((_, image_feat_m)), Some(text_feat_m)) = (itc_on, &image_m, &text_feat_m) {
-        let image_queue = model.image_queue().copy()?;
-        let text_queue = model.text_queue().copy()?;
-        let idx_queue = model.idx_queue().copy()?;
+        let image_queue = model.image_queue();
+        let text_queue = model.text_queue();
+        let idx_queue = model.idx_queue();
         let out = itc_loss(&ItcInputs {
             image_feat: &image_feat,
             text_feat: &text_feat,
@@ -213,8 +309,12 @@ pub fn pretrain_losses(
         })?;
         add("itc", &out.loss, cfg.contrastive.weight)?;
         local_sims = Some((out.sim_i2t.detach(), out.sim_t2i.detach()));
-        // 6. Enqueue the momentum features (and image ids), wrapping around.
-        model.enqueue(image_feat_m, text_feat_m, image_ids.as_ref())?;
+        // 6. The momentum features (and image ids) the step will enqueue.
+        queue_entry = Some(QueueEntry {
+            image_feat_m: image_feat_m.detach(),
+            text_feat_m: text_feat_m.detach(),
+            image_ids: image_ids.clone(),
+        });
     }
     if vsepp_on {
         let c = &cfg.contrastive;
@@ -244,8 +344,12 @@ pub fn pretrain_losses(
                         (i2t, t2i)
                     }
                 };
-                let ids = positive_ids.map(|t| t.to_vec1::<i64>()).transpose()?;
-                let positives = positive_pairs(b, ids.as_deref());
+                let ids = if cfg.image_id_positives {
+                    batch.host.image_ids.as_deref()
+                } else {
+                    None
+                };
+                let positives = positive_pairs(b, ids);
                 let mut rng = Rng::new(derive_seed(&[*seed, ITM_STREAM]));
                 sample_negatives(&sim_i2t, &sim_t2i, &positives, &mut rng)?
             }
@@ -272,29 +376,28 @@ pub fn pretrain_losses(
         let dev = batch.input_ids.device();
         let (masked_ids, labels) = match &draws {
             Draws::Seeded(seed) => {
-                let ids = batch.input_ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
-                let am = batch
-                    .attention_mask
-                    .to_dtype(DType::U32)?
-                    .to_vec2::<u32>()?;
                 let mut rng = Rng::new(derive_seed(&[*seed, MLM_STREAM]));
                 let masked = mask_tokens(
-                    &ids,
-                    &am,
+                    &batch.host.input_ids,
+                    &batch.host.attention_mask,
                     &model.config().text,
                     cfg.mlm.probability,
                     &mut rng,
                 );
-                (
-                    Tensor::new(masked.input_ids, dev)?,
-                    Tensor::new(masked.labels, dev)?,
-                )
+                let labels: Vec<i64> = masked.labels.into_iter().flatten().collect();
+                (Tensor::new(masked.input_ids, dev)?, labels)
             }
             Draws::Replay {
                 mlm_input_ids,
                 mlm_labels,
                 ..
-            } => (mlm_input_ids.clone(), mlm_labels.clone()),
+            } => (
+                mlm_input_ids.clone(),
+                mlm_labels
+                    .flatten_all()?
+                    .to_dtype(DType::I64)?
+                    .to_vec1::<i64>()?,
+            ),
         };
         let (loss, masked) = mlm_loss(
             model,
@@ -315,14 +418,13 @@ pub fn pretrain_losses(
     for w in &weighted[1..] {
         total = (total + w)?;
     }
-    let total_value = total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-    parts.push(("total", total_value));
-    let temp = temp.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    parts.push(("total", total.detach()));
     Ok(StepLosses {
         total,
         parts,
-        temp,
+        temp: temp.detach(),
         stats,
+        queue_entry,
     })
 }
 
@@ -382,12 +484,21 @@ mod tests {
         let images: Vec<f32> = (0..b * 3 * 32 * 32)
             .map(|k| ((k * 37 % 101) as f32 / 50.0) - 1.0)
             .collect();
-        Ok(StepBatch {
-            images: Tensor::from_vec(images, (b, 3, 32, 32), &dev)?,
-            input_ids: Tensor::new(rows, &dev)?,
-            attention_mask: Tensor::new(mask, &dev)?,
-            image_ids: image_ids.map(|ids| Tensor::new(ids, &dev)).transpose()?,
-        })
+        StepBatch::new(
+            &Tensor::from_vec(images, (b, 3, 32, 32), &dev)?,
+            &Tensor::new(rows, &dev)?,
+            &Tensor::new(mask, &dev)?,
+            image_ids,
+            &dev,
+        )
+    }
+
+    /// What `train_step` does with a finite step's queue entry.
+    fn enqueue(model: &AlbefModel, losses: &StepLosses) -> Result<()> {
+        if let Some(q) = &losses.queue_entry {
+            model.enqueue(&q.image_feat_m, &q.text_feat_m, q.image_ids.as_ref())?;
+        }
+        Ok(())
     }
 
     fn sgd(model: &AlbefModel, total: &Tensor, lr: f64) -> Result<()> {
@@ -426,7 +537,7 @@ mod tests {
         for seed in [11u64, 12] {
             let la = pretrain_losses(&a, &batch, &objectives, 0.4, Draws::Seeded(seed))?;
             let lb = pretrain_losses(&b, &batch, &objectives, 0.4, Draws::Seeded(seed))?;
-            assert_eq!(la.parts, lb.parts);
+            assert_eq!(la.values()?, lb.values()?);
             assert_eq!(la.stats, lb.stats);
             assert!(la.stats.masked_tokens >= 1);
             sgd(&a, &la.total, 0.1)?;
@@ -437,7 +548,7 @@ mod tests {
         let l1 = pretrain_losses(&a, &batch, &objectives, 0.4, Draws::Seeded(1))?;
         let (_, c) = clone_model(&cfg, &vm_a)?;
         let l2 = pretrain_losses(&c, &batch, &objectives, 0.4, Draws::Seeded(2))?;
-        assert_ne!(l1.parts, l2.parts);
+        assert_ne!(l1.values()?, l2.values()?);
         Ok(())
     }
 
@@ -449,6 +560,7 @@ mod tests {
         let names = |o: &ObjectiveConfig| -> Result<Vec<&'static str>> {
             let l = pretrain_losses(&model, &batch, o, 0.4, Draws::Seeded(0))?;
             assert!(l.total.to_scalar::<f32>()?.is_finite());
+            enqueue(&model, &l)?;
             Ok(l.parts.iter().map(|(n, _)| *n).collect())
         };
         let mut clip = ObjectiveConfig::default();
@@ -483,7 +595,13 @@ mod tests {
         let objectives = ObjectiveConfig::default();
         let mut ptrs = vec![model.queue_ptr()?];
         for seed in 0..3 {
-            pretrain_losses(&model, &batch, &objectives, 0.4, Draws::Seeded(seed))?;
+            let l = pretrain_losses(&model, &batch, &objectives, 0.4, Draws::Seeded(seed))?;
+            assert_eq!(
+                model.queue_ptr()?,
+                *ptrs.last().unwrap(),
+                "no enqueue before the update"
+            );
+            enqueue(&model, &l)?;
             ptrs.push(model.queue_ptr()?);
         }
         assert_eq!(ptrs, vec![0, 3, 1, 4]);

@@ -2,7 +2,7 @@
 //! (ALBEF paper §3.2 MLM, §3.3 MoD): BERT's masking, the fusion encoder predicts the
 //! masked tokens, and the momentum model's predictions soften the targets.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use vlp_core::rng::Rng;
 use vlp_models::config::TextConfig;
 use vlp_models::{nn, AlbefModel, FusionText};
@@ -94,13 +94,14 @@ pub fn mask_tokens(
 /// loss (0 without a graph when nothing is masked) and the number of masked positions.
 ///
 /// # Shapes
-/// `masked_ids`, `labels`, `attention_mask`: `[B, L]` (labels i64 with
-/// [`NOT_MASKED`]); `image_tokens`, `image_tokens_m`: `[B, 1 + N, Dv]` -> 0-d.
+/// `masked_ids`, `attention_mask`: `[B, L]`; `labels`: the `[B, L]` labels flattened
+/// row-major, in host memory (the masking drew them there), [`NOT_MASKED`] where nothing
+/// is predicted; `image_tokens`, `image_tokens_m`: `[B, 1 + N, Dv]` -> 0-d.
 #[allow(clippy::too_many_arguments)]
 pub fn mlm_loss(
     model: &AlbefModel,
     masked_ids: &Tensor,
-    labels: &Tensor,
+    labels: &[i64],
     attention_mask: &Tensor,
     image_tokens: &Tensor,
     image_tokens_m: &Tensor,
@@ -108,18 +109,14 @@ pub fn mlm_loss(
     train: bool,
 ) -> Result<(Tensor, usize)> {
     let (b, l) = masked_ids.dims2()?;
-    if labels.dims() != [b, l] {
+    if labels.len() != b * l {
         return Err(TrainError::input(
             "mlm_labels",
-            format!("shape {:?} for ids {:?}", labels.dims(), masked_ids.dims()),
+            format!("{} labels for ids {:?}", labels.len(), masked_ids.dims()),
         ));
     }
     let dev = masked_ids.device();
-    let flat_labels = labels
-        .flatten_all()?
-        .to_dtype(DType::I64)?
-        .to_vec1::<i64>()?;
-    let (positions, targets): (Vec<u32>, Vec<u32>) = flat_labels
+    let (positions, targets): (Vec<u32>, Vec<u32>) = labels
         .iter()
         .enumerate()
         .filter(|(_, &t)| t != NOT_MASKED)
