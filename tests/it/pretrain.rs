@@ -717,3 +717,77 @@ k_test = 4
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("nope.png"));
 }
+
+/// Lines of `metrics.jsonl` so far.
+fn logged_steps(run: &Path) -> usize {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_second_run_on_a_busy_folder_is_refused_and_sigterm_stops_with_a_checkpoint() {
+    let fx = Fixture::new(64);
+    let long = [
+        "eval.sets=[]",
+        "optim.total_steps=100000",
+        "run.save_every=0",
+    ];
+    let mut first = fx
+        .command(&long, false)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while logged_steps(&fx.path("run")) < 2 {
+        assert!(first.try_wait().unwrap().is_none(), "the run ended early");
+        assert!(start.elapsed() < Duration::from_secs(120), "no step logged");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // A second run (a second --resume too) on the folder is refused, naming the holder.
+    for resume in [false, true] {
+        let second = fx.pretrain(&long, resume);
+        assert!(!second.status.success());
+        let err = String::from_utf8_lossy(&second.stderr);
+        assert!(
+            err.contains("in use") && err.contains(&format!("pid {}", first.id())),
+            "{err}"
+        );
+    }
+
+    // SIGTERM (a cluster's pre-emption): the step in flight ends, a checkpoint is written,
+    // the exit status is 128 + 15.
+    unsafe { libc::kill(first.id() as i32, libc::SIGTERM) };
+    let out = first.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(143), "{err}");
+    assert!(err.contains("stopped by signal 15"), "{err}");
+    let run = fx.path("run");
+    let steps = vlp_train::checkpoint::list(&run).unwrap();
+    assert_eq!(steps.len(), 1, "{steps:?}");
+    let last_logged = vlp_train::metrics::read(&run).unwrap().len() as u64;
+    assert!(
+        steps[0] >= last_logged && steps[0] >= 2,
+        "{steps:?} vs {last_logged}"
+    );
+    assert!(vlp_train::checkpoint::latest(&run).unwrap().is_some());
+
+    // The lock went with the process: the folder is free for `--resume`.
+    vlp_train::run_lock::RunLock::acquire(&run).unwrap();
+}
+
+#[test]
+fn errors_name_their_cause_once() {
+    let fx = Fixture::new(64);
+    let out = Command::new(vlp_bin())
+        .current_dir(&fx.root)
+        .args(["pretrain", "--recipe", "no-such-recipe.toml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no-such-recipe.toml"), "{err}");
+    assert_eq!(err.matches("No such file").count(), 1, "{err}");
+}
