@@ -39,6 +39,9 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
     crate::signals::stop_at_step_boundary();
     let mut bar = Bar::new(!args.no_progress);
     let summary = pretrain(recipe, args.resume, &mut bar)?;
+    for (name, outcome) in &summary.eval {
+        print!("{}", vlp_eval::report::markdown_table(name, outcome));
+    }
     let checkpoint = summary
         .last_checkpoint
         .map(|p| format!(", last checkpoint {}", p.display()))

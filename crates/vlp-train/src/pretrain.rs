@@ -26,7 +26,7 @@ use crate::recipe::{OnNonFinite, Recipe};
 use crate::run_lock::RunLock;
 use crate::step::{read_parts, StepBatch};
 use crate::train_step::{train_step, StepReport, StepSettings};
-use vlp_eval::report::{json_report, markdown_table};
+use vlp_eval::report::json_report;
 use vlp_eval::set::{evaluate_set, EvalSet};
 use vlp_eval::{EvalConfig, EvalOutcome, ScoreMode};
 
@@ -553,7 +553,6 @@ impl<'c> Run<'c> {
                 self.recipe.data.max_words,
             )?;
             let (outcome, _) = evaluate_set(&self.model, &self.tokenizer, &data, &eval_cfg)?;
-            print!("{}", markdown_table(&set.name, &outcome));
             let mut report = json_report(&set.name, &outcome, &eval_cfg);
             if let Some(best) = &self.state.best {
                 report["best"] = serde_json::to_value(best).expect("JSON");
