@@ -85,9 +85,8 @@ fn check_out_dir(out: &Path, force: bool) -> anyhow::Result<()> {
         .into_iter()
         .filter(|f| out.join(f).exists())
         .collect();
-    let is_training = !training_files.is_empty()
-        || parse_dir_name(name).is_some()
-        || in_checkpoints;
+    let is_training =
+        !training_files.is_empty() || parse_dir_name(name).is_some() || in_checkpoints;
     if is_training {
         let holds = if training_files.is_empty() {
             "is named like one".to_string()

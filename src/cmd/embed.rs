@@ -159,7 +159,10 @@ pub fn run_embed(args: EmbedArgs) -> anyhow::Result<()> {
             .chunks(batch)
             .map(|chunk| image_batch(chunk, s, &mut tr))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        tensors.insert("image_embeds".into(), image_features(&model, batches, &dev)?);
+        tensors.insert(
+            "image_embeds".into(),
+            image_features(&model, batches, &dev)?,
+        );
         let names: Vec<String> = files
             .iter()
             .map(|f| {

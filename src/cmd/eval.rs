@@ -128,6 +128,7 @@ pub fn run(args: RetrievalArgs) -> anyhow::Result<()> {
     let mut report = json_report(&name, &outcome, &eval_cfg);
     report["checkpoint"] = serde_json::json!(args.checkpoint.display().to_string());
     report["skipped_samples"] = serde_json::json!(texts.skipped);
+    report["device"] = serde_json::json!(args.device.to_string());
     report["peak_rss_mb"] = serde_json::json!(crate::cmd::bench::peak_rss_mb());
     if let Some(path) = &args.out {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)

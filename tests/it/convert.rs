@@ -470,15 +470,26 @@ fn convert_refuses_to_replace_a_model_without_force_and_a_training_checkpoint_ev
     let all = convert_fails(&[s(&blip), "--out", s(&out)]);
     assert!(all.contains("already holds a model"), "{all}");
     assert!(all.contains("--force"), "{all}");
-    assert_eq!(std::fs::read(out.join("model.safetensors")).unwrap(), before);
+    assert_eq!(
+        std::fs::read(out.join("model.safetensors")).unwrap(),
+        before
+    );
     convert_ok(&[s(&blip), "--out", s(&out), "--force"]);
-    assert_eq!(load(&out.join("model.safetensors")).len(), load_len(&before));
+    assert_eq!(
+        load(&out.join("model.safetensors")).len(),
+        load_len(&before)
+    );
 
     // A training checkpoint (its optimizer state beside the model), a run folder, and a
     // step folder of a run: never, --force or not.
     let step = dir.path().join("run/checkpoints/step-000010");
     std::fs::create_dir_all(&step).unwrap();
-    for f in ["model.safetensors", "optim.safetensors", "state.json", "config.json"] {
+    for f in [
+        "model.safetensors",
+        "optim.safetensors",
+        "state.json",
+        "config.json",
+    ] {
         std::fs::write(step.join(f), b"training").unwrap();
     }
     let run = dir.path().join("run");
@@ -492,5 +503,8 @@ fn convert_refuses_to_replace_a_model_without_force_and_a_training_checkpoint_ev
             assert!(all.contains("training run or checkpoint"), "{all}");
         }
     }
-    assert_eq!(std::fs::read(step.join("model.safetensors")).unwrap(), b"training");
+    assert_eq!(
+        std::fs::read(step.join("model.safetensors")).unwrap(),
+        b"training"
+    );
 }

@@ -25,7 +25,8 @@ fn text(out: &[u8]) -> String {
 /// A checkpoint converted from the HF BLIP fixture and a tokenizer with its ids.
 fn checkpoint(dir: &Path) -> (PathBuf, PathBuf) {
     let ckpt = dir.join("blip");
-    let input = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/hf_blip/model.safetensors");
+    let input =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/hf_blip/model.safetensors");
     let out = vlp(
         dir,
         &["convert", &path_str(&input), "--out", &path_str(&ckpt)],
@@ -108,8 +109,7 @@ fn a_checkpoint_with_a_nan_weight_is_no_perfect_model_and_fails_eval() {
         "the error names the problem: {stderr}"
     );
     // Where a report was written, nothing in it is a hit.
-    if let Ok(r) = serde_json::from_str::<serde_json::Value>(stdout.lines().last().unwrap_or(""))
-    {
+    if let Ok(r) = serde_json::from_str::<serde_json::Value>(stdout.lines().last().unwrap_or("")) {
         assert!(r["non_finite_scores"].as_u64().unwrap() > 0, "{r}");
         for ranking in ["itc", "reranked"] {
             assert_ne!(r[ranking]["tr1"], 100.0, "{r}");
@@ -139,7 +139,10 @@ fn a_skipped_sample_is_logged_once_with_its_shard_and_reason() {
     assert_eq!(stderr.matches("broken-key").count(), 1, "{stderr}");
     let line = stderr.lines().find(|l| l.contains("broken-key")).unwrap();
     assert!(line.contains("set-000000.tar"), "the shard: {line}");
-    assert!(line.len() > line.find("broken-key").unwrap() + 20, "a reason: {line}");
+    assert!(
+        line.len() > line.find("broken-key").unwrap() + 20,
+        "a reason: {line}"
+    );
     assert_eq!(report(&out)["skipped_samples"], 1);
 }
 
@@ -150,10 +153,47 @@ fn cuda_without_the_feature_is_a_clear_error_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let commands: [&[&str]; 4] = [
-        &["eval", "retrieval", "--checkpoint", "c", "--shards", "s.tar", "--tokenizer", "t.json"],
-        &["embed", "--checkpoint", "c", "--texts", "t.txt", "--tokenizer", "t.json", "--out", "e.safetensors"],
-        &["score", "--checkpoint", "c", "--image", "a.png", "--text", "a", "--tokenizer", "t.json"],
-        &["bench", "eval", "--images", "2", "--k", "1", "--no-progress"],
+        &[
+            "eval",
+            "retrieval",
+            "--checkpoint",
+            "c",
+            "--shards",
+            "s.tar",
+            "--tokenizer",
+            "t.json",
+        ],
+        &[
+            "embed",
+            "--checkpoint",
+            "c",
+            "--texts",
+            "t.txt",
+            "--tokenizer",
+            "t.json",
+            "--out",
+            "e.safetensors",
+        ],
+        &[
+            "score",
+            "--checkpoint",
+            "c",
+            "--image",
+            "a.png",
+            "--text",
+            "a",
+            "--tokenizer",
+            "t.json",
+        ],
+        &[
+            "bench",
+            "eval",
+            "--images",
+            "2",
+            "--k",
+            "1",
+            "--no-progress",
+        ],
     ];
     for args in commands {
         let mut args = args.to_vec();
@@ -164,8 +204,27 @@ fn cuda_without_the_feature_is_a_clear_error_naming_it() {
         assert!(stderr.contains("--features cuda"), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
-    let out = vlp(d, &["score", "--checkpoint", "c", "--image", "a.png", "--text", "a", "--tokenizer", "t.json", "--device", "tpu"]);
-    assert!(text(&out.stderr).contains("unknown device `tpu`"), "{}", text(&out.stderr));
+    let out = vlp(
+        d,
+        &[
+            "score",
+            "--checkpoint",
+            "c",
+            "--image",
+            "a.png",
+            "--text",
+            "a",
+            "--tokenizer",
+            "t.json",
+            "--device",
+            "tpu",
+        ],
+    );
+    assert!(
+        text(&out.stderr).contains("unknown device `tpu`"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 /// Errors that print their cause inside their own message and also as their source were
@@ -176,13 +235,26 @@ fn a_missing_checkpoint_is_named_once_with_its_cause_once() {
     let d = dir.path();
     let out = vlp(
         d,
-        &["eval", "retrieval", "--checkpoint", "nowhere", "--shards", "s.tar", "--tokenizer", "t.json"],
+        &[
+            "eval",
+            "retrieval",
+            "--checkpoint",
+            "nowhere",
+            "--shards",
+            "s.tar",
+            "--tokenizer",
+            "t.json",
+        ],
     );
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     let error = stderr.lines().find(|l| l.starts_with("error:")).unwrap();
     assert_eq!(error.matches("nowhere/config.json").count(), 1, "{error}");
-    assert_eq!(error.matches("No such file or directory").count(), 1, "{error}");
+    assert_eq!(
+        error.matches("No such file or directory").count(),
+        1,
+        "{error}"
+    );
 }
 
 /// The tokenizer check of eval, embed and score (its cases are unit-tested in vlp-eval): a
@@ -197,5 +269,8 @@ fn a_tokenizer_that_does_not_fit_the_model_is_refused() {
     let out = eval(d, &ckpt, Path::new(emoji), &shard);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("emoji-tokenizer.json does not fit the model"), "{stderr}");
+    assert!(
+        stderr.contains("emoji-tokenizer.json does not fit the model"),
+        "{stderr}"
+    );
 }

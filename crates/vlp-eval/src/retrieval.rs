@@ -832,7 +832,11 @@ mod tests {
             if score != ScoreMode::Itm {
                 assert_eq!((out.main().tr1, out.main().ir1), (0.0, 0.0), "{score}");
             }
-            assert!(out.non_finite_scores >= 4 * 8, "{score}: {}", out.non_finite_scores);
+            assert!(
+                out.non_finite_scores >= 4 * 8,
+                "{score}: {}",
+                out.non_finite_scores
+            );
         }
     }
 
