@@ -4,8 +4,9 @@
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use vlp_core::device::{host, DeviceSpec};
 use vlp_core::rng::Rng;
 use vlp_eval::retrieval::evaluate;
 use vlp_eval::{EvalConfig, ScoreMode};
@@ -46,6 +47,10 @@ pub struct EvalArgs {
     /// No progress bars.
     #[arg(long)]
     pub no_progress: bool,
+    /// Where the model runs: `cpu`, `cuda` (GPU 0) or `cuda:N` (needs a build with
+    /// `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
@@ -71,8 +76,11 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         args.max_len,
         cfg.text.max_positions
     );
-    let dev = Device::Cpu;
-    // Random weights, then held as plain tensors: evaluation records no graph.
+    let device = args.device.resolve()?;
+    // The synthetic set and the seeded weights are made on the host (the same numbers on
+    // every device), then the weights are held on `device` as plain tensors: evaluation
+    // records no graph.
+    let dev = host();
     let varmap = VarMap::new();
     AlbefModel::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev))?;
     vlp_train::pretrain::seeded_init(&varmap, args.seed)?;
@@ -83,7 +91,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         .iter()
         .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
         .collect();
-    let model = AlbefModel::new(&cfg, VarBuilder::from_tensors(tensors, DType::F32, &dev))?;
+    let model = AlbefModel::new(&cfg, VarBuilder::from_tensors(tensors, DType::F32, &device))?;
 
     let (n, m) = (args.images, args.images * args.captions_per_image);
     let s = cfg.vision.image_size;
@@ -132,6 +140,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         pair_batch: args.pair_batch,
         state_budget_mb: args.state_budget_mb,
         progress: !args.no_progress,
+        device,
     };
     let batch = args.image_batch.max(1);
     let mut pass = |f: &mut dyn FnMut(&Tensor) -> vlp_eval::Result<()>| -> vlp_eval::Result<()> {
@@ -159,6 +168,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         "fused_pairs": out.fused_pairs,
         "fused_pairs_per_s": if rerank > 0.0 { (out.fused_pairs as f64 / rerank).round() } else { 0.0 },
         "recall": out.main(),
+        "device": args.device.to_string(),
         "image_states_kept": out.image_states_kept,
         "states_mb": round(out.states_mb),
         "peak_rss_mb": crate::cmd::bench::peak_rss_mb(),

@@ -1,10 +1,21 @@
 //! `vlp convert`: a published checkpoint (HF BERT/ViT/BLIP, timm/DeiT, ALBEF `.pth`) to
 //! our format, `model.safetensors` under our names + `config.json`, with a report of what
 //! was loaded, dropped, interpolated, copied or initialised fresh.
+//!
+//! The output folder is checked first: a folder that already holds a model is replaced
+//! only with `--force`, and a training run or one of its checkpoints never, because a
+//! converted `model.safetensors` beside a run's `optim.safetensors` and `state.json`
+//! would be resumed as if training had produced it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use vlp_train::checkpoint::{
+    parse_dir_name, CHECKPOINTS, CONFIG_FILE, MODEL_FILE, OPTIM_FILE, STATE_FILE,
+};
+
+/// What a run's best checkpoint (`RUN/best/`) holds beside its model.
+const BEST_RECORD: &str = "best.json";
 use vlp_models::import::{
     import_checkpoint, load_config, write_converted, Format, ImportError, ImportOptions,
 };
@@ -35,9 +46,14 @@ pub struct ConvertArgs {
     /// image encoder converted first, then BERT as the text encoder.
     #[arg(long)]
     pub init: Option<PathBuf>,
-    /// Output folder: model.safetensors + config.json.
+    /// Output folder: model.safetensors + config.json. A folder that already holds a
+    /// model is refused without --force; a training run or checkpoint always.
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace the model of an --out folder that already holds one (never a training
+    /// run's checkpoint).
+    #[arg(long)]
+    pub force: bool,
     /// Write the model even if tensors are missing, unexpected or mis-shaped: what the
     /// checkpoint cannot fill stays freshly initialised (listed in the report).
     #[arg(long)]
@@ -52,7 +68,53 @@ pub struct ConvertArgs {
     pub image_size: Option<usize>,
 }
 
+/// Whether `out` may receive a converted model: `Err` naming the folder and what it holds
+/// when it is a training run or checkpoint (always), or already holds a model (unless
+/// `force`).
+fn check_out_dir(out: &Path, force: bool) -> anyhow::Result<()> {
+    if !out.exists() {
+        return Ok(());
+    }
+    anyhow::ensure!(out.is_dir(), "--out {} is not a folder", out.display());
+    let name = out.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let in_checkpoints = out
+        .parent()
+        .and_then(|p| p.file_name())
+        .is_some_and(|p| p == CHECKPOINTS);
+    let training_files: Vec<&str> = [STATE_FILE, OPTIM_FILE, CHECKPOINTS, BEST_RECORD]
+        .into_iter()
+        .filter(|f| out.join(f).exists())
+        .collect();
+    let is_training =
+        !training_files.is_empty() || parse_dir_name(name).is_some() || in_checkpoints;
+    if is_training {
+        let holds = if training_files.is_empty() {
+            "is named like one".to_string()
+        } else {
+            format!("holds {}", training_files.join(", "))
+        };
+        anyhow::bail!(
+            "--out {} is a training run or checkpoint (it {holds}): a converted model there \
+             would be resumed as the run's own weights; write it to a new folder \
+             (--force does not apply)",
+            out.display()
+        );
+    }
+    let models: Vec<&str> = [MODEL_FILE, CONFIG_FILE]
+        .into_iter()
+        .filter(|f| out.join(f).exists())
+        .collect();
+    anyhow::ensure!(
+        force || models.is_empty(),
+        "--out {} already holds a model ({}); pass --force to replace it",
+        out.display(),
+        models.join(", ")
+    );
+    Ok(())
+}
+
 pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
+    check_out_dir(&args.out, args.force)?;
     let format = match args.from.as_str() {
         "auto" => None,
         name => Some(

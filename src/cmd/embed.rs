@@ -7,19 +7,18 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use candle_core::{Device, Tensor};
+use vlp_core::device::{host, DeviceSpec};
 use vlp_core::rng::Rng;
+use vlp_core::MAX_IMAGE_PIXELS as MAX_PIXELS;
 use vlp_data::caption::pre_caption;
 use vlp_data::image_ops::{
     decode_rgb, EvalTransform, ImageTransform, ImageTransformer, Normalization,
 };
-use vlp_data::tokenize::TextTokenizer;
+use vlp_eval::score::score_pairs;
 use vlp_eval::set::EvalSet;
-use vlp_models::{AlbefModel, FusionText, Layout};
+use vlp_models::AlbefModel;
 
-use crate::cmd::eval::load_checkpoint;
-
-/// Decoded images above this many pixels are refused.
-const MAX_PIXELS: u64 = 89_478_485;
+use crate::cmd::eval::{load_checkpoint, load_tokenizer};
 const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
 
 #[derive(clap::Args)]
@@ -52,6 +51,10 @@ pub struct EmbedArgs {
     /// the header metadata holds `image_keys` and `text_lines` (JSON lists).
     #[arg(long)]
     pub out: PathBuf,
+    /// Where the model runs: `cpu`, `cuda` (GPU 0) or `cuda:N` (needs a build with
+    /// `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
 }
 
 /// Image files of a folder, sorted by name.
@@ -91,13 +94,31 @@ fn transformer(size: usize) -> ImageTransformer {
     )
 }
 
-/// ITC features of images given as pixel batches.
-fn image_features(model: &AlbefModel, batches: Vec<Tensor>) -> anyhow::Result<Tensor> {
+/// ITC features of images given as host pixel batches, computed on `device`.
+fn image_features(
+    model: &AlbefModel,
+    batches: Vec<Tensor>,
+    device: &Device,
+) -> anyhow::Result<Tensor> {
     let mut feats = Vec::new();
     for b in batches {
-        feats.push(model.encode_image(&b, false)?.1.detach());
+        feats.push(model.encode_image(&b.to_device(device)?, false)?.1.detach());
     }
     Ok(Tensor::cat(&feats, 0)?)
+}
+
+/// Image files decoded and transformed for evaluation (at `size` px) on the host,
+/// `[N, 3, size, size]`.
+fn image_batch(
+    files: &[PathBuf],
+    size: usize,
+    transformer: &mut ImageTransformer,
+) -> anyhow::Result<Tensor> {
+    let mut px = Vec::with_capacity(files.len() * transformer.output_len());
+    for f in files {
+        px.extend(load_image(f, transformer)?);
+    }
+    Ok(Tensor::from_vec(px, (files.len(), 3, size, size), &host())?)
 }
 
 pub fn run_embed(args: EmbedArgs) -> anyhow::Result<()> {
@@ -105,9 +126,15 @@ pub fn run_embed(args: EmbedArgs) -> anyhow::Result<()> {
         args.shards.is_some() || args.images.is_some() || args.texts.is_some(),
         "nothing to embed: give --shards or --images, and/or --texts"
     );
-    let (cfg, model) = load_checkpoint(&args.checkpoint, args.image_size)?;
+    let dev = args.device.resolve()?;
+    let (cfg, model) = load_checkpoint(&args.checkpoint, args.image_size, &dev)?;
+    // Checked before any image is encoded: a mismatch is found in a second.
+    let tokenizer = match (&args.texts, &args.tokenizer) {
+        (Some(_), None) => anyhow::bail!("--texts needs --tokenizer"),
+        (Some(_), Some(path)) => Some(load_tokenizer(path, args.max_tokens, &cfg)?),
+        (None, _) => None,
+    };
     let s = cfg.vision.image_size;
-    let dev = Device::Cpu;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     let mut metadata: HashMap<String, String> = HashMap::new();
     let batch = args.batch_size.max(1);
@@ -116,7 +143,7 @@ pub fn run_embed(args: EmbedArgs) -> anyhow::Result<()> {
         let set = EvalSet::open(spec, s as u32, args.max_words)?;
         let texts = set.texts()?;
         let mut feats = Vec::new();
-        set.images(batch, &mut |b| {
+        set.images(batch, &dev, &mut |b| {
             feats.push(model.encode_image(b, false)?.1.detach());
             Ok(())
         })?;
@@ -128,15 +155,14 @@ pub fn run_embed(args: EmbedArgs) -> anyhow::Result<()> {
     } else if let Some(dir) = &args.images {
         let files = image_files(dir)?;
         let mut tr = transformer(s);
-        let mut batches = Vec::new();
-        for chunk in files.chunks(batch) {
-            let mut px = Vec::with_capacity(chunk.len() * 3 * s * s);
-            for f in chunk {
-                px.extend(load_image(f, &mut tr)?);
-            }
-            batches.push(Tensor::from_vec(px, (chunk.len(), 3, s, s), &dev)?);
-        }
-        tensors.insert("image_embeds".into(), image_features(&model, batches)?);
+        let batches = files
+            .chunks(batch)
+            .map(|chunk| image_batch(chunk, s, &mut tr))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        tensors.insert(
+            "image_embeds".into(),
+            image_features(&model, batches, &dev)?,
+        );
         let names: Vec<String> = files
             .iter()
             .map(|f| {
@@ -148,13 +174,7 @@ pub fn run_embed(args: EmbedArgs) -> anyhow::Result<()> {
         metadata.insert("image_keys".into(), serde_json::to_string(&names)?);
     }
 
-    if let Some(path) = &args.texts {
-        let tok_path = args
-            .tokenizer
-            .as_ref()
-            .context("--texts needs --tokenizer")?;
-        let tokenizer = TextTokenizer::from_file(tok_path, args.max_tokens)
-            .with_context(|| format!("reading {}", tok_path.display()))?;
+    if let (Some(path), Some(tokenizer)) = (&args.texts, &tokenizer) {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let (lines, captions): (Vec<usize>, Vec<String>) = text
@@ -236,57 +256,37 @@ pub struct ScoreArgs {
     pub max_tokens: usize,
     #[arg(long, default_value_t = 30)]
     pub max_words: usize,
+    /// Where the model runs: `cpu`, `cuda` (GPU 0) or `cuda:N` (needs a build with
+    /// `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
 }
 
 pub fn run_score(args: ScoreArgs) -> anyhow::Result<()> {
-    let (cfg, model) = load_checkpoint(&args.checkpoint, args.image_size)?;
+    let dev = args.device.resolve()?;
+    let (cfg, model) = load_checkpoint(&args.checkpoint, args.image_size, &dev)?;
+    let tokenizer = load_tokenizer(&args.tokenizer, args.max_tokens, &cfg)?;
     let s = cfg.vision.image_size;
-    let dev = Device::Cpu;
-    let tokenizer = TextTokenizer::from_file(&args.tokenizer, args.max_tokens)
-        .with_context(|| format!("reading {}", args.tokenizer.display()))?;
-    let mut tr = transformer(s);
-    let mut px = Vec::new();
-    for f in &args.images {
-        px.extend(load_image(f, &mut tr)?);
-    }
-    let n = args.images.len();
-    let images = Tensor::from_vec(px, (n, 3, s, s), &dev)?;
-    let (tokens, ifeat) = model.encode_image(&images, false)?;
+    let images = image_batch(&args.images, s, &mut transformer(s))?;
     let captions: Vec<String> = args
         .texts
         .iter()
         .map(|t| pre_caption(t, args.max_words))
         .collect();
-    let (ids, mask) = tokenizer.encode_batch(&captions)?.to_tensors(&dev)?;
-    let (states, tfeat) = model.encode_text(&ids, &mask, false)?;
-    let sims: Vec<Vec<f32>> = ifeat.matmul(&tfeat.t()?)?.to_vec2()?;
-    let m = captions.len();
-    let mut rows = Vec::new();
-    for (i, image) in args.images.iter().enumerate() {
-        let img = tokens.narrow(0, i, 1)?;
-        let cls = match cfg.text.layout {
-            Layout::Blip => {
-                let ids = vlp_models::albef::with_enc_token(&ids, cfg.text.enc_id)?;
-                model.fuse_cls(FusionText::Ids(&ids), &mask, &img, false)?
-            }
-            _ => model.fuse_cls(FusionText::States(&states), &mask, &img, false)?,
-        };
-        let probs: Vec<Vec<f32>> = vlp_models::nn::softmax(&model.itm_logits(&cls)?)?.to_vec2()?;
-        for t in 0..m {
-            rows.push(serde_json::json!({
-                "image": image.display().to_string(),
-                "text": args.texts[t],
-                "itc_similarity": sims[i][t],
-                "itm_match_probability": probs[t][1],
-            }));
-            eprintln!(
-                "{:>8.4} {:>8.4}  {}  {:?}",
-                sims[i][t],
-                probs[t][1],
-                image.display(),
-                args.texts[t]
-            );
-        }
+    let scores = score_pairs(&model, &tokenizer, &images, &captions, &dev)?;
+    let mut rows = Vec::with_capacity(scores.len());
+    for p in &scores {
+        let (image, text) = (args.images[p.image].display(), &args.texts[p.text]);
+        eprintln!(
+            "{:>8.4} {:>8.4}  {image}  {text:?}",
+            p.itc_similarity, p.itm_match_probability
+        );
+        rows.push(serde_json::json!({
+            "image": image.to_string(),
+            "text": text,
+            "itc_similarity": p.itc_similarity,
+            "itm_match_probability": p.itm_match_probability,
+        }));
     }
     println!("{}", serde_json::json!({ "pairs": rows }));
     Ok(())

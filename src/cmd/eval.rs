@@ -7,10 +7,11 @@ use std::path::PathBuf;
 use anyhow::Context;
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
+use vlp_core::device::{host, DeviceSpec};
 use vlp_data::tokenize::TextTokenizer;
 use vlp_eval::report::{json_report, markdown_table};
 use vlp_eval::set::{evaluate_set, EvalSet};
-use vlp_eval::{EvalConfig, ScoreMode};
+use vlp_eval::{check_tokenizer, EvalConfig, ScoreMode};
 use vlp_models::{AlbefConfig, AlbefModel};
 
 #[derive(clap::Args)]
@@ -63,19 +64,24 @@ pub struct RetrievalArgs {
     /// No progress bars.
     #[arg(long)]
     pub no_progress: bool,
+    /// Where the model runs: `cpu`, `cuda` (GPU 0) or `cuda:N` (needs a build with
+    /// `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
 }
 
-/// Loads a checkpoint folder for inference: its tensors as plain (non-trainable) tensors.
-/// With `image_size`, the model is built at that size and the position embeddings are
-/// interpolated to its grid.
+/// Loads a checkpoint folder for inference onto `device`: its tensors as plain
+/// (non-trainable) tensors. With `image_size`, the model is built at that size and the
+/// position embeddings are interpolated to its grid (on the host, as the file is read).
 pub fn load_checkpoint(
     dir: &std::path::Path,
     image_size: Option<usize>,
+    device: &Device,
 ) -> anyhow::Result<(AlbefConfig, AlbefModel)> {
     let cfg_path = dir.join(vlp_train::checkpoint::CONFIG_FILE);
     let model_path = dir.join(vlp_train::checkpoint::MODEL_FILE);
-    let mut cfg =
-        AlbefConfig::load(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
+    // The config's own error names the file.
+    let mut cfg = AlbefConfig::load(&cfg_path)?;
     anyhow::ensure!(
         model_path.is_file(),
         "{} does not exist",
@@ -85,7 +91,7 @@ pub fn load_checkpoint(
         cfg.vision.image_size = size;
         cfg.validate()?;
     }
-    let mut tensors = candle_core::safetensors::load(&model_path, &Device::Cpu)
+    let mut tensors = candle_core::safetensors::load(&model_path, &host())
         .with_context(|| format!("reading {}", model_path.display()))?;
     let grid = cfg.vision.grid();
     for (name, t) in tensors.iter_mut() {
@@ -93,7 +99,7 @@ pub fn load_checkpoint(
             *t = vlp_models::interpolate_pos_embed(t, grid)?;
         }
     }
-    let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
     let model =
         AlbefModel::new(&cfg, vb).with_context(|| format!("loading {}", model_path.display()))?;
     Ok((cfg, model))
@@ -101,16 +107,9 @@ pub fn load_checkpoint(
 
 pub fn run(args: RetrievalArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.k_test >= 1, "--k-test must be at least 1");
-    let (cfg, model) = load_checkpoint(&args.checkpoint, args.image_size)?;
-    let tokenizer = TextTokenizer::from_file(&args.tokenizer, args.max_tokens)
-        .with_context(|| format!("reading {}", args.tokenizer.display()))?;
-    anyhow::ensure!(
-        tokenizer.vocab_size() <= cfg.text.vocab_size,
-        "{} has {} tokens, the model's vocabulary {}",
-        args.tokenizer.display(),
-        tokenizer.vocab_size(),
-        cfg.text.vocab_size
-    );
+    let device = args.device.resolve()?;
+    let (cfg, model) = load_checkpoint(&args.checkpoint, args.image_size, &device)?;
+    let tokenizer = load_tokenizer(&args.tokenizer, args.max_tokens, &cfg)?;
     let set = EvalSet::open(&args.shards, cfg.vision.image_size as u32, args.max_words)?;
     let eval_cfg = EvalConfig {
         k_test: args.k_test,
@@ -120,6 +119,7 @@ pub fn run(args: RetrievalArgs) -> anyhow::Result<()> {
         pair_batch: args.pair_batch,
         state_budget_mb: args.state_budget_mb,
         progress: !args.no_progress,
+        device,
     };
     let (outcome, texts) = evaluate_set(&model, &tokenizer, &set, &eval_cfg)?;
     let name = args.name.clone().unwrap_or_else(|| args.shards.clone());
@@ -128,6 +128,7 @@ pub fn run(args: RetrievalArgs) -> anyhow::Result<()> {
     let mut report = json_report(&name, &outcome, &eval_cfg);
     report["checkpoint"] = serde_json::json!(args.checkpoint.display().to_string());
     report["skipped_samples"] = serde_json::json!(texts.skipped);
+    report["device"] = serde_json::json!(args.device.to_string());
     report["peak_rss_mb"] = serde_json::json!(crate::cmd::bench::peak_rss_mb());
     if let Some(path) = &args.out {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
@@ -137,5 +138,26 @@ pub fn run(args: RetrievalArgs) -> anyhow::Result<()> {
         std::fs::write(path, &table).with_context(|| format!("writing {}", path.display()))?;
     }
     println!("{report}");
+    // Recalls computed from NaN or infinite scores mean nothing: the report above says
+    // how many there were, and the exit status says the model is broken.
+    anyhow::ensure!(
+        outcome.non_finite_scores == 0,
+        "{}: {} scores were NaN or infinite (the model is broken; they were ranked as \
+         misses, see non_finite_scores in the report)",
+        args.checkpoint.display(),
+        outcome.non_finite_scores
+    );
     Ok(())
+}
+
+/// Reads a tokenizer for a loaded model and checks that it fits the model's text config.
+pub fn load_tokenizer(
+    path: &std::path::Path,
+    max_tokens: usize,
+    cfg: &AlbefConfig,
+) -> anyhow::Result<TextTokenizer> {
+    // The tokenizer's own error names the file: no context to add.
+    let tokenizer = TextTokenizer::from_file(path, max_tokens)?;
+    check_tokenizer(&tokenizer, &cfg.text, path)?;
+    Ok(tokenizer)
 }

@@ -87,3 +87,45 @@ pub fn path_str(p: &Path) -> String {
 pub fn vlp_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_vlp"))
 }
+
+/// A tokenizer with BERT's special-token ids (`[PAD]` 0, `[UNK]` 100, `[CLS]` 101,
+/// `[SEP]` 102, `[MASK]` 103) and 200 tokens, as the checkpoint fixtures expect: the
+/// emoji set's tokenizer with those ids swapped into place and the vocabulary cut at 200.
+/// Written to `dir/bert-ids-tokenizer.json`.
+#[allow(dead_code)]
+pub fn bert_ids_tokenizer(dir: &Path) -> PathBuf {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("shards/emoji-tokenizer.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(source).unwrap()).unwrap();
+    let swap = |id: u64| match id {
+        1..=4 => id + 99,
+        100..=103 => id - 99,
+        other => other,
+    };
+    let vocab = json["model"]["vocab"].as_object().unwrap().clone();
+    let kept: serde_json::Map<String, serde_json::Value> = vocab
+        .into_iter()
+        .map(|(token, id)| (token, swap(id.as_u64().unwrap())))
+        .filter(|(_, id)| *id < 200)
+        .map(|(token, id)| (token, id.into()))
+        .collect();
+    json["model"]["vocab"] = kept.into();
+    for added in json["added_tokens"].as_array_mut().unwrap() {
+        added["id"] = swap(added["id"].as_u64().unwrap()).into();
+    }
+    for special in json["post_processor"]["special_tokens"]
+        .as_object_mut()
+        .unwrap()
+        .values_mut()
+    {
+        special["ids"] = special["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|id| serde_json::Value::from(swap(id.as_u64().unwrap())))
+            .collect();
+    }
+    let path = dir.join("bert-ids-tokenizer.json");
+    std::fs::write(&path, json.to_string()).unwrap();
+    path
+}

@@ -56,6 +56,11 @@ fn load(path: &Path) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(path, &Device::Cpu).unwrap()
 }
 
+/// How many tensors a safetensors file's bytes hold.
+fn load_len(bytes: &[u8]) -> usize {
+    safetensors::SafeTensors::deserialize(bytes).unwrap().len()
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -257,7 +262,7 @@ fn init_combines_a_vit_and_a_bert() {
         "--preset",
         "tiny",
         "--out",
-        s(&both),
+        s(&dir.path().join("tiny")),
     ]);
     assert!(all.contains("differs from the target config"), "{all}");
 }
@@ -394,12 +399,8 @@ fn a_converted_blip_checkpoint_scores_and_embeds() {
         "--out",
         s(&out),
     ]);
-    // A vocabulary inside the fixture's 200 ids.
-    let shards = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/shards/emoji-google-000000.tar"
-    );
-    let tok = d.join("tok.json");
+    // A vocabulary inside the fixture's 200 ids, with its special-token ids.
+    let tok = crate::common::bert_ids_tokenizer(d);
     let run = |args: &[&str]| {
         let o = Command::new(vlp_bin())
             .args(args)
@@ -413,15 +414,6 @@ fn a_converted_blip_checkpoint_scores_and_embeds() {
         );
         String::from_utf8_lossy(&o.stdout).to_string()
     };
-    run(&[
-        "tokenizer",
-        "train",
-        shards,
-        "--out",
-        s(&tok),
-        "--vocab-size",
-        "120",
-    ]);
     let px = image::RgbImage::from_fn(20, 30, |x, y| {
         image::Rgb([(x * 9) as u8, (y * 7) as u8, 90])
     });
@@ -464,4 +456,55 @@ fn a_converted_blip_checkpoint_scores_and_embeds() {
     let t = load(&d.join("e.safetensors"));
     assert_eq!(t["image_embeds"].dim(0).unwrap(), 1);
     assert_eq!(t["text_embeds"].dim(0).unwrap(), 2);
+}
+
+/// `--out` on a folder that holds a model replaced its weights without a word; now it
+/// needs `--force`, and a training run's checkpoint is refused even with it.
+#[test]
+fn convert_refuses_to_replace_a_model_without_force_and_a_training_checkpoint_ever() {
+    let dir = tempfile::tempdir().unwrap();
+    let blip = fixtures().join("hf/hf_blip/model.safetensors");
+    let out = dir.path().join("model");
+    convert_ok(&[s(&blip), "--out", s(&out)]);
+    let before = std::fs::read(out.join("model.safetensors")).unwrap();
+    let all = convert_fails(&[s(&blip), "--out", s(&out)]);
+    assert!(all.contains("already holds a model"), "{all}");
+    assert!(all.contains("--force"), "{all}");
+    assert_eq!(
+        std::fs::read(out.join("model.safetensors")).unwrap(),
+        before
+    );
+    convert_ok(&[s(&blip), "--out", s(&out), "--force"]);
+    assert_eq!(
+        load(&out.join("model.safetensors")).len(),
+        load_len(&before)
+    );
+
+    // A training checkpoint (its optimizer state beside the model), a run folder, and a
+    // step folder of a run: never, --force or not.
+    let step = dir.path().join("run/checkpoints/step-000010");
+    std::fs::create_dir_all(&step).unwrap();
+    for f in [
+        "model.safetensors",
+        "optim.safetensors",
+        "state.json",
+        "config.json",
+    ] {
+        std::fs::write(step.join(f), b"training").unwrap();
+    }
+    let run = dir.path().join("run");
+    for target in [&step, &run] {
+        for force in [false, true] {
+            let mut args = vec![s(&blip), "--out", s(target)];
+            if force {
+                args.push("--force");
+            }
+            let all = convert_fails(&args);
+            assert!(all.contains("training run or checkpoint"), "{all}");
+        }
+    }
+    assert_eq!(
+        std::fs::read(step.join("model.safetensors")).unwrap(),
+        b"training"
+    );
 }

@@ -3,6 +3,7 @@
 mod cli;
 mod common;
 mod convert;
+mod eval;
 mod loader;
 mod pretrain;
 mod shards_write;

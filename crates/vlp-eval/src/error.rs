@@ -1,11 +1,17 @@
 //! The evaluation crate's error type.
 
+use std::path::PathBuf;
+
 use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum EvalError {
     #[error("{what}: {detail}")]
     Input { what: String, detail: String },
+    /// A tokenizer whose vocabulary or special-token ids differ from the model's: its ids
+    /// would index the wrong embedding rows.
+    #[error("tokenizer {path} does not fit the model: {mismatch}")]
+    Tokenizer { path: PathBuf, mismatch: String },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
     #[error(transparent)]

@@ -6,13 +6,19 @@
 //! - [`set`]: an evaluation shard set: captions grouped by image id, images streamed.
 //! - [`retrieval`]: encoding, the candidate pairs, the batched re-ranking, the outcome.
 //! - [`report`]: the JSON report and the Markdown table.
+//! - [`score`]: the ITC cosine and ITM probability of given image-caption pairs.
+//! - [`tokenizer`]: the check that a tokenizer fits a model.
 
 pub mod error;
 pub mod metrics;
 pub mod report;
 pub mod retrieval;
+pub mod score;
 pub mod set;
+pub mod tokenizer;
 
 pub use error::{EvalError, Result};
 pub use metrics::RetrievalMetrics;
 pub use retrieval::{EvalConfig, EvalOutcome, ScoreMode};
+pub use score::{score_pairs, PairScore};
+pub use tokenizer::check_tokenizer;

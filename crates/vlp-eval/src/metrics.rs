@@ -4,6 +4,10 @@
 //! (a hit at K if *any* of its captions is in its top K). Image retrieval (IR, text ->
 //! image): a caption's rank is that of its image. Recalls are percentages; ranks are
 //! reported 1-based (median and mean), as in the VSE/ALBEF literature.
+//!
+//! A non-finite score (NaN, +-Inf) comes from a broken model, never from a good match:
+//! it ranks below every finite score, and a correct item scored non-finite ranks last, so
+//! such a model cannot reach a high recall by comparisons that NaN makes false.
 
 use serde::Serialize;
 
@@ -104,15 +108,34 @@ impl RetrievalMetrics {
 
 /// The 0-based rank of item `target` among `n` items scored by `score`: the items that
 /// score higher, plus equal-scoring items with a smaller index (ties break by index, so a
-/// tie never counts in the correct item's favour over an earlier one).
+/// tie never counts in the correct item's favour over an earlier one). A non-finite score
+/// ranks below every finite one; a non-finite `target` ranks last (`n - 1`).
 pub fn rank_in(n: usize, score: impl Fn(usize) -> f32, target: usize) -> usize {
     let s = score(target);
+    if !s.is_finite() {
+        return n.saturating_sub(1);
+    }
     (0..n)
         .filter(|&o| {
             let v = score(o);
-            v > s || (v == s && o < target)
+            v.is_finite() && (v > s || (v == s && o < target))
         })
         .count()
+}
+
+/// The key scores are ranked by: the score itself when finite, else below every finite
+/// score (with `total_cmp`, a NaN would otherwise rank above `+Inf`).
+pub fn ranking_key(score: f32) -> f32 {
+    if score.is_finite() {
+        score
+    } else {
+        f32::NEG_INFINITY
+    }
+}
+
+/// How many of `scores` are NaN or infinite.
+pub fn count_non_finite(scores: &[f32]) -> usize {
+    scores.iter().filter(|s| !s.is_finite()).count()
 }
 
 /// Median of 1-based ranks (the mean of the two middle ones for an even count).
@@ -179,6 +202,36 @@ mod tests {
         // Image 0 ties everything; its text (1) comes after text 0 in index order.
         assert_eq!(m.tr1, 50.0);
         assert_eq!(m.ir1, 50.0);
+    }
+
+    #[test]
+    fn a_nan_similarity_row_ranks_worst_and_scores_no_hit() {
+        // Image 0's row is all NaN: with NaN compared as "not greater", its text would
+        // have ranked first (R@1 100).
+        let nan = f32::NAN;
+        let text_image = [0, 1];
+        let sims = [nan, nan, 0.1, 0.9];
+        let m = RetrievalMetrics::from_similarities(&sims, 2, &text_image);
+        assert_eq!(m.tr1, 50.0, "image 0 misses, image 1 hits");
+        // Text 0's column is (NaN, 0.1): its image 0 ranks last.
+        assert_eq!(m.ir1, 50.0);
+        assert_eq!(rank_in(2, |o| sims[o], 0), 1);
+        // Every score NaN: no hit at 1, every rank the worst (2 of 2).
+        let m = RetrievalMetrics::from_similarities(&[nan; 4], 2, &text_image);
+        assert_eq!((m.tr1, m.ir1), (0.0, 0.0));
+        assert_eq!((m.tr_median_rank, m.ir_median_rank), (2.0, 2.0));
+    }
+
+    #[test]
+    fn non_finite_scores_rank_below_every_finite_one() {
+        let scores = [f32::INFINITY, -5.0, f32::NAN, f32::NEG_INFINITY];
+        // The finite -5 is first although +Inf and NaN "compare" above it.
+        assert_eq!(rank_in(4, |o| scores[o], 1), 0);
+        assert_eq!(rank_in(4, |o| scores[o], 0), 3);
+        assert_eq!(rank_in(4, |o| scores[o], 2), 3);
+        assert_eq!(count_non_finite(&scores), 3);
+        assert_eq!(ranking_key(f32::NAN), f32::NEG_INFINITY);
+        assert_eq!(ranking_key(0.5), 0.5);
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub fn json_report(name: &str, outcome: &EvalOutcome, cfg: &EvalConfig) -> Value
         "protocol_pairs": outcome.protocol_pairs,
         "image_states_kept": outcome.image_states_kept,
         "states_mb": (outcome.states_mb * 10.0).round() / 10.0,
+        "non_finite_scores": outcome.non_finite_scores,
         "config": cfg,
     })
 }

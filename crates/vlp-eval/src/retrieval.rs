@@ -14,6 +14,9 @@
 //! fit `state_budget_mb`; past it they are dropped and the image encoder runs a second
 //! time during re-ranking, image batch by image batch (each image is then encoded twice,
 //! and only one batch of image states is held at a time).
+//!
+//! Everything runs on [`EvalConfig::device`], the device the model was loaded onto; image
+//! batches and token ids may arrive from the host and are moved there.
 
 use std::time::Instant;
 
@@ -24,7 +27,7 @@ use vlp_models::albef::with_enc_token;
 use vlp_models::{AlbefModel, FusionText, Layout};
 
 use crate::error::{EvalError, Result};
-use crate::metrics::{rank_in, RetrievalMetrics};
+use crate::metrics::{count_non_finite, rank_in, ranking_key, RetrievalMetrics};
 
 /// How re-ranked candidates are scored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -80,6 +83,9 @@ pub struct EvalConfig {
     pub state_budget_mb: usize,
     /// Progress bars on stderr.
     pub progress: bool,
+    /// Where the model lives and every tensor of the evaluation is made (default: the host).
+    #[serde(skip)]
+    pub device: Device,
 }
 
 impl Default for EvalConfig {
@@ -92,6 +98,7 @@ impl Default for EvalConfig {
             pair_batch: 128,
             state_budget_mb: 4096,
             progress: false,
+            device: vlp_core::device::host(),
         }
     }
 }
@@ -115,6 +122,9 @@ pub struct EvalOutcome {
     pub image_states_kept: bool,
     /// Token states held, MB.
     pub states_mb: f64,
+    /// ITC similarities and re-ranking scores that were NaN or infinite (a broken model:
+    /// they were ranked below every finite score, never as hits).
+    pub non_finite_scores: usize,
 }
 
 impl EvalOutcome {
@@ -193,6 +203,9 @@ pub fn evaluate(
         ));
     }
     let blip = matches!(model.config().text.layout, Layout::Blip);
+    let dev = &cfg.device;
+    let input_ids = &input_ids.to_device(dev)?;
+    let attention_mask = &attention_mask.to_device(dev)?;
     let mut phases = Vec::new();
 
     // Texts: ITC features and what the fusion needs.
@@ -210,7 +223,7 @@ pub fn evaluate(
     let budget = cfg.state_budget_mb as f64;
     let need_states = cfg.score != ScoreMode::Itc;
     images(&mut |batch: &Tensor| {
-        let (tokens, feat) = model.encode_image(batch, false)?;
+        let (tokens, feat) = model.encode_image(&batch.to_device(dev)?, false)?;
         image_feats.push(feat.detach());
         if need_states {
             let (_, li, hv) = tokens.dims3()?;
@@ -261,6 +274,7 @@ pub fn evaluate(
         sims.extend(block.flatten_all()?.to_vec1::<f32>()?);
     }
     let itc = RetrievalMetrics::from_similarities(&sims, n_images, text_image);
+    let non_finite_sims = count_non_finite(&sims);
     let states_mb = text_mb
         + image_states
             .as_ref()
@@ -277,6 +291,7 @@ pub fn evaluate(
             protocol_pairs: 0,
             image_states_kept: false,
             states_mb,
+            non_finite_scores: warn_non_finite(non_finite_sims, 0),
         });
     }
     let (ki, kt) = (cfg.k_test.min(m).max(1), cfg.k_test.min(n_images).max(1));
@@ -310,7 +325,7 @@ pub fn evaluate(
     let (li, hv) = image_state_shape;
     let image_states_kept = image_states.is_some();
     let mut score_image = |j: usize, image: &Tensor| -> Result<()> {
-        itm[j] = itm_scores(model, &texts, &pairs[j], image, cfg.pair_batch, blip)?;
+        itm[j] = itm_scores(model, &texts, &pairs[j], image, cfg.pair_batch, blip, dev)?;
         pb.inc(pairs[j].len() as u64);
         Ok(())
     };
@@ -318,15 +333,14 @@ pub fn evaluate(
         Some(kept) => {
             let per = li * hv;
             for j in 0..n_images {
-                let image =
-                    Tensor::from_slice(&kept[j * per..(j + 1) * per], (1, li, hv), &Device::Cpu)?;
+                let image = Tensor::from_slice(&kept[j * per..(j + 1) * per], (1, li, hv), dev)?;
                 score_image(j, &image)?;
             }
         }
         None => {
             let mut next = 0usize;
             images(&mut |batch: &Tensor| {
-                let (tokens, _) = model.encode_image(batch, false)?;
+                let (tokens, _) = model.encode_image(&batch.to_device(dev)?, false)?;
                 let tokens = tokens.detach();
                 for r in 0..tokens.dim(0)? {
                     score_image(next, &tokens.narrow(0, r, 1)?)?;
@@ -350,6 +364,19 @@ pub fn evaluate(
             _ => s,
         }
     };
+    let non_finite_itm: usize = pairs
+        .iter()
+        .enumerate()
+        .map(|(i, p)| p.iter().filter(|&&t| !score_of(i, t).is_finite()).count())
+        .sum();
+    // A correct item with a non-finite score ranks last, wherever the sort put it.
+    let ranked = |position: usize, score: f32, n: usize| {
+        if score.is_finite() {
+            position
+        } else {
+            n - 1
+        }
+    };
     let mut captions_of = vec![Vec::new(); n_images];
     for (t, &i) in text_image.iter().enumerate() {
         captions_of[i].push(t);
@@ -361,7 +388,7 @@ pub fn evaluate(
             captions_of[i]
                 .iter()
                 .map(|&c| match reranked.iter().position(|&t| t == c) {
-                    Some(p) => p,
+                    Some(p) => ranked(p, score_of(i, c), m),
                     None => rank_in(m, |o| row[o], c),
                 })
                 .min()
@@ -373,7 +400,7 @@ pub fn evaluate(
             let g = text_image[t];
             let reranked = rerank(&top_t2i[t], |i| score_of(i, t));
             match reranked.iter().position(|&i| i == g) {
-                Some(p) => p,
+                Some(p) => ranked(p, score_of(g, t), n_images),
                 None => rank_in(n_images, |o| sims[o * m + t], g),
             }
         })
@@ -390,14 +417,32 @@ pub fn evaluate(
         protocol_pairs: n_images * ki + m * kt,
         image_states_kept,
         states_mb,
+        non_finite_scores: warn_non_finite(non_finite_sims, non_finite_itm),
     })
 }
 
-/// The indices of the `k` largest values, best first (ties: smaller index first).
+/// The count of non-finite scores, logged when there are any: the recalls of such a
+/// model mean nothing, and an end-of-training evaluation should say so loudly.
+fn warn_non_finite(sims: usize, reranking: usize) -> usize {
+    if sims + reranking > 0 {
+        tracing::warn!(
+            "eval: {sims} ITC similarities and {reranking} re-ranking scores are NaN or \
+             infinite (the model is broken); they were ranked as misses"
+        );
+    }
+    sims + reranking
+}
+
+/// The indices of the `k` largest values, best first (ties: smaller index first;
+/// non-finite values last).
 fn top_k(values: &[f32], k: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..values.len()).collect();
     let k = k.min(values.len());
-    let cmp = |a: &usize, b: &usize| values[*b].total_cmp(&values[*a]).then(a.cmp(b));
+    let cmp = |a: &usize, b: &usize| {
+        ranking_key(values[*b])
+            .total_cmp(&ranking_key(values[*a]))
+            .then(a.cmp(b))
+    };
     if k < idx.len() {
         idx.select_nth_unstable_by(k, cmp);
         idx.truncate(k);
@@ -409,9 +454,12 @@ fn top_k(values: &[f32], k: usize) -> Vec<usize> {
 }
 
 /// `candidates` (in ITC order) sorted by `score`, best first; equal scores keep the ITC
-/// order.
+/// order; non-finite scores go last.
 fn rerank(candidates: &[usize], score: impl Fn(usize) -> f32) -> Vec<usize> {
-    let mut scored: Vec<(usize, f32)> = candidates.iter().map(|&c| (c, score(c))).collect();
+    let mut scored: Vec<(usize, f32)> = candidates
+        .iter()
+        .map(|&c| (c, ranking_key(score(c))))
+        .collect();
     scored.sort_by(|a, b| b.1.total_cmp(&a.1));
     scored.into_iter().map(|(c, _)| c).collect()
 }
@@ -486,8 +534,8 @@ fn itm_scores(
     image: &Tensor,
     pair_batch: usize,
     blip: bool,
+    dev: &Device,
 ) -> Result<Vec<f32>> {
-    let dev = Device::Cpu;
     let mut order: Vec<usize> = (0..texts_of.len()).collect();
     order.sort_by_key(|&p| std::cmp::Reverse(texts.lens[texts_of[p]]));
     let mut out = vec![0f32; texts_of.len()];
@@ -520,7 +568,7 @@ fn itm_scores(
                 (0..l).map(move |x| u32::from(x < len))
             })
             .collect();
-        let mask = Tensor::from_vec(mask, (n, l), &dev)?;
+        let mask = Tensor::from_vec(mask, (n, l), dev)?;
         let fused = if blip {
             let ids: Vec<u32> = chunk
                 .iter()
@@ -531,7 +579,7 @@ fn itm_scores(
                         .copied()
                 })
                 .collect();
-            let ids = Tensor::from_vec(ids, (n, l), &dev)?;
+            let ids = Tensor::from_vec(ids, (n, l), dev)?;
             let ids = with_enc_token(&ids, model.config().text.enc_id)?;
             model.fuse_cls(FusionText::Ids(&ids), &mask, image, false)?
         } else {
@@ -542,7 +590,7 @@ fn itm_scores(
                 let t = texts_of[p];
                 states.extend_from_slice(&texts.states[t * row..t * row + l * h]);
             }
-            let states = Tensor::from_vec(states, (n, l, h), &dev)?;
+            let states = Tensor::from_vec(states, (n, l, h), dev)?;
             model.fuse_cls(FusionText::States(&states), &mask, image, false)?
         };
         let logits = model.itm_logits(&fused)?.detach();
@@ -743,6 +791,53 @@ mod tests {
         // ITC order 4, 2, 7; ITM prefers 7, then ties 4 and 2.
         let s = |c: usize| if c == 7 { 3.0 } else { 1.0 };
         assert_eq!(rerank(&[4, 2, 7], s), vec![7, 4, 2]);
+    }
+
+    #[test]
+    fn non_finite_scores_go_last_in_both_orderings() {
+        let nan = f32::NAN;
+        assert_eq!(top_k(&[nan, 0.1, f32::INFINITY, 0.5], 3), vec![3, 1, 0]);
+        let s = |c: usize| if c == 4 { nan } else { c as f32 };
+        assert_eq!(rerank(&[4, 2, 7], s), vec![7, 2, 4]);
+    }
+
+    /// A model whose weights hold a NaN: every score is NaN, so no query may count as a
+    /// hit, and the outcome counts them (with NaN compared as "not better", every correct
+    /// item used to rank first: R@1 100).
+    #[test]
+    fn a_nan_model_scores_no_hit_and_counts_its_scores() {
+        let (_, images, ids, mask, text_image) = setup(4, 2);
+        let cfg = AlbefConfig::micro();
+        let dev = Device::Cpu;
+        let varmap = VarMap::new();
+        AlbefModel::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev)).unwrap();
+        for (name, var) in varmap.data().lock().unwrap().iter() {
+            if name.ends_with("vision_proj.weight") {
+                let poisoned = (var.as_tensor() * f64::NAN).unwrap();
+                var.set(&poisoned).unwrap();
+            }
+        }
+        let model =
+            AlbefModel::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev)).unwrap();
+        for score in [ScoreMode::Itc, ScoreMode::Itm, ScoreMode::ItmItc] {
+            let eval_cfg = EvalConfig {
+                k_test: 2,
+                score,
+                ..EvalConfig::default()
+            };
+            let out = run(&model, &images, &ids, &mask, &text_image, &eval_cfg);
+            assert_eq!((out.itc.tr1, out.itc.ir1), (0.0, 0.0), "{score}");
+            // `itm` alone re-ranks with the (finite) ITM head: its recalls are the luck of
+            // random weights; `itm+itc` adds the NaN cosine to every score.
+            if score != ScoreMode::Itm {
+                assert_eq!((out.main().tr1, out.main().ir1), (0.0, 0.0), "{score}");
+            }
+            assert!(
+                out.non_finite_scores >= 4 * 8,
+                "{score}: {}",
+                out.non_finite_scores
+            );
+        }
     }
 
     #[test]

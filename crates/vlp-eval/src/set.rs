@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::ops::ControlFlow;
 
 use candle_core::{Device, Tensor};
+use vlp_core::device::host;
 use vlp_core::rng::Rng;
 use vlp_data::caption::pre_caption;
 use vlp_data::fields::{parse_sample, FieldsConfig};
@@ -27,7 +28,8 @@ pub struct EvalTexts {
     pub captions: Vec<String>,
     pub text_image: Vec<usize>,
     pub image_keys: Vec<String>,
-    /// Samples skipped (unreadable image or sample), with a warning each.
+    /// Samples skipped (unreadable image or sample), each logged once with its shard, key
+    /// and reason by [`EvalSet::texts`].
     pub skipped: usize,
 }
 
@@ -62,16 +64,21 @@ impl EvalSet {
     }
 
     /// The captions of the set, read without decoding images (their headers are checked;
-    /// an image that fails the check is skipped, counted, and skipped again by
-    /// [`EvalSet::images`]).
+    /// an image that fails the check is skipped, counted and logged, and skipped again,
+    /// silently, by [`EvalSet::images`]).
     pub fn texts(&self) -> Result<EvalTexts> {
         self.scan(false, &mut |_, _| Ok(()))
     }
 
-    /// One pass over the images in order, decoded and transformed, in batches of `batch`
-    /// as `[b, 3, S, S]` tensors (the same images, in the same order, as [`EvalSet::texts`]
-    /// lists).
-    pub fn images(&self, batch: usize, f: &mut dyn FnMut(&Tensor) -> Result<()>) -> Result<()> {
+    /// One pass over the images in order, decoded and transformed on the host, in batches
+    /// of `batch` as `[b, 3, S, S]` tensors on `device` (the same images, in the same
+    /// order, as [`EvalSet::texts`] lists).
+    pub fn images(
+        &self,
+        batch: usize,
+        device: &Device,
+        f: &mut dyn FnMut(&Tensor) -> Result<()>,
+    ) -> Result<()> {
         let s = self.size as usize;
         let per = 3 * s * s;
         let batch = batch.max(1);
@@ -81,8 +88,8 @@ impl EvalSet {
                 return Ok(());
             }
             let n = buf.len() / per;
-            let t = Tensor::from_vec(std::mem::take(buf), (n, 3, s, s), &Device::Cpu)?;
-            f(&t)
+            let t = Tensor::from_vec(std::mem::take(buf), (n, 3, s, s), &host())?;
+            f(&t.to_device(device)?)
         };
         self.scan(true, &mut |_, pixels| {
             buf.extend_from_slice(&pixels);
@@ -96,7 +103,9 @@ impl EvalSet {
 
     /// One pass over the set in order: with `decode`, calls `on_image(index, pixels)`
     /// (CHW, normalised) for each new image id; returns all captions. A corrupt shard is
-    /// an error naming it; an unreadable sample is skipped and counted.
+    /// an error naming it; an unreadable sample is skipped and counted, and logged only by
+    /// the pass without `decode`: every image pass follows a [`EvalSet::texts`] pass
+    /// over the same samples, which has said it once.
     fn scan(
         &self,
         decode: bool,
@@ -116,12 +125,13 @@ impl EvalSet {
                 let sample = match parse_sample(raw, &fields) {
                     Ok(s) => s,
                     Err(skip) => {
-                        tracing::warn!(
-                            "eval: skipping {}/{}: {:?}",
-                            skip.url,
-                            skip.key,
-                            skip.reason
-                        );
+                        if !decode {
+                            let why = match skip.detail.as_str() {
+                                "" => skip.reason.to_string(),
+                                detail => format!("{}: {detail}", skip.reason),
+                            };
+                            warn_skip(&skip.url, &skip.key, &why);
+                        }
                         texts.skipped += 1;
                         return ControlFlow::Continue(());
                     }
@@ -139,7 +149,9 @@ impl EvalSet {
                                 }
                             });
                         if let Err(e) = checked {
-                            tracing::warn!("eval: skipping {}: {e}", sample.key);
+                            if !decode {
+                                warn_skip(&url.to_string(), &sample.key, &e);
+                            }
                             texts.skipped += 1;
                             return ControlFlow::Continue(());
                         }
@@ -182,7 +194,7 @@ impl EvalSet {
             if let Some(problem) = outcome.problem {
                 return Err(EvalError::input(
                     "eval shards",
-                    format!("{}: {:?} {}", problem.url, problem.reason, problem.detail),
+                    format!("{}: {} {}", problem.url, problem.reason, problem.detail),
                 ));
             }
         }
@@ -196,8 +208,13 @@ impl EvalSet {
     }
 }
 
+fn warn_skip(shard: &str, key: &str, why: &str) {
+    tracing::warn!("eval: skipping sample `{key}` of {shard}: {why}");
+}
+
 /// Evaluates `model` on a shard set: captions tokenised with `tokenizer`, images streamed
-/// (once, or twice when their states do not fit the budget).
+/// (once, or twice when their states do not fit the budget), all on `cfg.device`, the
+/// model's device.
 pub fn evaluate_set(
     model: &vlp_models::AlbefModel,
     tokenizer: &vlp_data::tokenize::TextTokenizer,
@@ -207,9 +224,9 @@ pub fn evaluate_set(
     let texts = set.texts()?;
     let (ids, mask) = tokenizer
         .encode_batch(&texts.captions)?
-        .to_tensors(&Device::Cpu)?;
+        .to_tensors(&cfg.device)?;
     let batch = cfg.image_batch;
-    let mut pass = |f: &mut dyn FnMut(&Tensor) -> Result<()>| set.images(batch, f);
+    let mut pass = |f: &mut dyn FnMut(&Tensor) -> Result<()>| set.images(batch, &cfg.device, f);
     let outcome = crate::retrieval::evaluate(
         model,
         &mut pass,

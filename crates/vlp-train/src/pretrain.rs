@@ -186,7 +186,7 @@ impl<'c> Run<'c> {
 
         // The data.
         let tokenizer = TextTokenizer::from_file(&recipe.data.tokenizer, recipe.data.max_tokens)?;
-        check_tokenizer(&tokenizer, &cfg, &recipe)?;
+        vlp_eval::check_tokenizer(&tokenizer, &cfg.text, &recipe.data.tokenizer)?;
         let mut loader_cfg = recipe.loader_config(cfg.vision.image_size as u32, collective.rank());
         // ALBEF's training loader keeps full batches only. The run ends at `total_steps`,
         // so the loader runs on past the last epoch (epoch lengths in steps are estimates).
@@ -540,7 +540,7 @@ impl<'c> Run<'c> {
                 best.r_mean
             );
         }
-        let eval_cfg = eval_config(sets)?;
+        let eval_cfg = eval_config(sets, &self.device)?;
         let mut json = Map::new();
         for set in &sets.sets {
             if interrupt::requested().is_some() {
@@ -679,41 +679,6 @@ fn step_batch(batch: &Batch, with_image_ids: bool, device: &Device) -> Result<St
     )
 }
 
-/// Checks that the tokenizer fits the model: its vocabulary within the model's, and the
-/// special tokens at the ids the model was built with.
-fn check_tokenizer(tokenizer: &TextTokenizer, cfg: &AlbefConfig, recipe: &Recipe) -> Result<()> {
-    if tokenizer.vocab_size() > cfg.text.vocab_size {
-        return Err(TrainError::input(
-            "data.tokenizer",
-            format!(
-                "{} has {} tokens, the model's vocabulary {}",
-                recipe.data.tokenizer.display(),
-                tokenizer.vocab_size(),
-                cfg.text.vocab_size
-            ),
-        ));
-    }
-    let t = &cfg.text;
-    for (token, id) in [
-        ("[PAD]", t.pad_id),
-        ("[CLS]", t.cls_id),
-        ("[SEP]", t.sep_id),
-        ("[MASK]", t.mask_id),
-    ] {
-        if tokenizer.token_id(token) != Some(id) {
-            return Err(TrainError::input(
-                "data.tokenizer",
-                format!(
-                    "{} gives {token} id {:?}, the model expects {id}",
-                    recipe.data.tokenizer.display(),
-                    tokenizer.token_id(token)
-                ),
-            ));
-        }
-    }
-    Ok(())
-}
-
 /// Sets every variable to rank 0's value (weights, momentum weights, queues).
 fn broadcast_vars(varmap: &VarMap, collective: &dyn Collective) -> Result<()> {
     if collective.world_size() == 1 {
@@ -740,8 +705,9 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// The retrieval evaluation settings of a recipe's `[eval]` section.
-fn eval_config(sets: &crate::recipe::EvalSection) -> Result<EvalConfig> {
+fn eval_config(sets: &crate::recipe::EvalSection, device: &Device) -> Result<EvalConfig> {
     Ok(EvalConfig {
+        device: device.clone(),
         k_test: sets.k_test,
         score: sets.score.parse::<ScoreMode>()?,
         image_batch: sets.batch_size,
@@ -782,7 +748,12 @@ fn validate_epoch(
         cfg.vision.image_size as u32,
         recipe.data.max_words,
     )?;
-    let (outcome, _) = evaluate_set(model, tokenizer, &data, &eval_config(sets)?)?;
+    let (outcome, _) = evaluate_set(
+        model,
+        tokenizer,
+        &data,
+        &eval_config(sets, model.temp().device())?,
+    )?;
     let m = outcome.main();
     let mut record = Map::new();
     record.insert("step".into(), json!(state.step));

@@ -1,0 +1,276 @@
+//! `vlp eval retrieval`, `vlp embed`, `vlp score` and `vlp bench eval` end to end on the
+//! converted BLIP fixture (32 px, vocabulary 200): `--device`, a broken (NaN) checkpoint,
+//! a set with a bad image, and the messages of failures.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::Device;
+
+use crate::common::{bert_ids_tokenizer, good_sample, path_str, vlp_bin, write_tar, Member};
+
+fn vlp(dir: &Path, args: &[&str]) -> Output {
+    Command::new(vlp_bin())
+        .args(args)
+        .current_dir(dir)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run vlp")
+}
+
+fn text(out: &[u8]) -> String {
+    String::from_utf8_lossy(out).into_owned()
+}
+
+/// A checkpoint converted from the HF BLIP fixture and a tokenizer with its ids.
+fn checkpoint(dir: &Path) -> (PathBuf, PathBuf) {
+    let ckpt = dir.join("blip");
+    let input =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/hf_blip/model.safetensors");
+    let out = vlp(
+        dir,
+        &["convert", &path_str(&input), "--out", &path_str(&ckpt)],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    (ckpt, bert_ids_tokenizer(dir))
+}
+
+/// Six images with one caption each, and the given extra samples; returns the shard.
+fn eval_set(dir: &Path, extra: Vec<(String, Vec<Member>)>) -> PathBuf {
+    let mut samples: Vec<_> = (0..6).map(|i| good_sample(0, i)).collect();
+    samples.extend(extra);
+    let shard = dir.join("set-000000.tar");
+    write_tar(&shard, &samples);
+    shard
+}
+
+fn eval(dir: &Path, ckpt: &Path, tok: &Path, shard: &Path) -> Output {
+    vlp(
+        dir,
+        &[
+            "eval",
+            "retrieval",
+            "--checkpoint",
+            &path_str(ckpt),
+            "--shards",
+            &path_str(shard),
+            "--tokenizer",
+            &path_str(tok),
+            "--k-test",
+            "3",
+            "--max-tokens",
+            "12",
+            "--no-progress",
+        ],
+    )
+}
+
+fn report(out: &Output) -> serde_json::Value {
+    let stdout = text(&out.stdout);
+    serde_json::from_str(stdout.lines().last().expect("a report line")).unwrap()
+}
+
+/// A checkpoint with one NaN in an attention weight made every score NaN, and NaN
+/// compared as "not better" ranked every correct item first: R@1 100 and exit 0.
+#[test]
+fn a_checkpoint_with_a_nan_weight_is_no_perfect_model_and_fails_eval() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (ckpt, tok) = checkpoint(d);
+    let shard = eval_set(d, Vec::new());
+    let good = eval(d, &ckpt, &tok, &shard);
+    assert!(good.status.success(), "{}", text(&good.stderr));
+    assert_eq!(report(&good)["non_finite_scores"], 0);
+
+    let weights = ckpt.join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
+    let mut names: Vec<String> = tensors
+        .keys()
+        .filter(|n| n.contains("attn") || n.contains("attention"))
+        .filter(|n| n.ends_with("weight") && tensors[*n].rank() == 2)
+        .cloned()
+        .collect();
+    names.sort();
+    let name = names.first().expect("an attention weight").clone();
+    let t = &tensors[&name];
+    let mut values: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+    values[0] = f32::NAN;
+    let poisoned = candle_core::Tensor::from_vec(values, t.dims(), &Device::Cpu).unwrap();
+    tensors.insert(name.clone(), poisoned);
+    candle_core::safetensors::save(&tensors, &weights).unwrap();
+
+    let bad = eval(d, &ckpt, &tok, &shard);
+    let (stdout, stderr) = (text(&bad.stdout), text(&bad.stderr));
+    assert_eq!(bad.status.code(), Some(1), "{name}: {stdout}\n{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let lower = stderr.to_lowercase();
+    assert!(
+        lower.contains("nan") || lower.contains("non-finite"),
+        "the error names the problem: {stderr}"
+    );
+    // Where a report was written, nothing in it is a hit.
+    if let Ok(r) = serde_json::from_str::<serde_json::Value>(stdout.lines().last().unwrap_or("")) {
+        assert!(r["non_finite_scores"].as_u64().unwrap() > 0, "{r}");
+        for ranking in ["itc", "reranked"] {
+            assert_ne!(r[ranking]["tr1"], 100.0, "{r}");
+            assert_ne!(r[ranking]["ir1"], 100.0, "{r}");
+        }
+    }
+}
+
+/// A bad image was logged twice (by the caption pass and the image pass), the second
+/// time without its shard or reason.
+#[test]
+fn a_skipped_sample_is_logged_once_with_its_shard_and_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (ckpt, tok) = checkpoint(d);
+    let broken = (
+        "broken-key".to_string(),
+        vec![
+            ("png".to_string(), b"not a png at all".to_vec()),
+            ("txt".to_string(), b"000_9".to_vec()),
+        ],
+    );
+    let shard = eval_set(d, vec![broken]);
+    let out = eval(d, &ckpt, &tok, &shard);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stderr.matches("broken-key").count(), 1, "{stderr}");
+    let line = stderr.lines().find(|l| l.contains("broken-key")).unwrap();
+    assert!(line.contains("set-000000.tar"), "the shard: {line}");
+    assert!(
+        line.len() > line.find("broken-key").unwrap() + 20,
+        "a reason: {line}"
+    );
+    assert_eq!(report(&out)["skipped_samples"], 1);
+}
+
+/// `--device cuda` on a build without CUDA: a clean failure naming the feature, from
+/// every inference command.
+#[test]
+fn cuda_without_the_feature_is_a_clear_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let commands: [&[&str]; 4] = [
+        &[
+            "eval",
+            "retrieval",
+            "--checkpoint",
+            "c",
+            "--shards",
+            "s.tar",
+            "--tokenizer",
+            "t.json",
+        ],
+        &[
+            "embed",
+            "--checkpoint",
+            "c",
+            "--texts",
+            "t.txt",
+            "--tokenizer",
+            "t.json",
+            "--out",
+            "e.safetensors",
+        ],
+        &[
+            "score",
+            "--checkpoint",
+            "c",
+            "--image",
+            "a.png",
+            "--text",
+            "a",
+            "--tokenizer",
+            "t.json",
+        ],
+        &[
+            "bench",
+            "eval",
+            "--images",
+            "2",
+            "--k",
+            "1",
+            "--no-progress",
+        ],
+    ];
+    for args in commands {
+        let mut args = args.to_vec();
+        args.extend(["--device", "cuda"]);
+        let out = vlp(d, &args);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains("--features cuda"), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+    let out = vlp(
+        d,
+        &[
+            "score",
+            "--checkpoint",
+            "c",
+            "--image",
+            "a.png",
+            "--text",
+            "a",
+            "--tokenizer",
+            "t.json",
+            "--device",
+            "tpu",
+        ],
+    );
+    assert!(
+        text(&out.stderr).contains("unknown device `tpu`"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// Errors that print their cause inside their own message and also as their source were
+/// printed as "X: X"; each part of a message is said once.
+#[test]
+fn a_missing_checkpoint_is_named_once_with_its_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = vlp(
+        d,
+        &[
+            "eval",
+            "retrieval",
+            "--checkpoint",
+            "nowhere",
+            "--shards",
+            "s.tar",
+            "--tokenizer",
+            "t.json",
+        ],
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let error = stderr.lines().find(|l| l.starts_with("error:")).unwrap();
+    assert_eq!(error.matches("nowhere/config.json").count(), 1, "{error}");
+    assert_eq!(
+        error.matches("No such file or directory").count(),
+        1,
+        "{error}"
+    );
+}
+
+/// The tokenizer check of eval, embed and score (its cases are unit-tested in vlp-eval): a
+/// tokenizer larger than the model's vocabulary is refused, naming the file.
+#[test]
+fn a_tokenizer_that_does_not_fit_the_model_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (ckpt, _) = checkpoint(d);
+    let emoji = concat!(env!("CARGO_MANIFEST_DIR"), "/shards/emoji-tokenizer.json");
+    let shard = eval_set(d, Vec::new());
+    let out = eval(d, &ckpt, Path::new(emoji), &shard);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("emoji-tokenizer.json does not fit the model"),
+        "{stderr}"
+    );
+}
