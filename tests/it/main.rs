@@ -3,6 +3,5 @@
 mod cli;
 mod common;
 mod convert;
-mod loader;
 mod pretrain;
 mod shards_write;
