@@ -338,7 +338,7 @@ impl Loader {
         cfg.validate()?;
         if urls.is_empty() {
             return Err(DataError::NoShards {
-                spec: String::new(),
+                spec: "(an empty shard list)".into(),
             });
         }
         let slots = cfg.world_size * cfg.workers;
@@ -571,9 +571,9 @@ impl Loader {
     fn no_batch_detail(&self, read: u64, skipped: &SkipCounts) -> String {
         let usable = read.saturating_sub(skipped.samples());
         let mut detail = format!(
-            "{read} samples read, {} skipped (rank {}; {})",
-            skipped.samples(),
+            "rank {}: {read} samples read, {} of them skipped; skipped: {}",
             self.cfg.rank,
+            skipped.samples(),
             skipped
         );
         let slots = self.cfg.world_size * self.cfg.workers;
@@ -842,7 +842,7 @@ impl Worker {
             epoch: self.ctx.epoch,
             batch_size: self.ctx.cfg.batch_size,
             detail: format!(
-                "resampled worker {} (rank {}) drew {} of the {shards} shards in a row without a usable sample: {} samples read, {} skipped ({})",
+                "resampled worker {} of rank {} drew {} of the {shards} shards in a row without a usable sample: {} samples read, {} of them skipped; skipped: {}",
                 self.ctx.worker,
                 self.ctx.cfg.rank,
                 self.fruitless_draws,
