@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 
+use vlp_data::caption::usable_captions;
 use vlp_data::fields::{parse_sample, FieldsConfig};
 use vlp_data::image_ops::{decode_rgb, DecodeError};
 use vlp_data::shard::read_shard;
@@ -18,7 +19,7 @@ pub struct InspectArgs {
     #[arg(long)]
     pub no_decode: bool,
     /// Images with more pixels count as `image_too_large`.
-    #[arg(long, default_value_t = 89_478_485)]
+    #[arg(long, default_value_t = vlp_core::MAX_IMAGE_PIXELS)]
     pub max_pixels: u64,
     /// JSON field holding captions.
     #[arg(long, default_value = "caption")]
@@ -71,6 +72,19 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
             match parse_sample(raw, &fields) {
                 Err(skip) => note_bad(skip.reason, &skip.key, skip.detail, &mut r),
                 Ok(s) => {
+                    // The loader's caption rule, so that `good` counts what training can
+                    // use. Usability does not depend on the word limit, hence none here.
+                    let usable = usable_captions(&s.captions, usize::MAX).len() as u64;
+                    if usable == 0 {
+                        note_bad(
+                            SkipReason::MissingCaption,
+                            &s.key,
+                            "no caption is left after cleaning (punctuation or whitespace only)"
+                                .into(),
+                            &mut r,
+                        );
+                        return ControlFlow::Continue(());
+                    }
                     let checked = if args.no_decode {
                         Ok(())
                     } else {
@@ -85,7 +99,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
                     match checked {
                         Ok(()) => {
                             r.good += 1;
-                            r.captions += s.captions.len() as u64;
+                            r.captions += usable;
                             ids.insert(s.image_id);
                         }
                         Err(e @ DecodeError::TooLarge { .. }) => {
@@ -117,10 +131,22 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
             *total.extensions.entry(e.clone()).or_default() += n;
         }
     }
+    // A spec whose shards are all missing (a typo, an unmounted disk) must not look like a
+    // successful check of an empty dataset to a script.
+    let unreadable = if reports.iter().all(|r| r.samples == 0) {
+        Err(anyhow::anyhow!(
+            "none of the {} shards gave a sample (skipped: {}); check the spec `{}`",
+            reports.len(),
+            total.skipped,
+            args.spec
+        ))
+    } else {
+        Ok(())
+    };
     if args.json {
         let out = serde_json::json!({"shards": reports, "total": total, "bad": bad});
         println!("{out}");
-        return Ok(());
+        return unreadable;
     }
     println!(
         "{:<48} {:>8} {:>8} {:>9}  extensions / skipped",
@@ -152,5 +178,5 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     for line in &bad {
         println!("bad: {line}");
     }
-    Ok(())
+    unreadable
 }

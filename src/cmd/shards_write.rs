@@ -58,6 +58,10 @@ pub struct WriteArgs {
     /// Skip (and count) entries whose image is missing, or images without a caption file.
     #[arg(long)]
     pub skip_missing: bool,
+    /// Stop with an error at the first image that cannot be used (undecodable, not JPEG,
+    /// PNG or WebP, over the pixel limit) instead of skipping it and counting it.
+    #[arg(long)]
+    pub strict: bool,
     /// One sample per caption instead of one per image (the image stored with each of
     /// its captions, the image id kept): what ALBEF's training annotation files mean, whose
     /// fine-tuning epochs go over every caption. For evaluation sets leave it off.
@@ -125,7 +129,8 @@ pub fn run(args: WriteArgs) -> anyhow::Result<()> {
     } else {
         unreachable!("clap requires one input")
     };
-    let mut ingested = ingested.with_context(|| format!("reading {}", input.display()))?;
+    // Reading errors name the file (and entry or line) themselves.
+    let mut ingested = ingested?;
     if ingested.records.is_empty() {
         anyhow::bail!(
             "{} holds no usable record ({} skipped); nothing to write",
@@ -160,6 +165,7 @@ pub fn run(args: WriteArgs) -> anyhow::Result<()> {
         },
         resize_max: args.resize_max,
         quality: args.quality,
+        strict: args.strict,
     };
     let threads = args.threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
@@ -174,6 +180,35 @@ pub fn run(args: WriteArgs) -> anyhow::Result<()> {
         threads,
     )
     .with_context(|| format!("writing shards to {}", args.out.display()))?;
+    if !summary.skipped.is_empty() {
+        println!(
+            "skipped {} images that cannot be used: {}",
+            summary.skipped.samples(),
+            summary.skipped
+        );
+        for s in &summary.skipped_images {
+            println!(
+                "  {} (record `{}`): {}: {}",
+                s.image.display(),
+                s.source,
+                s.reason,
+                s.detail
+            );
+        }
+        if summary.skipped.samples() > summary.skipped_images.len() as u64 {
+            println!(
+                "  ... and {} more",
+                summary.skipped.samples() - summary.skipped_images.len() as u64
+            );
+        }
+    }
+    if summary.manifest.samples == 0 {
+        anyhow::bail!(
+            "no image of {} could be used; the shards at {} are empty (see the skipped images above)",
+            input.display(),
+            args.out.display()
+        );
+    }
     let bytes: u64 = summary.manifest.shards.iter().map(|s| s.bytes).sum();
     println!(
         "wrote {} samples ({captions} captions) in {} shards, {} bytes; {} images re-encoded; skipped {}",

@@ -5,7 +5,7 @@ use std::ops::ControlFlow;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use vlp_data::caption::pre_caption;
+use vlp_data::caption::usable_captions;
 use vlp_data::fields::{parse_sample, FieldsConfig};
 use vlp_data::shard::read_shard;
 use vlp_data::spec::expand_spec;
@@ -43,7 +43,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     for url in &urls {
         let outcome = read_shard(url, 0, |raw| {
             match parse_sample(raw, &fields) {
-                Ok(s) => captions.extend(s.captions.iter().map(|c| pre_caption(c, args.max_words))),
+                // Trained on what the loader will tokenise: usable captions, cleaned.
+                Ok(s) => captions.extend(usable_captions(&s.captions, args.max_words)),
                 Err(_) => skipped += 1,
             }
             ControlFlow::Continue(())

@@ -274,3 +274,32 @@ fn a_tokenizer_that_does_not_fit_the_model_is_refused() {
         "{stderr}"
     );
 }
+
+/// A caption of punctuation only is no caption, by the training loader's rule: its sample
+/// is skipped and counted, not scored as an image with an empty text.
+#[test]
+fn a_punctuation_only_caption_is_skipped_as_training_skips_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (ckpt, tok) = checkpoint(d);
+    let (_, members) = good_sample(0, 7);
+    let members = members
+        .into_iter()
+        .map(|(ext, bytes)| match ext.as_str() {
+            "txt" => (ext, b"!!! ... ?".to_vec()),
+            _ => (ext, bytes),
+        })
+        .collect();
+    let shard = eval_set(d, vec![("punct-key".to_string(), members)]);
+    let out = eval(d, &ckpt, &tok, &shard);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("punct-key"))
+        .expect(&stderr);
+    assert!(line.contains("no usable caption"), "{line}");
+    let report = report(&out);
+    assert_eq!(report["skipped_samples"], 1, "{report}");
+    assert_eq!(report["itc"]["images"], 6, "{report}");
+}

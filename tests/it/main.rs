@@ -4,6 +4,5 @@ mod cli;
 mod common;
 mod convert;
 mod eval;
-mod loader;
 mod pretrain;
 mod shards_write;

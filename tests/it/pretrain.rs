@@ -791,3 +791,38 @@ fn errors_name_their_cause_once() {
     assert!(err.contains("no-such-recipe.toml"), "{err}");
     assert_eq!(err.matches("No such file").count(), 1, "{err}");
 }
+
+/// Data that can never make a batch (every shard missing, or fewer samples than one
+/// batch) with `total_steps` set: a clear error within seconds, not an endless loop of
+/// empty epochs.
+#[test]
+fn pretrain_without_a_possible_batch_stops_at_once_saying_why() {
+    let fx = Fixture::new(64);
+    for (sets, why) in [
+        (
+            vec![
+                "data.shards=\"missing-{000000..000003}.tar\"",
+                "run.out_dir=\"a\"",
+            ],
+            "missing",
+        ),
+        (
+            vec!["data.batch_size=100", "run.out_dir=\"b\""],
+            "no batch of 100",
+        ),
+    ] {
+        let mut sets = sets;
+        sets.extend(["eval.sets=[]", "optim.total_steps=5"]);
+        let start = Instant::now();
+        let out = fx.pretrain(&sets, false);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "took {:?}",
+            start.elapsed()
+        );
+        assert!(err.contains("no batch") && err.contains(why), "{err}");
+        assert!(err.len() < 20_000, "the log grew: {} bytes", err.len());
+    }
+}

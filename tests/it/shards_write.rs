@@ -6,6 +6,11 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use vlp_data::image_ops::{EvalTransform, ImageTransform};
+use vlp_data::loader::{Loader, LoaderConfig};
+
+use crate::common::{all_batches, small_cfg, tokenizer, vlp_bin};
+
 fn vlp(args: &[&str], cwd: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_vlp"))
         .args(args)
@@ -657,4 +662,174 @@ fn python_webdataset_reads_the_shards() {
         d,
     );
     python_check(&python, &d.join("py/jpg-000000.tar").to_string_lossy(), 3);
+}
+
+#[test]
+fn shards_written_by_vlp_read_back_identically() {
+    use vlp_data::image_ops::{Normalization, CLIP_MEAN, CLIP_STD};
+    use vlp_data::loader::CaptionChoice;
+    let dir = tempfile::tempdir().unwrap();
+    let mut records = Vec::new();
+    let mut originals = Vec::new();
+    for i in 0..7u32 {
+        let img = image::RgbImage::from_fn(8, 8, |x, y| {
+            image::Rgb([(x * 30) as u8, (y * 30) as u8, (i * 35) as u8])
+        });
+        let name = format!("img{i}.png");
+        img.save(dir.path().join(&name)).unwrap();
+        originals.push(img);
+        records.push(serde_json::json!({
+            "image": name,
+            "caption": [format!("Caption {i}, first!"), format!("caption {i} second")],
+            "image_id": format!("id{i}"),
+        }));
+    }
+    let ann = dir.path().join("ann.json");
+    std::fs::write(&ann, serde_json::to_string(&records).unwrap()).unwrap();
+    let prefix = dir.path().join("out/rt");
+    let status = std::process::Command::new(vlp_bin())
+        .args([
+            "shards",
+            "write",
+            "--json",
+            ann.to_str().unwrap(),
+            "--out",
+            prefix.to_str().unwrap(),
+            "--per-shard",
+            "3",
+        ])
+        .env("RUST_LOG", "warn")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let spec = format!("{}-{{000000..000002}}.tar", prefix.display());
+    let cfg = LoaderConfig {
+        workers: 1,
+        batch_size: 7,
+        shuffle_shards: false,
+        shuffle_buffer: 1,
+        caption_choice: CaptionChoice::First,
+        image: ImageTransform::Eval(EvalTransform { size: 8 }),
+        normalization: Normalization::Clip,
+        ..small_cfg()
+    };
+    let mut loader = Loader::new(&spec, cfg, tokenizer(16)).unwrap();
+    assert_eq!(loader.samples_in_epoch(0), Some(7), "from the manifest");
+    let batches = all_batches(&mut loader);
+    assert_eq!(batches.len(), 1);
+    let b = &batches[0];
+    assert_eq!(
+        b.captions,
+        (0..7)
+            .map(|i| format!("caption {i} first"))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        b.image_ids,
+        (0..7).map(|i| format!("id{i}")).collect::<Vec<_>>()
+    );
+    let pixels = b.images.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for (i, img) in originals.iter().enumerate() {
+        for c in 0..3 {
+            for (p, px) in img.pixels().enumerate() {
+                let expected = (px[c] as f32 / 255.0 - CLIP_MEAN[c]) / CLIP_STD[c];
+                let got = pixels[i * 192 + c * 64 + p];
+                assert!(
+                    (got - expected).abs() < 1e-5,
+                    "sample {i} channel {c} pixel {p}: {got} vs {expected}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn write_skips_undecodable_images_unless_strict() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    png(d, "a.png", 3, 3);
+    png(d, "b.png", 4, 3);
+    fs::write(d.join("broken.jpg"), b"\xff\xd8 this is not a jpeg").unwrap();
+    fs::write(d.join("zero.png"), b"").unwrap();
+    fs::write(
+        d.join("ann.json"),
+        r#"[{"image": "a.png", "caption": "one"}, {"image": "broken.jpg", "caption": "two"},
+            {"image": "zero.png", "caption": "three"}, {"image": "b.png", "caption": "four"}]"#,
+    )
+    .unwrap();
+    let stdout = vlp_ok(
+        &["shards", "write", "--json", "ann.json", "--out", "o/x"],
+        d,
+    );
+    assert!(
+        stdout.contains("wrote 2 samples")
+            && stdout.contains("skipped 2 images that cannot be used: bad_image=2")
+            && stdout.contains("broken.jpg")
+            && stdout.contains("zero.png"),
+        "{stdout}"
+    );
+    assert_eq!(manifest(&d.join("o/x-manifest.json"))["samples"], 2);
+
+    let out = vlp(
+        &[
+            "shards", "write", "--json", "ann.json", "--out", "s/x", "--strict",
+        ],
+        d,
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("broken.jpg") && err.contains("bad_image"),
+        "{err}"
+    );
+}
+
+#[test]
+fn inspect_fails_when_no_shard_can_be_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = vlp(&["shards", "inspect", "gone-{0..2}.tar"], d);
+    assert!(!out.status.success(), "every shard missing must fail");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("none of the 3 shards gave a sample") && err.contains("missing_shard=3"),
+        "{err}"
+    );
+    // One readable shard among missing ones: a report, not a failure.
+    png(d, "a.png", 3, 3);
+    fs::write(
+        d.join("ann.json"),
+        r#"[{"image": "a.png", "caption": "one"}]"#,
+    )
+    .unwrap();
+    vlp_ok(
+        &["shards", "write", "--json", "ann.json", "--out", "ok/x"],
+        d,
+    );
+    let stdout = vlp_ok(&["shards", "inspect", "ok/x-000000.tar::gone-0.tar"], d);
+    assert!(stdout.contains("missing_shard=1"), "{stdout}");
+}
+
+#[test]
+fn inspect_counts_punctuation_only_captions_as_unusable() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    png(d, "a.png", 3, 3);
+    png(d, "b.png", 3, 4);
+    fs::write(
+        d.join("ann.json"),
+        r#"[{"image": "a.png", "caption": "!!! ..."}, {"image": "b.png", "caption": ["a dog", "?!"]}]"#,
+    )
+    .unwrap();
+    vlp_ok(
+        &["shards", "write", "--json", "ann.json", "--out", "p/x"],
+        d,
+    );
+    let stdout = vlp_ok(&["shards", "inspect", "--json", "p/x-000000.tar"], d);
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let total = &report["total"];
+    assert_eq!(total["samples"], 2, "{total}");
+    assert_eq!(total["good"], 1, "{total}");
+    assert_eq!(total["captions"], 1, "{total}");
+    assert_eq!(total["skipped"]["missing_caption"], 1, "{total}");
 }

@@ -36,6 +36,25 @@ pub fn pre_caption(caption: &str, max_words: usize) -> String {
     }
 }
 
+/// Whether a caption cleaned by [`pre_caption`] can be trained or evaluated on: it must
+/// keep a character other than whitespace. Punctuation-only captions (`"!!! ..."`) clean to
+/// nothing and are not usable; raw captions must be cleaned first, because cleaning is what
+/// removes the punctuation.
+pub fn is_usable(cleaned: &str) -> bool {
+    cleaned.chars().any(|c| !c.is_whitespace())
+}
+
+/// The usable captions of `raw`, cleaned with [`pre_caption`], in their order.
+pub fn usable_captions<'a>(
+    raw: impl IntoIterator<Item = &'a String>,
+    max_words: usize,
+) -> Vec<String> {
+    raw.into_iter()
+        .map(|c| pre_caption(c, max_words))
+        .filter(|c| is_usable(c))
+        .collect()
+}
+
 fn flush_whitespace(out: &mut String, run: &mut Vec<char>) {
     match run.len() {
         0 => {}
@@ -70,5 +89,21 @@ mod tests {
             "grinning face face grin"
         );
         assert_eq!(pre_caption("", 30), "");
+    }
+
+    #[test]
+    fn punctuation_only_captions_are_not_usable() {
+        for raw in ["!!! ...", "?!", "-- / --", "\"()\"", " \t\n "] {
+            assert!(!is_usable(&pre_caption(raw, 30)), "{raw:?}");
+        }
+        for raw in ["a", "A dog!", "&", "1"] {
+            assert!(is_usable(&pre_caption(raw, 30)), "{raw:?}");
+        }
+        let raw = [
+            "!!!".to_string(),
+            "Two dogs.".to_string(),
+            "...".to_string(),
+        ];
+        assert_eq!(usable_captions(&raw, 30), ["two dogs"]);
     }
 }

@@ -1,5 +1,9 @@
 //! The one error type of `vlp-data`: every variant names the shard, sample key, file or
 //! option that caused it, so a user can act on the message without a debugger.
+//!
+//! A variant that wraps another error keeps it as its `source` and leaves it out of its
+//! own message: the CLI prints the whole chain (`outer: inner`), so writing the source
+//! into the message too would print it twice.
 
 use std::path::PathBuf;
 
@@ -15,7 +19,7 @@ pub enum DataError {
     NoShards { spec: String },
 
     /// Reading or opening a file failed.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         path: PathBuf,
         #[source]
@@ -51,11 +55,21 @@ pub enum DataError {
     Input { source_name: String, reason: String },
 
     /// Building a tensor failed.
-    #[error("tensor: {0}")]
+    #[error("building a batch tensor")]
     Tensor(#[from] candle_core::Error),
 
+    /// An epoch ended without a single batch (or, in resampled mode, shard after shard
+    /// gave no usable sample): every shard missing, empty, corrupt or failing, or fewer
+    /// usable samples than a batch. Training on would wait forever.
+    #[error("epoch {epoch} gave no batch of {batch_size}: {detail}; nothing to train on")]
+    NoBatch {
+        epoch: u64,
+        batch_size: usize,
+        detail: String,
+    },
+
     /// JSON could not be read or written (manifest, loader state).
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Json {
         what: String,
         #[source]
@@ -81,3 +95,33 @@ impl DataError {
 
 /// Result alias of the data crate.
 pub type Result<T, E = DataError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The message as the CLI prints it: each error of the chain once, joined by `: `.
+    fn chain(err: &dyn std::error::Error) -> String {
+        let mut parts = vec![err.to_string()];
+        let mut source = err.source();
+        while let Some(e) = source {
+            parts.push(e.to_string());
+            source = e.source();
+        }
+        parts.join(": ")
+    }
+
+    #[test]
+    fn a_wrapped_cause_is_printed_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let err = DataError::io("/data/train-000000.tar", io);
+        assert_eq!(chain(&err), "/data/train-000000.tar: no such file");
+        let json = serde_json::from_str::<serde_json::Value>("{").unwrap_err();
+        let err = DataError::Json {
+            what: "manifest m.json".into(),
+            source: json,
+        };
+        let text = chain(&err);
+        assert_eq!(text.matches("EOF").count(), 1, "{text}");
+    }
+}

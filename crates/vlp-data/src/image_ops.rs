@@ -124,6 +124,15 @@ pub fn image_dimensions(bytes: &[u8]) -> Result<(u32, u32), DecodeError> {
     reader.into_dimensions().map_err(corrupt)
 }
 
+/// Width and height from the image header, refused as [`DecodeError::TooLarge`] above
+/// `max_pixels` (and as corrupt when empty): the check [`decode_rgb`] makes before
+/// decoding, for callers that keep the encoded bytes.
+pub fn checked_dimensions(bytes: &[u8], max_pixels: u64) -> Result<(u32, u32), DecodeError> {
+    let (width, height) = image_dimensions(bytes)?;
+    check_pixels(width, height, max_pixels)?;
+    Ok((width, height))
+}
+
 /// Decodes JPEG, PNG or WebP bytes to 8-bit RGB.
 ///
 /// The header is parsed first and an image of more than `max_pixels` pixels is refused with
@@ -553,7 +562,7 @@ fn write_chw(img: &RgbImage, lut: &[[f32; 256]; 3], flip: bool, out: &mut [Maybe
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn write_chw_init(img: &RgbImage, lut: &[[f32; 256]; 3], flip: bool, out: &mut [f32]) {
@@ -985,6 +994,15 @@ mod tests {
         !crc
     }
 
+    /// An RGB PNG of any declared size whose IDAT holds no valid data: reading its header
+    /// works, decoding pixels fails (ingest's tests use it too).
+    pub(crate) fn header_only_png(width: u32, height: u32) -> Vec<u8> {
+        let mut bytes = png_header(width, height, 2);
+        png_chunk(&mut bytes, b"IDAT", &[0x78, 0x01]);
+        png_chunk(&mut bytes, b"IEND", &[]);
+        bytes
+    }
+
     fn png_header(width: u32, height: u32, color_type: u8) -> Vec<u8> {
         let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
         let mut ihdr = Vec::new();
@@ -1051,9 +1069,7 @@ mod tests {
     fn huge_header_is_refused_before_decoding() {
         // Only a header: a 20000x20000 RGB PNG would need 1.2 GB. The IDAT holds no valid
         // data, so reaching the pixel decoder would give Corrupt, not TooLarge.
-        let mut bytes = png_header(20_000, 20_000, 2);
-        png_chunk(&mut bytes, b"IDAT", &[0x78, 0x01]);
-        png_chunk(&mut bytes, b"IEND", &[]);
+        let bytes = header_only_png(20_000, 20_000);
         assert!(matches!(
             decode_rgb(&bytes, u64::MAX),
             Err(DecodeError::Corrupt(_))

@@ -9,10 +9,11 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
 use crate::error::{DataError, Result};
+use crate::image_ops::{self, decode_rgb, DecodeError};
+use crate::stats::{SkipCounts, SkipReason};
 use crate::writer::{sample_key, Manifest, ShardWriter};
 
 /// One image with its captions.
@@ -579,6 +580,9 @@ pub struct EncodeOptions {
     pub resize_max: Option<u32>,
     /// JPEG quality, 1..=100.
     pub quality: u8,
+    /// Stop at the first image that cannot be used (undecodable, over the pixel limit)
+    /// instead of skipping it and counting it in [`WriteSummary::skipped`].
+    pub strict: bool,
 }
 
 impl Default for EncodeOptions {
@@ -587,6 +591,7 @@ impl Default for EncodeOptions {
             format: OutputFormat::Keep,
             resize_max: None,
             quality: 90,
+            strict: false,
         }
     }
 }
@@ -600,35 +605,57 @@ pub fn prepare_image(
     source_name: &str,
     opts: &EncodeOptions,
 ) -> Result<(&'static str, Vec<u8>)> {
-    prepare(bytes, source_name, opts).map(|(ext, out, _)| (ext, out))
+    prepare(bytes, opts)
+        .map(|(ext, out, _)| (ext, out))
+        .map_err(|unusable| input_err(source_name, unusable.detail))
 }
 
-/// [`prepare_image`], also saying whether the image was re-encoded.
+/// Why an image cannot go into a shard: the skip reason it is counted under, and a message.
+struct Unusable {
+    reason: SkipReason,
+    detail: String,
+}
+
+impl From<DecodeError> for Unusable {
+    fn from(e: DecodeError) -> Self {
+        let reason = match e {
+            DecodeError::TooLarge { .. } => SkipReason::ImageTooLarge,
+            DecodeError::Corrupt(_) => SkipReason::BadImage,
+        };
+        Unusable {
+            reason,
+            detail: e.to_string(),
+        }
+    }
+}
+
+/// [`prepare_image`], also saying whether the image was re-encoded. The header is checked
+/// and pixels are decoded by the loader's own guarded decoder, with its pixel limit, so a
+/// shard never holds an image the loader would refuse for its size, and a decompression
+/// bomb among the inputs is refused before anything is allocated.
 fn prepare(
     bytes: Vec<u8>,
-    source_name: &str,
     opts: &EncodeOptions,
-) -> Result<(&'static str, Vec<u8>, bool)> {
+) -> std::result::Result<(&'static str, Vec<u8>, bool), Unusable> {
     use image::ImageFormat;
-    let bad = |reason: String| input_err(source_name, reason);
-    let format =
-        image::guess_format(&bytes).map_err(|_| bad("not a JPEG, PNG or WebP image".into()))?;
-    let src_ext = match format {
-        ImageFormat::Jpeg => "jpg",
-        ImageFormat::Png => "png",
-        ImageFormat::WebP => "webp",
-        other => {
-            return Err(bad(format!(
-                "{other:?} images are not supported (JPEG, PNG or WebP)"
-            )))
+    let src_ext = match image::guess_format(&bytes) {
+        Ok(ImageFormat::Jpeg) => "jpg",
+        Ok(ImageFormat::Png) => "png",
+        Ok(ImageFormat::WebP) => "webp",
+        Ok(other) => {
+            return Err(Unusable {
+                reason: SkipReason::BadImage,
+                detail: format!("{other:?} images are not supported (JPEG, PNG or WebP)"),
+            })
+        }
+        Err(_) => {
+            return Err(Unusable {
+                reason: SkipReason::BadImage,
+                detail: "not a JPEG, PNG or WebP image".into(),
+            })
         }
     };
-    let (w, h) = image::ImageReader::with_format(Cursor::new(&bytes), format)
-        .into_dimensions()
-        .map_err(|e| bad(format!("cannot read the image header: {e}")))?;
-    if w == 0 || h == 0 {
-        return Err(bad(format!("image is {w}x{h}")));
-    }
+    let (w, h) = image_ops::checked_dimensions(&bytes, vlp_core::MAX_IMAGE_PIXELS)?;
     let target = opts.resize_max.filter(|&m| w.max(h) > m).map(|m| {
         let scale =
             |a: u32, b: u32| ((a as u64 * m as u64 + b as u64 / 2) / b as u64).max(1) as u32;
@@ -648,33 +675,16 @@ fn prepare(
     if target.is_none() && opts.format == OutputFormat::Keep {
         return Ok((src_ext, bytes, false));
     }
-    let decoded = image::load_from_memory_with_format(&bytes, format)
-        .map_err(|e| bad(format!("cannot decode: {e}")))?;
+    let mut rgb = decode_rgb(&bytes, vlp_core::MAX_IMAGE_PIXELS)?;
     drop(bytes);
-    let mut rgb = flatten_on_white(decoded);
     if let Some((tw, th)) = target {
         rgb = image::imageops::resize(&rgb, tw, th, image::imageops::FilterType::Lanczos3);
     }
-    let encoded =
-        encode_rgb(&rgb, out_ext, opts.quality).map_err(|e| bad(format!("cannot encode: {e}")))?;
+    let encoded = encode_rgb(&rgb, out_ext, opts.quality).map_err(|e| Unusable {
+        reason: SkipReason::BadImage,
+        detail: format!("cannot encode: {e}"),
+    })?;
     Ok((out_ext, encoded, true))
-}
-
-/// RGB version of an image; pixels with alpha are composited onto white.
-pub fn flatten_on_white(img: image::DynamicImage) -> image::RgbImage {
-    if !img.color().has_alpha() {
-        return img.into_rgb8();
-    }
-    let rgba = img.into_rgba8();
-    let (w, h) = rgba.dimensions();
-    let mut out = image::RgbImage::new(w, h);
-    for (o, p) in out.pixels_mut().zip(rgba.pixels()) {
-        let a = p[3] as u32;
-        for c in 0..3 {
-            o[c] = ((p[c] as u32 * a + 255 * (255 - a) + 127) / 255) as u8;
-        }
-    }
-    out
 }
 
 /// Encodes an RGB image as `jpg` (with `quality`), `png` or `webp` (lossless).
@@ -712,6 +722,24 @@ pub struct WriteSummary {
     pub manifest_path: PathBuf,
     /// Images that were resized or re-encoded rather than stored as they were.
     pub reencoded: u64,
+    /// Records left out because their image could not be used, by reason.
+    pub skipped: SkipCounts,
+    /// The first [`LISTED_SKIPS`] of them, in record order.
+    pub skipped_images: Vec<SkippedImage>,
+}
+
+/// How many skipped images [`WriteSummary::skipped_images`] lists (all are counted).
+pub const LISTED_SKIPS: usize = 20;
+
+/// A record whose image could not go into a shard.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SkippedImage {
+    /// The image file.
+    pub image: PathBuf,
+    /// The record's image path as the input wrote it.
+    pub source: String,
+    pub reason: SkipReason,
+    pub detail: String,
 }
 
 /// Writes records as shards under `prefix`: keys `000000000`, `000000001`, ... in record
@@ -737,14 +765,19 @@ pub fn write_records(
     let mut writer = ShardWriter::create(prefix, samples_per_shard)?;
     let manifest_path = writer.manifest_path();
     let mut reencoded = 0;
-    let prepare = |rec: &Record| -> Result<(&'static str, Vec<u8>, bool)> {
+    let mut skipped = SkipCounts::default();
+    let mut skipped_images = Vec::new();
+    // A file that cannot be read is an I/O failure and always stops the write; an image
+    // that cannot be used is the input's problem and is skipped unless `strict`.
+    type Prepared = std::result::Result<(&'static str, Vec<u8>, bool), Unusable>;
+    let prepare = |rec: &Record| -> Result<Prepared> {
         let bytes = fs::read(&rec.image).map_err(|e| DataError::io(&rec.image, e))?;
-        prepare(bytes, &rec.image.display().to_string(), opts)
+        Ok(prepare(bytes, opts))
     };
     let chunk = threads * 16;
     let mut index = 0u64;
     for batch in records.chunks(chunk) {
-        let prepared: Vec<Result<(&'static str, Vec<u8>, bool)>> = if threads == 1 {
+        let prepared: Vec<Result<Prepared>> = if threads == 1 {
             batch.iter().map(prepare).collect()
         } else {
             let per = batch.len().div_ceil(threads);
@@ -760,7 +793,36 @@ pub fn write_records(
             })
         };
         for (rec, result) in batch.iter().zip(prepared) {
-            let (ext, bytes, changed) = result?;
+            let (ext, bytes, changed) = match result? {
+                Ok(prepared) => prepared,
+                Err(unusable) if opts.strict => {
+                    return Err(input_err(
+                        format!("{} (record `{}`)", rec.image.display(), rec.source),
+                        format!("{}: {}", unusable.reason, unusable.detail),
+                    ))
+                }
+                Err(unusable) => {
+                    if skipped.samples() < 10 {
+                        tracing::warn!(
+                            image = %rec.image.display(),
+                            reason = %unusable.reason,
+                            "skipping record `{}`: {}",
+                            rec.source,
+                            unusable.detail
+                        );
+                    }
+                    skipped.add(unusable.reason);
+                    if skipped_images.len() < LISTED_SKIPS {
+                        skipped_images.push(SkippedImage {
+                            image: rec.image.clone(),
+                            source: rec.source.clone(),
+                            reason: unusable.reason,
+                            detail: unusable.detail,
+                        });
+                    }
+                    continue;
+                }
+            };
             if changed {
                 reencoded += 1;
             }
@@ -780,6 +842,8 @@ pub fn write_records(
         manifest,
         manifest_path,
         reencoded,
+        skipped,
+        skipped_images,
     })
 }
 
@@ -810,6 +874,7 @@ mod tests {
     }
 
     use super::*;
+    use std::io::Cursor;
 
     fn png(dir: &Path, rel: &str, w: u32, h: u32) -> PathBuf {
         let p = dir.join(rel);
@@ -1047,6 +1112,7 @@ mod tests {
             format: OutputFormat::Jpg,
             resize_max: Some(10),
             quality: 90,
+            strict: false,
         };
         let (ext, out) = prepare_image(png_bytes.clone(), "x", &to_jpg).unwrap();
         assert_eq!(ext, "jpg");
@@ -1100,5 +1166,79 @@ mod tests {
             1
         )
         .is_err());
+    }
+
+    #[test]
+    fn an_over_limit_header_is_refused_before_decoding() {
+        // 100,000 x 100,000 declared in the header: far over the pixel limit. Whether kept
+        // or re-encoded, the image is refused from the header with the size in the message.
+        let huge = crate::image_ops::tests::header_only_png(100_000, 100_000);
+        for opts in [
+            EncodeOptions::default(),
+            EncodeOptions {
+                format: OutputFormat::Jpg,
+                ..Default::default()
+            },
+        ] {
+            let e = prepare_image(huge.clone(), "bomb.png", &opts)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("bomb.png") && e.contains("more than the limit"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn write_records_skips_unusable_images_unless_strict() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut records: Vec<Record> = (0..3)
+            .map(|i| Record {
+                image: png(dir.path(), &format!("{i}.png"), 4, 4),
+                captions: vec![format!("c{i}")],
+                image_id: None,
+                source: format!("{i}.png"),
+            })
+            .collect();
+        let garbage = dir.path().join("garbage.jpg");
+        fs::write(&garbage, b"not an image").unwrap();
+        let bomb = dir.path().join("bomb.png");
+        fs::write(
+            &bomb,
+            crate::image_ops::tests::header_only_png(100_000, 100_000),
+        )
+        .unwrap();
+        for (at, path) in [(1, &garbage), (3, &bomb)] {
+            records.insert(
+                at,
+                Record {
+                    image: path.clone(),
+                    captions: vec!["bad".into()],
+                    image_id: None,
+                    source: path.file_name().unwrap().to_string_lossy().into(),
+                },
+            );
+        }
+        let opts = EncodeOptions::default();
+        let got = write_records(&records, dir.path().join("o/x"), 2, &opts, 2).unwrap();
+        assert_eq!(got.manifest.samples, 3);
+        assert_eq!(got.skipped.get(SkipReason::BadImage), 1);
+        assert_eq!(got.skipped.get(SkipReason::ImageTooLarge), 1);
+        let listed: Vec<&str> = got
+            .skipped_images
+            .iter()
+            .map(|s| s.source.as_str())
+            .collect();
+        assert_eq!(listed, ["garbage.jpg", "bomb.png"]);
+
+        let strict = EncodeOptions {
+            strict: true,
+            ..Default::default()
+        };
+        let e = write_records(&records, dir.path().join("s/x"), 2, &strict, 2)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("garbage.jpg") && e.contains("bad_image"), "{e}");
     }
 }

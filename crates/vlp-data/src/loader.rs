@@ -20,10 +20,10 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use crate::caption::pre_caption;
+use crate::caption::usable_captions;
 use crate::error::{DataError, Result};
 use crate::fields::{parse_sample, FieldsConfig};
 use crate::image_ops::{
@@ -213,6 +213,10 @@ pub struct WorkerState {
     pub done: bool,
     /// Samples delivered in batches this epoch.
     pub delivered: u64,
+    /// Samples read from shards this epoch, good or bad (for the no-batch error).
+    /// Defaults to 0 so that states saved before it existed still load.
+    #[serde(default)]
+    pub read: u64,
     /// Skips counted this epoch.
     pub skipped: SkipCounts,
 }
@@ -227,6 +231,7 @@ impl WorkerState {
             rng: Rng::new(seed),
             done: false,
             delivered: 0,
+            read: 0,
             skipped: SkipCounts::default(),
         }
     }
@@ -333,7 +338,7 @@ impl Loader {
         cfg.validate()?;
         if urls.is_empty() {
             return Err(DataError::NoShards {
-                spec: String::new(),
+                spec: "(an empty shard list)".into(),
             });
         }
         let slots = cfg.world_size * cfg.workers;
@@ -466,7 +471,7 @@ impl Loader {
             }
             if self.running.is_none() {
                 if self.state.workers.iter().all(|w| w.done) {
-                    self.end_epoch();
+                    self.end_epoch()?;
                     continue;
                 }
                 self.running = Some(self.spawn());
@@ -484,7 +489,7 @@ impl Loader {
                     self.state.workers[w] = *after;
                     if self.state.workers.iter().all(|s| s.done) {
                         self.running = None;
-                        self.end_epoch();
+                        self.end_epoch()?;
                     } else {
                         self.advance_worker();
                     }
@@ -516,14 +521,19 @@ impl Loader {
         }
     }
 
-    fn end_epoch(&mut self) {
+    /// Closes the epoch: logs its summary and sets up the next one. An epoch that handed
+    /// out no batch at all is an error: the next one would read the same shards and give
+    /// nothing again, so without it a training loop would wait forever on empty epochs.
+    fn end_epoch(&mut self) -> Result<()> {
         let mut summary = EpochSummary {
             epoch: self.state.epoch,
             batches: self.batches_this_epoch,
             ..Default::default()
         };
+        let mut read = 0;
         for w in &self.state.workers {
             summary.samples += w.delivered;
+            read += w.read;
             summary.skipped.merge(&w.skipped);
         }
         tracing::info!(
@@ -534,6 +544,18 @@ impl Loader {
             summary.batches,
             summary.skipped
         );
+        // `delivered` survives a restore, unlike `batches_this_epoch`: a state saved after
+        // the last batch of an epoch must not look like an empty epoch.
+        if summary.samples == 0 {
+            self.finished = true;
+            let detail = self.no_batch_detail(read, &summary.skipped);
+            self.summaries.push(summary);
+            return Err(DataError::NoBatch {
+                epoch: self.state.epoch,
+                batch_size: self.cfg.batch_size,
+                detail,
+            });
+        }
         self.summaries.push(summary);
         self.state.epoch += 1;
         self.state.next_worker = 0;
@@ -542,6 +564,34 @@ impl Loader {
         if self.cfg.max_epochs.is_some_and(|m| self.state.epoch >= m) {
             self.finished = true;
         }
+        Ok(())
+    }
+
+    /// What an epoch without a batch read, and the likely reason, for [`DataError::NoBatch`].
+    fn no_batch_detail(&self, read: u64, skipped: &SkipCounts) -> String {
+        let usable = read.saturating_sub(skipped.samples());
+        let mut detail = format!(
+            "rank {}: {read} samples read, {} of them skipped; skipped: {}",
+            self.cfg.rank,
+            skipped.samples(),
+            skipped
+        );
+        let slots = self.cfg.world_size * self.cfg.workers;
+        if self.urls.len() <= self.cfg.rank * self.cfg.workers {
+            detail.push_str(&format!(
+                "; this rank got no shard: {} shards for {} ranks x {} workers",
+                self.urls.len(),
+                self.cfg.world_size,
+                self.cfg.workers
+            ));
+        } else if usable > 0 && self.cfg.drop_last {
+            detail.push_str(&format!(
+                "; {usable} usable samples never filled a batch of {} in one worker, and drop_last drops each worker's short last batch ({} shards over {slots} ranks x workers)",
+                self.cfg.batch_size,
+                self.urls.len()
+            ));
+        }
+        detail
     }
 
     fn spawn(&self) -> Running {
@@ -696,6 +746,18 @@ struct Worker {
     transformer: ImageTransformer,
     warn: WarnLimiter,
     tx: SyncSender<WorkerMsg>,
+    /// Resampled mode: shards drawn since the last sign of progress (a usable sample, or
+    /// the shuffle buffer growing), bounded by [`resampled_draw_limit`]. Not part of the
+    /// state: it only decides when to give up, never what a batch holds.
+    fruitless_draws: u64,
+}
+
+/// Resampled mode never ends an epoch, so "no batch" must be decided by counting draws:
+/// this many shards drawn in a row without a usable sample mean the shards hold none.
+/// With even one good shard in `n`, missing it `8n` times in a row has odds of about
+/// e^-8 (3 in 10,000); with more good shards they vanish.
+fn resampled_draw_limit(shards: usize) -> u64 {
+    (shards as u64).saturating_mul(8).max(64)
 }
 
 /// Why a worker stopped early.
@@ -717,6 +779,7 @@ fn run_worker(ctx: WorkerCtx, st: WorkerState, tx: SyncSender<WorkerMsg>) {
         transformer,
         warn: WarnLimiter::default(),
         tx,
+        fruitless_draws: 0,
     };
     match worker.run() {
         Ok(()) | Err(Halt::Stopped) => {}
@@ -753,6 +816,12 @@ impl Worker {
             }
             self.st.cursor += 1;
             self.st.offset = 0;
+            if let WorkerShards::Resampled { n, .. } = self.ctx.shards {
+                self.fruitless_draws += 1;
+                if self.fruitless_draws >= resampled_draw_limit(n) {
+                    return Err(Halt::Failed(self.no_usable_sample(n)));
+                }
+            }
         }
         // End of the epoch: drain the buffer in random order, then the last batch.
         while !self.buffer.is_empty() {
@@ -764,6 +833,24 @@ impl Worker {
         self.pending = Pending::new(&self.ctx.cfg);
         self.st.done = true;
         self.send_done()
+    }
+
+    /// The error of a resampled worker that drew [`resampled_draw_limit`] shards in a row
+    /// without a usable sample.
+    fn no_usable_sample(&self, shards: usize) -> DataError {
+        DataError::NoBatch {
+            epoch: self.ctx.epoch,
+            batch_size: self.ctx.cfg.batch_size,
+            detail: format!(
+                "resampled worker {} of rank {} drew {} of the {shards} shards in a row without a usable sample: {} samples read, {} of them skipped; skipped: {}",
+                self.ctx.worker,
+                self.ctx.cfg.rank,
+                self.fruitless_draws,
+                self.st.read,
+                self.st.skipped.samples(),
+                self.st.skipped
+            ),
+        }
     }
 
     fn send_done(&mut self) -> std::result::Result<(), Halt> {
@@ -835,6 +922,7 @@ impl Worker {
         if self.ctx.stop.load(Ordering::Relaxed) {
             return Err(Halt::Stopped);
         }
+        self.st.read += 1;
         self.st.buffer.push(SamplePos {
             cursor: self.st.cursor,
             index: raw.index,
@@ -845,6 +933,10 @@ impl Worker {
         let target = (cfg.shuffle_initial.max(1) as u64 + self.st.emitted).min(capacity);
         if self.buffer.len() as u64 >= target {
             self.pop_one()?;
+        } else {
+            // The sample waits in a growing buffer and may be good: that is progress. The
+            // buffer grows only up to its capacity, so this cannot postpone the limit forever.
+            self.fruitless_draws = 0;
         }
         Ok(())
     }
@@ -865,6 +957,7 @@ impl Worker {
         self.st.emitted += 1;
         match self.prepare(raw) {
             Ok(()) => {
+                self.fruitless_draws = 0;
                 if self.pending.len() == self.ctx.cfg.batch_size {
                     self.send_batch()?;
                 }
@@ -895,19 +988,22 @@ impl Worker {
             key: parsed.key.clone(),
             detail,
         };
+        // The choice is among usable captions only, so a sample counts as good exactly when
+        // `shards inspect` says so; with every caption usable the draw is the same as before.
+        let mut usable = usable_captions(&parsed.captions, cfg.max_words);
+        if usable.is_empty() {
+            return Err(skip(
+                SkipReason::MissingCaption,
+                "no caption is left after cleaning (punctuation or whitespace only)".into(),
+            ));
+        }
         let choice = match cfg.caption_choice {
-            CaptionChoice::Random if parsed.captions.len() > 1 => {
-                self.st.rng.below(parsed.captions.len() as u64) as usize
+            CaptionChoice::Random if usable.len() > 1 => {
+                self.st.rng.below(usable.len() as u64) as usize
             }
             _ => 0,
         };
-        let caption = pre_caption(&parsed.captions[choice], cfg.max_words);
-        if caption.is_empty() {
-            return Err(skip(
-                SkipReason::MissingCaption,
-                "caption is empty after cleaning".into(),
-            ));
-        }
+        let caption = usable.swap_remove(choice);
         let image = decode_rgb(&parsed.image_bytes, cfg.max_pixels).map_err(|e| match e {
             DecodeError::TooLarge { .. } => skip(SkipReason::ImageTooLarge, e.to_string()),
             DecodeError::Corrupt(_) => skip(SkipReason::BadImage, e.to_string()),
@@ -943,8 +1039,10 @@ impl Worker {
         let b = p.len();
         let s = self.ctx.cfg.image_size();
         let encoded = self.ctx.tokenizer.encode_batch(&p.captions)?;
-        let (input_ids, attention_mask) = encoded.to_tensors(&Device::Cpu)?;
-        let images = Tensor::from_vec(p.images, (b, 3, s, s), &Device::Cpu)?;
+        // Batches are built on the host; the training loop moves them to its device.
+        let host = vlp_core::device::host();
+        let (input_ids, attention_mask) = encoded.to_tensors(&host)?;
+        let images = Tensor::from_vec(p.images, (b, 3, s, s), &host)?;
         Ok(Batch {
             images,
             input_ids,

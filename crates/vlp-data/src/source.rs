@@ -49,8 +49,8 @@ impl std::fmt::Display for OpenError {
 pub fn open_shard(url: &ShardUrl) -> Result<ShardStream, OpenError> {
     match url {
         ShardUrl::Local(path) => {
-            let file = File::open(path)
-                .map_err(|e| OpenError::Missing(format!("cannot open {}: {e}", path.display())))?;
+            let file =
+                File::open(path).map_err(|e| OpenError::Missing(format!("cannot open: {e}")))?;
             Ok(ShardStream {
                 reader: Box::new(BufReader::with_capacity(1 << 20, file)),
                 child: None,
@@ -170,6 +170,17 @@ mod tests {
             Err(OpenError::Missing(m)) => m,
             _ => panic!("expected Missing"),
         };
-        assert!(err.contains("/nonexistent/x.tar"));
+        assert!(err.contains("cannot open"), "{err}");
+        // The shard is named once, by the problem's url, not again inside its detail.
+        let url = ShardUrl::Local("/nonexistent/x.tar".into());
+        let problem = crate::shard::read_shard(&url, 0, |_| std::ops::ControlFlow::Continue(()))
+            .problem
+            .expect("a missing shard is a problem");
+        let message = problem.into_error().to_string();
+        assert_eq!(
+            message.matches("/nonexistent/x.tar").count(),
+            1,
+            "{message}"
+        );
     }
 }

@@ -78,6 +78,16 @@ pub fn expand_spec(spec: &str) -> Result<Vec<ShardUrl>> {
                     });
                 }
                 urls.extend(tars.into_iter().map(ShardUrl::Local));
+            } else if !path.exists() && expanded.contains(['*', '?', '[']) {
+                // Globs are not expanded (shells do that); an unexpanded one names no file,
+                // and every shard would be reported missing only once reading starts.
+                return Err(DataError::Spec {
+                    spec: spec.to_string(),
+                    reason: format!(
+                        "`{expanded}` matches no file: wildcards are not expanded; \
+                         give the directory or a brace range such as `train-{{000000..000099}}.tar`"
+                    ),
+                });
             } else {
                 urls.push(ShardUrl::Local(path));
             }
@@ -221,5 +231,17 @@ mod tests {
                 ShardUrl::Local(dir.path().join("00001.tar")),
             ]
         );
+    }
+
+    #[test]
+    fn a_glob_or_an_empty_directory_is_refused_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = expand_spec(dir.path().to_str().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(empty.contains("holds no .tar file"), "{empty}");
+        let glob = format!("{}/*.tar", dir.path().display());
+        let e = expand_spec(&glob).unwrap_err().to_string();
+        assert!(e.contains("*.tar") && e.contains("wildcards"), "{e}");
     }
 }

@@ -262,7 +262,7 @@ mod tests {
         assert_eq!(&b.mask[6..], &[1; 6]);
         assert_eq!(&b.ids[3..6], &[0, 0, 0]);
         assert_eq!(b.ids[11], 3, "truncation keeps [SEP] last");
-        let (ids, mask) = b.to_tensors(&Device::Cpu).unwrap();
+        let (ids, mask) = b.to_tensors(&vlp_core::device::host()).unwrap();
         assert_eq!(ids.dims(), &[2, 6]);
         assert_eq!(mask.sum_all().unwrap().to_scalar::<u32>().unwrap(), 9);
     }

@@ -8,7 +8,7 @@ use std::ops::ControlFlow;
 use candle_core::{Device, Tensor};
 use vlp_core::device::host;
 use vlp_core::rng::Rng;
-use vlp_data::caption::pre_caption;
+use vlp_data::caption::usable_captions;
 use vlp_data::fields::{parse_sample, FieldsConfig};
 use vlp_data::image_ops::{
     decode_rgb, image_dimensions, EvalTransform, ImageTransform, ImageTransformer, Normalization,
@@ -136,6 +136,17 @@ impl EvalSet {
                         return ControlFlow::Continue(());
                     }
                 };
+                // Captions by the training loader's rule: one with nothing left after
+                // cleaning (punctuation only) is no caption; a sample without any is
+                // skipped, as the loader skips it.
+                let captions = usable_captions(&sample.captions, self.max_words);
+                if captions.is_empty() {
+                    if !decode {
+                        warn_skip(&sample.url, &sample.key, "no usable caption");
+                    }
+                    texts.skipped += 1;
+                    return ControlFlow::Continue(());
+                }
                 let index = match by_id.get(&sample.image_id) {
                     Some(&i) => i,
                     None => {
@@ -182,8 +193,8 @@ impl EvalSet {
                         i
                     }
                 };
-                for c in &sample.captions {
-                    texts.captions.push(pre_caption(c, self.max_words));
+                for c in captions {
+                    texts.captions.push(c);
                     texts.text_image.push(index);
                 }
                 ControlFlow::Continue(())

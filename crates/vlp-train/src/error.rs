@@ -13,7 +13,7 @@ pub enum TrainError {
     Device(#[from] vlp_core::device::DeviceError),
 
     /// The model refused an input or a parameter.
-    #[error("model: {0}")]
+    #[error(transparent)]
     Model(#[from] vlp_models::ModelError),
 
     /// A step input does not fit (batch sizes, replayed draws, dtypes).
@@ -25,11 +25,11 @@ pub enum TrainError {
     Config { field: String, reason: String },
 
     /// The data pipeline failed (shards, tokenizer, loader state).
-    #[error("data: {0}")]
+    #[error(transparent)]
     Data(#[from] vlp_data::DataError),
 
     /// The retrieval evaluation failed.
-    #[error("eval: {0}")]
+    #[error(transparent)]
     Eval(#[from] vlp_eval::EvalError),
 
     /// A recipe could not be read, overridden or validated; the message names the key.

@@ -6,31 +6,10 @@ use std::collections::{BTreeMap, HashSet};
 use vlp_data::image_ops::{EvalTransform, ImageTransform};
 use vlp_data::loader::{Batch, Loader, LoaderConfig, Mode};
 use vlp_data::stats::{BadDataPolicy, SkipReason};
+use vlp_data::DataError;
 
-use crate::common::*;
-
-fn small_cfg() -> LoaderConfig {
-    LoaderConfig {
-        batch_size: 4,
-        workers: 2,
-        shuffle_buffer: 8,
-        shuffle_initial: 3,
-        max_epochs: Some(1),
-        image: ImageTransform::Train(vlp_data::image_ops::TrainTransform {
-            randaugment: None,
-            ..vlp_data::image_ops::TrainTransform::albef_finetune(8)
-        }),
-        ..LoaderConfig::default()
-    }
-}
-
-fn all_batches(loader: &mut Loader) -> Vec<Batch> {
-    let mut out = Vec::new();
-    while let Some(b) = loader.next_batch().unwrap() {
-        out.push(b);
-    }
-    out
-}
+mod common;
+use common::*;
 
 fn captions(batches: &[Batch]) -> Vec<String> {
     batches.iter().flat_map(|b| b.captions.clone()).collect()
@@ -462,81 +441,143 @@ fn epoch_length_comes_from_the_manifest() {
     assert_eq!(loader.samples_in_epoch(0), Some(12));
 }
 
-#[test]
-fn shards_written_by_vlp_read_back_identically() {
-    use vlp_data::image_ops::{Normalization, CLIP_MEAN, CLIP_STD};
-    use vlp_data::loader::CaptionChoice;
-    let dir = tempfile::tempdir().unwrap();
-    let mut records = Vec::new();
-    let mut originals = Vec::new();
-    for i in 0..7u32 {
-        let img = image::RgbImage::from_fn(8, 8, |x, y| {
-            image::Rgb([(x * 30) as u8, (y * 30) as u8, (i * 35) as u8])
-        });
-        let name = format!("img{i}.png");
-        img.save(dir.path().join(&name)).unwrap();
-        originals.push(img);
-        records.push(serde_json::json!({
-            "image": name,
-            "caption": [format!("Caption {i}, first!"), format!("caption {i} second")],
-            "image_id": format!("id{i}"),
-        }));
+/// The training loader's settings (`vlp-train`'s pretrain: full batches only, no epoch
+/// limit), where a dataset without a single batch used to spin on empty epochs forever.
+fn training_cfg() -> LoaderConfig {
+    LoaderConfig {
+        drop_last: true,
+        max_epochs: None,
+        ..small_cfg()
     }
-    let ann = dir.path().join("ann.json");
-    std::fs::write(&ann, serde_json::to_string(&records).unwrap()).unwrap();
-    let prefix = dir.path().join("out/rt");
-    let status = std::process::Command::new(vlp_bin())
-        .args([
-            "shards",
-            "write",
-            "--json",
-            ann.to_str().unwrap(),
-            "--out",
-            prefix.to_str().unwrap(),
-            "--per-shard",
-            "3",
-        ])
-        .env("RUST_LOG", "warn")
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let spec = format!("{}-{{000000..000002}}.tar", prefix.display());
+}
+
+/// The loader's first answer, which must come within `limit` (run on a thread so that a
+/// hang fails the test instead of stalling it).
+fn first_answer(spec: String, cfg: LoaderConfig) -> Result<Option<usize>, DataError> {
+    let limit = std::time::Duration::from_secs(30);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let answer = Loader::new(&spec, cfg, tokenizer(16))
+            .and_then(|mut loader| loader.next_batch())
+            .map(|batch| batch.map(|b| b.len()));
+        let _ = tx.send(answer);
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("the loader gave no answer within {limit:?}"))
+}
+
+fn no_batch_error(spec: String, cfg: LoaderConfig) -> String {
+    match first_answer(spec, cfg) {
+        Err(e @ DataError::NoBatch { .. }) => e.to_string(),
+        other => panic!("expected a no-batch error, got {other:?}"),
+    }
+}
+
+#[test]
+fn all_shards_missing_is_an_error_not_an_endless_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = format!("{}/gone-{{0..3}}.tar", dir.path().display());
+    let e = no_batch_error(spec.clone(), training_cfg());
+    assert!(
+        e.contains("epoch 0 gave no batch of 4")
+            && e.contains("missing_shard=4")
+            && e.contains("nothing to train on"),
+        "{e}"
+    );
+    // Resampled mode never ends an epoch; it gives up after a bounded number of draws.
+    let resampled = LoaderConfig {
+        mode: Mode::Resampled,
+        ..training_cfg()
+    };
+    let e = no_batch_error(spec, resampled);
+    assert!(
+        e.contains("resampled") && e.contains("missing_shard"),
+        "{e}"
+    );
+}
+
+#[test]
+fn all_shards_empty_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..3 {
+        std::fs::write(dir.path().join(format!("e-{i}.tar")), b"").unwrap();
+    }
+    let spec = format!("{}/e-{{0..2}}.tar", dir.path().display());
+    let e = no_batch_error(spec, training_cfg());
+    assert!(e.contains("empty_shard=3"), "{e}");
+}
+
+#[test]
+fn all_shards_corrupt_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..3 {
+        std::fs::write(dir.path().join(format!("c-{i}.tar")), vec![0xAB; 3000]).unwrap();
+    }
+    let spec = format!("{}/c-{{0..2}}.tar", dir.path().display());
+    let e = no_batch_error(spec.clone(), training_cfg());
+    assert!(e.contains("corrupt_shard=3"), "{e}");
+    let resampled = LoaderConfig {
+        mode: Mode::Resampled,
+        ..training_cfg()
+    };
+    let e = no_batch_error(spec, resampled);
+    assert!(e.contains("corrupt_shard"), "{e}");
+}
+
+#[test]
+fn a_failing_pipe_is_an_error() {
+    let e = no_batch_error("pipe:false::pipe:false".into(), training_cfg());
+    assert!(e.contains("pipe_failed=2"), "{e}");
+}
+
+#[test]
+fn fewer_samples_than_a_batch_with_drop_last_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_dataset(dir.path(), 1, 3);
+    let e = no_batch_error(spec.clone(), training_cfg());
+    assert!(
+        e.contains("3 samples read") && e.contains("drop_last"),
+        "{e}"
+    );
+    // Without drop_last the short batch is a batch.
+    let keep_last = LoaderConfig {
+        drop_last: false,
+        ..training_cfg()
+    };
+    assert_eq!(first_answer(spec, keep_last).unwrap(), Some(3));
+}
+
+#[test]
+fn punctuation_only_captions_are_skipped_and_others_of_the_sample_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = |captions: &[&str]| serde_json::json!({ "caption": captions }).to_string();
+    let samples = vec![
+        (
+            "mixed".to_string(),
+            vec![
+                ("png".to_string(), png(6, 6, 1)),
+                (
+                    "json".to_string(),
+                    json(&["!!! ...", "a red square"]).into_bytes(),
+                ),
+            ],
+        ),
+        (
+            "noise".to_string(),
+            vec![
+                ("png".to_string(), png(6, 6, 2)),
+                ("json".to_string(), json(&["?!", "-- /"]).into_bytes()),
+            ],
+        ),
+    ];
+    write_tar(&dir.path().join("p.tar"), &samples);
     let cfg = LoaderConfig {
         workers: 1,
-        batch_size: 7,
-        shuffle_shards: false,
-        shuffle_buffer: 1,
-        caption_choice: CaptionChoice::First,
-        image: ImageTransform::Eval(EvalTransform { size: 8 }),
-        normalization: Normalization::Clip,
         ..small_cfg()
     };
-    let mut loader = Loader::new(&spec, cfg, tokenizer(16)).unwrap();
-    assert_eq!(loader.samples_in_epoch(0), Some(7), "from the manifest");
+    let mut loader = Loader::new(&path_str(&dir.path().join("p.tar")), cfg, tokenizer(16)).unwrap();
     let batches = all_batches(&mut loader);
-    assert_eq!(batches.len(), 1);
-    let b = &batches[0];
-    assert_eq!(
-        b.captions,
-        (0..7)
-            .map(|i| format!("caption {i} first"))
-            .collect::<Vec<_>>()
-    );
-    assert_eq!(
-        b.image_ids,
-        (0..7).map(|i| format!("id{i}")).collect::<Vec<_>>()
-    );
-    let pixels = b.images.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    for (i, img) in originals.iter().enumerate() {
-        for c in 0..3 {
-            for (p, px) in img.pixels().enumerate() {
-                let expected = (px[c] as f32 / 255.0 - CLIP_MEAN[c]) / CLIP_STD[c];
-                let got = pixels[i * 192 + c * 64 + p];
-                assert!(
-                    (got - expected).abs() < 1e-5,
-                    "sample {i} channel {c} pixel {p}: {got} vs {expected}"
-                );
-            }
-        }
-    }
+    assert_eq!(captions(&batches), ["a red square"]);
+    let skipped = &loader.epoch_summaries()[0].skipped;
+    assert_eq!(skipped.get(SkipReason::MissingCaption), 1, "{skipped}");
 }
