@@ -9,6 +9,7 @@
 use candle_core::{DType, IndexOp, Tensor, Var, D};
 use candle_nn::{Init, VarBuilder};
 
+use crate::attention::AttentionBackend;
 use crate::bert::{BertModel, FusionText};
 use crate::config::{AlbefConfig, Layout};
 use crate::error::{ModelError, Result};
@@ -75,10 +76,8 @@ impl AlbefModel {
         let (vh, th, e) = (cfg.vision.hidden, cfg.text.hidden, cfg.embed_dim);
 
         let (ovb, online) = params::recording(&vb, false);
-        let visual_encoder = VisionTransformer::new(&cfg.vision, ovb.pp("visual_encoder"))?
-            .with_attention(cfg.attention);
-        let text_encoder =
-            BertModel::new(&cfg.text, vh, ovb.pp("text_encoder"))?.with_attention(cfg.attention);
+        let visual_encoder = VisionTransformer::new(&cfg.vision, ovb.pp("visual_encoder"))?;
+        let text_encoder = BertModel::new(&cfg.text, vh, ovb.pp("text_encoder"))?;
         let vision_proj = Linear::load(ovb.pp("vision_proj"), vh, e, true)?;
         let text_proj = Linear::load(ovb.pp("text_proj"), th, e, true)?;
         let itm_head = Linear::load(ovb.pp("itm_head"), th, 2, true)?;
@@ -88,10 +87,8 @@ impl AlbefModel {
         // The twin gets detached views: its forwards build no autograd graph, and
         // `momentum_update` writes the recorded originals in place.
         let (mvb, momentum) = params::recording(&vb, true);
-        let visual_encoder_m = VisionTransformer::new(&cfg.vision, mvb.pp("visual_encoder_m"))?
-            .with_attention(cfg.attention);
-        let text_encoder_m =
-            BertModel::new(&cfg.text, vh, mvb.pp("text_encoder_m"))?.with_attention(cfg.attention);
+        let visual_encoder_m = VisionTransformer::new(&cfg.vision, mvb.pp("visual_encoder_m"))?;
+        let text_encoder_m = BertModel::new(&cfg.text, vh, mvb.pp("text_encoder_m"))?;
         let vision_proj_m = Linear::load(mvb.pp("vision_proj_m"), vh, e, true)?;
         let text_proj_m = Linear::load(mvb.pp("text_proj_m"), th, e, true)?;
         let momentum = pair_with_online(params::take(&momentum), &online)?;
@@ -146,6 +143,22 @@ impl AlbefModel {
 
     pub fn config(&self) -> &AlbefConfig {
         &self.cfg
+    }
+
+    /// Computes every attention of the model, online and momentum, with `backend`
+    /// (default [`AttentionBackend::Fused`]). A runtime choice, not a checkpoint field:
+    /// the backends compute the same function of the same weights.
+    pub fn with_attention(mut self, backend: AttentionBackend) -> Self {
+        self.visual_encoder = self.visual_encoder.with_attention(backend);
+        self.text_encoder = self.text_encoder.with_attention(backend);
+        self.visual_encoder_m = self.visual_encoder_m.with_attention(backend);
+        self.text_encoder_m = self.text_encoder_m.with_attention(backend);
+        self
+    }
+
+    /// The attention implementation in use (see [`AlbefModel::with_attention`]).
+    pub fn attention(&self) -> AttentionBackend {
+        self.text_encoder.attention()
     }
 
     pub fn visual_encoder(&self) -> &VisionTransformer {
@@ -897,7 +910,7 @@ mod tests {
         let mut at = Vec::new();
         for step in 1..=30 {
             model.clamp_temp().unwrap();
-            model.momentum_update(cfg.momentum).unwrap();
+            model.momentum_update(0.995).unwrap();
             let (_, image_feat_m) = model.encode_image_m(&images, true).unwrap();
             let (_, text_feat_m) = model.encode_text_m(&ids, &mask, true).unwrap();
             let loss = smoke_loss(&model, &images, &ids, &mask, true).unwrap();

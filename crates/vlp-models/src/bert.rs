@@ -296,7 +296,7 @@ impl BertModel {
                 .has_mlm_head
                 .then(|| MlmHead::new(cfg, vb.pp("cls").pp("predictions")))
                 .transpose()?,
-            backend: AttentionBackend::Fused,
+            backend: AttentionBackend::default(),
         })
     }
 
@@ -304,6 +304,11 @@ impl BertModel {
     pub fn with_attention(mut self, backend: AttentionBackend) -> Self {
         self.backend = backend;
         self
+    }
+
+    /// The attention implementation in use.
+    pub fn attention(&self) -> AttentionBackend {
+        self.backend
     }
 
     pub fn config(&self) -> &TextConfig {

@@ -88,7 +88,7 @@ impl VisionTransformer {
             )?,
             blocks,
             norm: LayerNorm::load(vb.pp("norm"), d, cfg.eps)?,
-            backend: AttentionBackend::Fused,
+            backend: AttentionBackend::default(),
         })
     }
 
@@ -100,6 +100,11 @@ impl VisionTransformer {
 
     pub fn config(&self) -> &VisionConfig {
         &self.cfg
+    }
+
+    /// The position embeddings, `[1, 1 + grid^2, D]` ([CLS] first).
+    pub fn pos_embed(&self) -> &Tensor {
+        &self.pos_embed
     }
 
     /// Patch embedding: the strided `Conv2d(3, D, P, stride P)` as patchify + one matmul

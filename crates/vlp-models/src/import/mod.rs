@@ -32,6 +32,7 @@ use candle_nn::{VarBuilder, VarMap};
 
 use crate::config::{AlbefConfig, Layout, TextConfig, VisionConfig};
 use crate::error::ModelError;
+use crate::load::{CONFIG_FILE, MODEL_FILE};
 
 pub use hf_config::HfArch;
 pub use names::Format;
@@ -198,7 +199,7 @@ fn hf_arch(
 }
 
 /// The full model config of an HF BLIP checkpoint: its architecture on `base`'s training
-/// settings (temperature, momentum, queue, attention, dropout).
+/// settings (temperature, queue, dropout).
 pub fn config_from_blip(arch: &HfArch, base: &AlbefConfig) -> Result<AlbefConfig, String> {
     let (Some(t), Some(v), Some(embed_dim)) = (&arch.text, &arch.vision, arch.embed_dim) else {
         return Err("the config lacks a text or vision part".into());
@@ -339,7 +340,7 @@ pub fn import_checkpoint(
         message,
     };
     let init_config = match &opts.init {
-        Some(dir) => Some(load_config(&dir.join("config.json"))?),
+        Some(dir) => Some(load_config(&dir.join(CONFIG_FILE))?),
         None => None,
     };
     let cfg = match (config.or(init_config.as_ref()), &arch) {
@@ -369,7 +370,7 @@ pub fn import_checkpoint(
     if let (Some(dir), Some(init_cfg)) = (&opts.init, &init_config) {
         if init_cfg != &cfg {
             return Err(ImportError::Config {
-                path: dir.join("config.json"),
+                path: dir.join(CONFIG_FILE),
                 message: "the initial model's config differs from the target config; \
                           leave out --preset/--config to use the initial model's"
                     .into(),
@@ -379,7 +380,7 @@ pub fn import_checkpoint(
 
     let varmap = fresh_model(&cfg)?;
     if let Some(dir) = &opts.init {
-        load_init(&varmap, &dir.join("model.safetensors"))?;
+        crate::load::load_into_varmap(&varmap, &dir.join(MODEL_FILE), cfg.vision.grid())?;
     }
     let target = target_shapes(&varmap);
     let shapes: Vec<(String, Vec<usize>)> = source
@@ -519,40 +520,6 @@ pub fn import_checkpoint(
     })
 }
 
-/// Sets every variable of `varmap` from a converted model's `model.safetensors`.
-fn load_init(varmap: &VarMap, weights: &Path) -> Result<(), ImportError> {
-    let tensors =
-        candle_core::safetensors::load(weights, &Device::Cpu).map_err(|e| ImportError::Read {
-            path: weights.to_owned(),
-            message: format!("invalid safetensors file: {e}"),
-        })?;
-    let vars = varmap.data().lock().expect("varmap lock");
-    for (name, var) in vars.iter() {
-        let tensor_err = |source: candle_core::Error| ImportError::Tensor {
-            path: weights.to_owned(),
-            name: name.clone(),
-            source: Box::new(source),
-        };
-        let t = tensors.get(name).ok_or_else(|| ImportError::Read {
-            path: weights.to_owned(),
-            message: format!("the initial model lacks `{name}`"),
-        })?;
-        if t.dims() != var.dims() {
-            return Err(ImportError::Read {
-                path: weights.to_owned(),
-                message: format!(
-                    "`{name}` is {:?} in the initial model, {:?} in the target",
-                    t.dims(),
-                    var.dims()
-                ),
-            });
-        }
-        var.set(&t.to_dtype(var.dtype()).map_err(tensor_err)?)
-            .map_err(tensor_err)?;
-    }
-    Ok(())
-}
-
 /// Reads a model config: ours (`config.json` of a converted model or a run), or the
 /// format of the PyTorch reference implementation of the ALBEF step.
 pub fn load_config(path: &Path) -> Result<AlbefConfig, ImportError> {
@@ -574,8 +541,8 @@ pub fn load_config(path: &Path) -> Result<AlbefConfig, ImportError> {
 /// half-written `model.safetensors`.
 pub fn write_converted(dir: &Path, imported: &Imported) -> Result<(), ImportError> {
     std::fs::create_dir_all(dir).map_err(|e| ImportError::io(dir, e))?;
-    let weights = dir.join("model.safetensors");
-    let partial = dir.join("model.safetensors.partial");
+    let weights = dir.join(MODEL_FILE);
+    let partial = dir.join(format!("{MODEL_FILE}.partial"));
     let map: HashMap<String, Tensor> = imported
         .tensors
         .iter()
@@ -587,7 +554,7 @@ pub fn write_converted(dir: &Path, imported: &Imported) -> Result<(), ImportErro
         source: Box::new(source),
     })?;
     std::fs::rename(&partial, &weights).map_err(|e| ImportError::io(&weights, e))?;
-    imported.config.save(&dir.join("config.json"))?;
+    imported.config.save(&dir.join(CONFIG_FILE))?;
     Ok(())
 }
 
