@@ -665,8 +665,8 @@ pub fn with_enc_token(input_ids: &Tensor, enc_id: Option<u32>) -> Result<Tensor>
 mod tests {
     use super::*;
     use crate::bert::attention_mask_from_ids;
-    use candle_core::Device;
     use candle_nn::VarMap;
+    use vlp_core::device::test_device;
 
     pub(crate) fn micro() -> AlbefConfig {
         AlbefConfig::micro()
@@ -674,7 +674,7 @@ mod tests {
 
     fn build(cfg: &AlbefConfig, dtype: DType) -> Result<(VarMap, AlbefModel)> {
         let varmap = VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu);
+        let vb = VarBuilder::from_varmap(&varmap, dtype, &test_device());
         let model = AlbefModel::new(cfg, vb)?;
         model.copy_params_to_momentum()?;
         Ok((varmap, model))
@@ -682,7 +682,7 @@ mod tests {
 
     /// Images, ids (with padding) and mask for a batch of 3.
     fn batch(cfg: &AlbefConfig, dtype: DType) -> Result<(Tensor, Tensor, Tensor)> {
-        let dev = Device::Cpu;
+        let dev = test_device();
         let s = cfg.vision.image_size;
         let images = Tensor::randn(0f32, 1.0, (3, 3, s, s), &dev)?.to_dtype(dtype)?;
         let ids = Tensor::new(
@@ -714,7 +714,7 @@ mod tests {
                 mean + std * (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
             })
             .collect();
-        Ok(Tensor::from_vec(values, dims, &Device::Cpu)?)
+        Ok(Tensor::from_vec(values, dims, &test_device())?)
     }
 
     fn max_abs(t: &Tensor) -> f64 {
@@ -791,7 +791,7 @@ mod tests {
     fn finite_differences_match_autograd_in_f64() -> Result<()> {
         let cfg = micro();
         let (varmap, model) = build(&cfg, DType::F64)?;
-        let dev = Device::Cpu;
+        let dev = test_device();
         // Fixed values (candle's CPU generator cannot be seeded), so the test is exact.
         let mut names: Vec<String> = varmap.data().lock().unwrap().keys().cloned().collect();
         names.sort();
@@ -894,7 +894,7 @@ mod tests {
         let cfg = AlbefConfig::preset("tiny").unwrap();
         let (_varmap, model) = build(&cfg, DType::F32).unwrap();
         let vars = model.trainable_vars().unwrap();
-        let dev = Device::Cpu;
+        let dev = test_device();
         let b = 8;
         let images = Tensor::randn(0f32, 1.0, (b, 3, 64, 64), &dev).unwrap();
         let ids = Tensor::rand(5f32, 1999.0, (b, 20), &dev)
@@ -970,7 +970,7 @@ mod tests {
         let vars = varmap.data().lock().unwrap().clone();
         let online = &vars["text_proj.weight"];
         let twin = &vars["text_proj_m.weight"];
-        let dev = Device::Cpu;
+        let dev = test_device();
         assert_eq!(max_abs(&(online.as_tensor() - twin.as_tensor())?), 0.0);
         let p = Tensor::randn(0f64, 1.0, online.shape(), &dev)?;
         let p_m = Tensor::randn(0f64, 1.0, online.shape(), &dev)?;
@@ -1007,7 +1007,7 @@ mod tests {
         let mut cfg = micro();
         cfg.queue_size = 5;
         let (varmap, model) = build(&cfg, DType::F32)?;
-        let dev = Device::Cpu;
+        let dev = test_device();
         for queue in [model.image_queue(), model.text_queue()] {
             assert_eq!(queue.dims(), &[16, 5]);
             let norms = queue.sqr()?.sum(0)?.sqrt()?.to_vec1::<f32>()?;
@@ -1066,7 +1066,7 @@ mod tests {
         let (varmap, model) = build(&micro(), DType::F32)?;
         assert_eq!(model.temp().dims(), &[] as &[usize]);
         assert!((model.temp().to_scalar::<f32>()? - 0.07).abs() < 1e-7);
-        varmap.data().lock().unwrap()["temp"].set(&Tensor::new(2.0f32, &Device::Cpu)?)?;
+        varmap.data().lock().unwrap()["temp"].set(&Tensor::new(2.0f32, &test_device())?)?;
         model.clamp_temp()?;
         assert_eq!(model.temp().to_scalar::<f32>()?, 0.5);
         Ok(())
@@ -1160,7 +1160,7 @@ mod tests {
     #[test]
     fn models_not_built_from_a_varmap_cannot_train() -> Result<()> {
         let cfg = micro();
-        let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+        let vb = VarBuilder::zeros(DType::F32, &test_device());
         let model = AlbefModel::new(&cfg, vb)?;
         let err = model.trainable_vars().unwrap_err().to_string();
         assert!(err.contains("VarMap"), "{err}");

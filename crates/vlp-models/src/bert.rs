@@ -472,6 +472,7 @@ mod tests {
     use crate::config::Layout;
     use candle_core::Device;
     use candle_nn::VarMap;
+    use vlp_core::device::test_device;
 
     /// The text part of `AlbefConfig::micro` with the given layout.
     pub(crate) fn micro_text(layout: Layout) -> TextConfig {
@@ -491,7 +492,7 @@ mod tests {
     /// (the reference gradient norms depend on it); other rows still get theirs.
     #[test]
     fn pad_lookups_give_the_pad_row_no_gradient() -> Result<()> {
-        let dev = Device::Cpu;
+        let dev = test_device();
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
         let bert = BertModel::new(&micro_text(Layout::Albef { fusion_layer: 1 }), 32, vb)?;
@@ -524,7 +525,7 @@ mod tests {
 
     #[test]
     fn albef_layout_names_and_shapes() -> Result<()> {
-        let dev = Device::Cpu;
+        let dev = test_device();
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev).pp("text_encoder");
         let cfg = micro_text(Layout::Albef { fusion_layer: 1 });
@@ -551,7 +552,7 @@ mod tests {
 
     #[test]
     fn padded_tokens_do_not_change_real_tokens() -> Result<()> {
-        let dev = Device::Cpu;
+        let dev = test_device();
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
         let cfg = micro_text(Layout::Albef { fusion_layer: 1 });
@@ -568,7 +569,7 @@ mod tests {
 
     #[test]
     fn blip_layout_skips_cross_attention_in_text_mode() -> Result<()> {
-        let dev = Device::Cpu;
+        let dev = test_device();
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev).pp("text_encoder");
         let mut cfg = micro_text(Layout::Blip);
@@ -610,7 +611,7 @@ mod tests {
 
     #[test]
     fn tied_decoder_gets_gradient_through_the_embedding_table() -> Result<()> {
-        let dev = Device::Cpu;
+        let dev = test_device();
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev).pp("text_encoder");
         let cfg = micro_text(Layout::Albef { fusion_layer: 1 });

@@ -100,7 +100,13 @@ pub(crate) fn attention(
         _ => false,
     };
     pick(
-        cpu_float(q) && operand(q) && operand(k) && operand(v) && heads > 0 && dropout_p < 1.0 && shapes,
+        cpu_float(q)
+            && operand(q)
+            && operand(k)
+            && operand(v)
+            && heads > 0
+            && dropout_p < 1.0
+            && shapes,
     )
 }
 
@@ -138,11 +144,20 @@ mod tests {
         let per_key = Tensor::zeros((2, 1, 1, 7), DType::F32, &dev)?;
         let full = Tensor::zeros((2, 1, 5, 7), DType::F32, &dev)?;
         let fused = AttentionBackend::Fused;
-        assert_eq!(attention(fused, &q, &k, &k, 2, Some(&per_key), 0.1), Kernel::Cpu);
-        assert_eq!(attention(fused, &q, &k, &k, 2, Some(&full), 0.1), Kernel::Generic);
+        assert_eq!(
+            attention(fused, &q, &k, &k, 2, Some(&per_key), 0.1),
+            Kernel::Cpu
+        );
+        assert_eq!(
+            attention(fused, &q, &k, &k, 2, Some(&full), 0.1),
+            Kernel::Generic
+        );
         assert_eq!(attention(fused, &q, &k, &k, 2, None, 1.0), Kernel::Generic);
         let generic = AttentionBackend::Generic;
-        assert_eq!(attention(generic, &q, &k, &k, 2, None, 0.0), Kernel::Generic);
+        assert_eq!(
+            attention(generic, &q, &k, &k, 2, None, 0.0),
+            Kernel::Generic
+        );
         Ok(())
     }
 }

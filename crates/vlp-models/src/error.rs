@@ -64,7 +64,11 @@ pub enum TensorProblem {
         expected: Vec<usize>,
     },
     /// The file's tensor holds NaN or infinite values.
-    NonFinite { name: String, nan: usize, inf: usize },
+    NonFinite {
+        name: String,
+        nan: usize,
+        inf: usize,
+    },
     /// The tensor could not be read or converted.
     Unreadable { name: String, message: String },
 }

@@ -151,10 +151,7 @@ fn fit(
         return Err(TensorProblem::Missing { name: name.into() });
     };
     let t = if t.dims() != want && name.ends_with("pos_embed") {
-        tracing::info!(
-            "{name} {:?} interpolated to a {grid}x{grid} grid",
-            t.dims()
-        );
+        tracing::info!("{name} {:?} interpolated to a {grid}x{grid} grid", t.dims());
         interpolate_pos_embed(t, grid).map_err(|e| TensorProblem::Unreadable {
             name: name.into(),
             message: e.to_string(),
@@ -239,7 +236,10 @@ pub(crate) fn non_finite(name: &str, t: &Tensor) -> Option<TensorProblem> {
 /// `(NaN count, infinity count)`.
 fn count_non_finite(values: impl Iterator<Item = f64>) -> (usize, usize) {
     values.fold((0, 0), |(nan, inf), x| {
-        (nan + usize::from(x.is_nan()), inf + usize::from(x.is_infinite()))
+        (
+            nan + usize::from(x.is_nan()),
+            inf + usize::from(x.is_infinite()),
+        )
     })
 }
 
@@ -308,8 +308,19 @@ mod tests {
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         let a = a.to_dtype(DType::F32).unwrap();
-        let b = b.to_device(a.device()).unwrap().to_dtype(DType::F32).unwrap();
-        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap()
+        let b = b
+            .to_device(a.device())
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
     }
 
     #[test]
@@ -375,7 +386,10 @@ mod tests {
             let msg = err.to_string();
             assert!(matches!(err, ModelError::Checkpoint { .. }), "{msg}");
             assert!(msg.contains(MODEL_FILE), "{msg}");
-            assert!(msg.contains(&format!("non-finite values in {name} (3 NaN)")), "{msg}");
+            assert!(
+                msg.contains(&format!("non-finite values in {name} (3 NaN)")),
+                "{msg}"
+            );
             assert!(msg.contains("non-finite values in temp (1 Inf)"), "{msg}");
         }
     }
@@ -412,7 +426,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = load_model(dir.path(), None, &test_device(), LoadMode::Frozen).unwrap_err();
         assert!(err.to_string().contains(CONFIG_FILE), "{err}");
-        AlbefConfig::micro().save(&dir.path().join(CONFIG_FILE)).unwrap();
+        AlbefConfig::micro()
+            .save(&dir.path().join(CONFIG_FILE))
+            .unwrap();
         for mode in [LoadMode::Frozen, LoadMode::Trainable] {
             let err = load_model(dir.path(), None, &test_device(), mode).unwrap_err();
             assert!(err.to_string().contains(MODEL_FILE), "{err}");

@@ -27,7 +27,7 @@ pub mod report;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
 use crate::config::{AlbefConfig, Layout, TextConfig, VisionConfig};
@@ -148,7 +148,8 @@ pub struct Imported {
 /// from scratch would start), under our names.
 pub fn fresh_model(cfg: &AlbefConfig) -> Result<VarMap, ModelError> {
     let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    // On the host: the converted tensors are written to a file from there.
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &vlp_core::device::host());
     crate::albef::AlbefModel::new(cfg, vb)?;
     Ok(varmap)
 }
@@ -561,6 +562,7 @@ pub fn write_converted(dir: &Path, imported: &Imported) -> Result<(), ImportErro
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     fn fixtures() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
