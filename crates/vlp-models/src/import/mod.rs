@@ -31,7 +31,7 @@ use candle_core::{DType, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
 use crate::config::{AlbefConfig, Layout, TextConfig, VisionConfig};
-use crate::error::ModelError;
+use crate::error::{ModelError, TensorProblem};
 use crate::load::{CONFIG_FILE, MODEL_FILE};
 
 pub use hf_config::HfArch;
@@ -84,6 +84,14 @@ pub enum ImportError {
         max_diff: f64,
     },
 
+    /// The converted model would hold NaN or infinite values (from the checkpoint): each
+    /// tensor is named, with its counts.
+    #[error("{}: the converted model would hold non-finite values: {}", path.display(), list(tensors))]
+    NonFinite {
+        path: PathBuf,
+        tensors: Vec<TensorProblem>,
+    },
+
     /// The target config could not be resolved or read.
     #[error("{path}: {message}")]
     Config { path: PathBuf, message: String },
@@ -100,6 +108,14 @@ pub enum ImportError {
     /// Building the target model or writing the result failed.
     #[error(transparent)]
     Model(Box<ModelError>),
+}
+
+fn list(problems: &[TensorProblem]) -> String {
+    problems
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 impl From<ModelError> for ImportError {
@@ -510,10 +526,22 @@ pub fn import_checkpoint(
             ));
         }
     }
-    let tensors = vars
+    let tensors: BTreeMap<String, Tensor> = vars
         .iter()
         .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
         .collect();
+    // A checkpoint that diverged converts without complaint otherwise and fails much
+    // later, far from its cause.
+    let non_finite: Vec<TensorProblem> = tensors
+        .iter()
+        .filter_map(|(name, t)| crate::load::non_finite(name, t))
+        .collect();
+    if !non_finite.is_empty() {
+        return Err(ImportError::NonFinite {
+            path: path.to_owned(),
+            tensors: non_finite,
+        });
+    }
     Ok(Imported {
         config: cfg,
         tensors,
@@ -627,6 +655,35 @@ mod tests {
             assert_eq!(max_diff(&pth.tensors[name], &raw[name]), 0.0, "{name}");
         }
         assert_eq!(pth.tensors["queue_ptr"].to_vec1::<i64>().unwrap(), vec![4]);
+    }
+
+    #[test]
+    fn non_finite_source_tensors_fail_the_import_by_name() {
+        let cfg = albef_config();
+        let source = fixtures().join("albef/albef.safetensors");
+        let mut raw = candle_core::safetensors::load(&source, &Device::Cpu).unwrap();
+        let name = "visual_encoder.blocks.0.attn.qkv.weight";
+        let t = &raw[name];
+        let mut v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v[1] = f32::NAN;
+        v[2] = f32::NEG_INFINITY;
+        let bad = Tensor::from_vec(v, t.shape(), &Device::Cpu).unwrap();
+        raw.insert(name.to_string(), bad);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("diverged.safetensors");
+        candle_core::safetensors::save(&raw, &path).unwrap();
+        let opts = ImportOptions {
+            format: Some(Format::AlbefPth),
+            ..Default::default()
+        };
+        let err = import_checkpoint(&path, Some(&cfg), &opts).unwrap_err();
+        assert!(matches!(err, ImportError::NonFinite { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains("diverged.safetensors"), "{msg}");
+        assert!(
+            msg.contains(&format!("non-finite values in {name} (1 NaN, 1 Inf)")),
+            "{msg}"
+        );
     }
 
     #[test]
