@@ -14,7 +14,7 @@ use vlp_data::image_ops::{
 };
 use vlp_data::tokenize::TextTokenizer;
 use vlp_eval::set::EvalSet;
-use vlp_models::{AlbefModel, FusionText, Layout};
+use vlp_models::{AlbefModel, FusionInput};
 
 use crate::cmd::eval::load_checkpoint;
 
@@ -264,13 +264,8 @@ pub fn run_score(args: ScoreArgs) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for (i, image) in args.images.iter().enumerate() {
         let img = tokens.narrow(0, i, 1)?;
-        let cls = match cfg.text.layout {
-            Layout::Blip => {
-                let ids = vlp_models::albef::with_enc_token(&ids, cfg.text.enc_id)?;
-                model.fuse_cls(FusionText::Ids(&ids), &mask, &img, false)?
-            }
-            _ => model.fuse_cls(FusionText::States(&states), &mask, &img, false)?,
-        };
+        let text = FusionInput::for_layout(&cfg.text, || Ok(ids.clone()), || Ok(states.clone()))?;
+        let cls = model.fuse_cls(text.text(), &mask, &img, false)?;
         let probs: Vec<Vec<f32>> = vlp_models::nn::softmax(&model.itm_logits(&cls)?)?.to_vec2()?;
         for t in 0..m {
             rows.push(serde_json::json!({

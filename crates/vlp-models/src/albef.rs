@@ -10,8 +10,8 @@ use candle_core::{DType, IndexOp, Tensor, Var, D};
 use candle_nn::{Init, VarBuilder};
 
 use crate::attention::AttentionBackend;
-use crate::bert::{BertModel, FusionText};
-use crate::config::{AlbefConfig, Layout};
+use crate::bert::{BertModel, FusionInput, FusionText};
+use crate::config::AlbefConfig;
 use crate::error::{ModelError, Result};
 use crate::nn::{self, Linear};
 use crate::params;
@@ -568,24 +568,13 @@ pub fn smoke_loss(
         ],
         0,
     )?;
-    let fused = match text_cfg.layout {
-        Layout::Albef { .. } => {
-            let text_in = Tensor::cat(
-                &[
-                    &text_states,
-                    &text_states,
-                    &text_states.index_select(&roll, 0)?,
-                ],
-                0,
-            )?;
-            model.fuse(FusionText::States(&text_in), &mask_in, &image_in, train)?
-        }
-        Layout::Blip => {
-            let ids = with_enc_token(input_ids, text_cfg.enc_id)?;
-            let ids_in = Tensor::cat(&[&ids, &ids, &ids.index_select(&roll, 0)?], 0)?;
-            model.fuse(FusionText::Ids(&ids_in), &mask_in, &image_in, train)?
-        }
-    };
+    let text_in = FusionInput::for_layout(
+        text_cfg,
+        || Ok(input_ids.clone()),
+        || Ok(text_states.clone()),
+    )?
+    .map(|t| Tensor::cat(&[t, t, &t.index_select(&roll, 0)?], 0))?;
+    let fused = model.fuse(text_in.text(), &mask_in, &image_in, train)?;
     let itm_labels: Vec<u32> = (0..3 * b).map(|i| u32::from(i < b)).collect();
     let itm_labels = Tensor::new(itm_labels.as_slice(), dev)?;
     let itm = cross_entropy(&model.itm_logits(&cls(&fused)?)?, &itm_labels)?;
@@ -608,23 +597,12 @@ pub fn smoke_loss(
         temp.zeros_like()?
     } else {
         let masked = Tensor::new(masked, dev)?;
-        let fused = match text_cfg.layout {
-            Layout::Albef { .. } => {
-                let (states, _) = model.encode_text(&masked, attention_mask, train)?;
-                model.fuse(
-                    FusionText::States(&states),
-                    attention_mask,
-                    &image_tokens,
-                    train,
-                )?
-            }
-            Layout::Blip => model.fuse(
-                FusionText::Ids(&masked),
-                attention_mask,
-                &image_tokens,
-                train,
-            )?,
-        };
+        let text_in = FusionInput::for_layout(
+            text_cfg,
+            || Ok(masked.clone()),
+            || Ok(model.encode_text(&masked, attention_mask, train)?.0),
+        )?;
+        let fused = model.fuse(text_in.text(), attention_mask, &image_tokens, train)?;
         let h = fused.dim(2)?;
         let picked = fused
             .reshape((b * l, h))?
@@ -651,20 +629,11 @@ fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     Ok((picked.sum_all()? * (-1.0 / n as f64))?)
 }
 
-/// BLIP's image-grounded input: `[ENC]` in place of the first token, when the config has one.
-pub fn with_enc_token(input_ids: &Tensor, enc_id: Option<u32>) -> Result<Tensor> {
-    let Some(enc) = enc_id else {
-        return Ok(input_ids.clone());
-    };
-    let (b, l) = input_ids.dims2()?;
-    let first = Tensor::full(enc, (b, 1), input_ids.device())?.to_dtype(input_ids.dtype())?;
-    Ok(Tensor::cat(&[&first, &input_ids.narrow(1, 1, l - 1)?], 1)?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::bert::attention_mask_from_ids;
+    use crate::config::Layout;
     use candle_nn::VarMap;
     use vlp_core::device::test_device;
 
@@ -1137,20 +1106,13 @@ mod tests {
             let (_, model) = build(&cfg, DType::F32)?;
             let (images, ids, mask) = batch(&cfg, DType::F32)?;
             let (tokens, _) = model.encode_image(&images, false)?;
-            let text = if blip {
-                with_enc_token(&ids, cfg.text.enc_id)?
-            } else {
-                model.encode_text(&ids, &mask, false)?.0
-            };
-            let arg = || {
-                if blip {
-                    FusionText::Ids(&text)
-                } else {
-                    FusionText::States(&text)
-                }
-            };
-            let full = cls(&model.fuse(arg(), &mask, &tokens, false)?)?;
-            let fast = model.fuse_cls(arg(), &mask, &tokens, false)?;
+            let text = FusionInput::for_layout(
+                &cfg.text,
+                || Ok(ids.clone()),
+                || Ok(model.encode_text(&ids, &mask, false)?.0),
+            )?;
+            let full = cls(&model.fuse(text.text(), &mask, &tokens, false)?)?;
+            let fast = model.fuse_cls(text.text(), &mask, &tokens, false)?;
             assert_eq!(full.dims(), fast.dims());
             assert!(max_abs(&(full - fast)?) < 1e-5, "blip {blip}");
         }

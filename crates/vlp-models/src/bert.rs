@@ -12,7 +12,7 @@ use candle_nn::{Init, VarBuilder};
 use crate::attention::{
     cross_attention_packed, padding_mask, self_attention_packed, AttentionBackend,
 };
-use crate::config::TextConfig;
+use crate::config::{Layout, TextConfig};
 use crate::error::{ModelError, Result};
 use crate::nn::{self, Dropout, Embedding, LayerNorm, Linear};
 
@@ -26,6 +26,72 @@ pub enum FusionText<'a> {
     /// Token ids: embed them and run every layer, with cross-attention where the layer has
     /// it (ALBEF's `multi_modal` mode; BLIP's image-grounded pass, `[ENC]` first).
     Ids(&'a Tensor),
+}
+
+/// A caption batch ready for the fusion pass of its layout; owns its tensor.
+#[derive(Debug, Clone)]
+pub enum FusionInput {
+    /// ALBEF: the text encoder's output states.
+    States(Tensor),
+    /// BLIP: the ids, with `[ENC]` in place of `[CLS]` where the config has one.
+    Ids(Tensor),
+}
+
+impl FusionInput {
+    /// The one place that decides, by layout, where the fusion pass of a caption batch
+    /// starts: ALBEF continues from the text encoder's `states`, BLIP re-embeds the `ids`
+    /// with `[ENC]` first. Only the closure the layout needs runs, so callers pass the
+    /// expensive side lazily.
+    ///
+    /// # Shapes
+    /// `ids()`: `[B, L]`, `states()`: `[B, L, H]`.
+    pub fn for_layout(
+        cfg: &TextConfig,
+        ids: impl FnOnce() -> Result<Tensor>,
+        states: impl FnOnce() -> Result<Tensor>,
+    ) -> Result<Self> {
+        Ok(if Self::reads_ids(cfg) {
+            FusionInput::Ids(with_enc_token(&ids()?, cfg.enc_id)?)
+        } else {
+            FusionInput::States(states()?)
+        })
+    }
+
+    /// Whether [`FusionInput::for_layout`] takes the ids (BLIP) rather than the text
+    /// encoder's states (ALBEF): what a caller that caches caption batches must keep.
+    pub fn reads_ids(cfg: &TextConfig) -> bool {
+        match cfg.layout {
+            Layout::Albef { .. } => false,
+            Layout::Blip => true,
+        }
+    }
+
+    /// The same input with `f` applied to its tensor (batch rearrangements: `cat`,
+    /// `index_select` along dimension 0).
+    pub fn map(&self, f: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>) -> Result<Self> {
+        Ok(match self {
+            FusionInput::States(t) => FusionInput::States(f(t)?),
+            FusionInput::Ids(t) => FusionInput::Ids(f(t)?),
+        })
+    }
+
+    /// The borrowed form the fusion passes take.
+    pub fn text(&self) -> FusionText<'_> {
+        match self {
+            FusionInput::States(t) => FusionText::States(t),
+            FusionInput::Ids(t) => FusionText::Ids(t),
+        }
+    }
+}
+
+/// BLIP's image-grounded input: `[ENC]` in place of the first token, when the config has one.
+fn with_enc_token(input_ids: &Tensor, enc_id: Option<u32>) -> Result<Tensor> {
+    let Some(enc) = enc_id else {
+        return Ok(input_ids.clone());
+    };
+    let (b, l) = input_ids.dims2()?;
+    let first = Tensor::full(enc, (b, 1), input_ids.device())?.to_dtype(input_ids.dtype())?;
+    Ok(Tensor::cat(&[&first, &input_ids.narrow(1, 1, l - 1)?], 1)?)
 }
 
 /// Self- or cross-attention with its output sub-layer: `LayerNorm(x + dropout(dense(attn)))`.
@@ -469,7 +535,6 @@ pub fn attention_mask_from_ids(input_ids: &Tensor, pad_id: u32) -> Result<Tensor
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Layout;
     use candle_core::Device;
     use candle_nn::VarMap;
     use vlp_core::device::test_device;

@@ -22,7 +22,7 @@ pub mod vit;
 
 pub use albef::{smoke_loss, AlbefModel, SmokeLoss};
 pub use attention::{attention, AttentionBackend};
-pub use bert::{BertModel, FusionText};
+pub use bert::{BertModel, FusionInput, FusionText};
 pub use config::{AlbefConfig, Layout, TextConfig, VisionConfig};
 pub use error::{ModelError, Result, TensorProblem};
 pub use load::{load_into_varmap, load_model, LoadMode, LoadedModel, CONFIG_FILE, MODEL_FILE};
