@@ -217,8 +217,9 @@ impl From<AlbefConfigFile> for AlbefConfig {
     }
 }
 
-/// The names [`AlbefConfig::preset`] knows.
-pub const PRESETS: [&str; 3] = ["albef-base", "minilm", "tiny"];
+/// The names [`AlbefConfig::preset`] knows: the one list the CLI's help, its value
+/// checks and the error for an unknown name all take.
+pub const PRESETS: &[&str] = &["albef-base", "minilm", "tiny"];
 
 impl AlbefConfig {
     /// A model small enough for unit tests in every crate (ALBEF layout, hidden 32,
@@ -260,7 +261,7 @@ impl AlbefConfig {
         }
     }
 
-    /// A named architecture: `albef-base`, `minilm` or `tiny` (see docs/models.md).
+    /// A named architecture, one of [`PRESETS`] (see docs/models.md).
     pub fn preset(name: &str) -> Result<Self> {
         let bert_ids = |vocab_size| (vocab_size, 0, 101, 102, 103);
         let cfg = match name {

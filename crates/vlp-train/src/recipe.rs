@@ -34,7 +34,7 @@ pub struct Recipe {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
-    /// `tiny`, `minilm`, `albef-base`.
+    /// One of [`vlp_models::config::PRESETS`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preset: Option<String>,
     /// A model `config.json` (our format), instead of a preset.
