@@ -557,13 +557,12 @@ mod tests {
     use super::*;
     use candle_nn::{VarBuilder, VarMap};
     use vlp_models::albef::cls;
-    use vlp_models::AlbefConfig;
     use vlp_models::FusionText;
 
     /// A random micro model, `n` random images and `c` random captions per image
     /// (lengths 3..=8, padded to 8).
     fn setup(n: usize, c: usize) -> (AlbefModel, Tensor, Tensor, Tensor, Vec<usize>) {
-        let cfg = AlbefConfig::micro();
+        let cfg = vlp_models::test_support::micro_config();
         let dev = Device::Cpu;
         let varmap = VarMap::new();
         let model =

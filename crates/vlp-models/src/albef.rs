@@ -181,12 +181,14 @@ impl AlbefModel {
     }
 
     /// Names of the online (trainable) parameters.
-    pub fn trainable_names(&self) -> Vec<&str> {
+    #[cfg(test)]
+    pub(crate) fn trainable_names(&self) -> Vec<&str> {
         self.online.iter().map(|(n, _)| n.as_str()).collect()
     }
 
     /// Names of the momentum parameters.
-    pub fn momentum_names(&self) -> Vec<&str> {
+    #[cfg(test)]
+    pub(crate) fn momentum_names(&self) -> Vec<&str> {
         self.momentum.iter().map(|p| p.name.as_str()).collect()
     }
 
@@ -632,13 +634,13 @@ fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bert::attention_mask_from_ids;
+    use crate::bert::tests::attention_mask_from_ids;
     use crate::config::Layout;
     use candle_nn::VarMap;
     use vlp_core::device::test_device;
 
     pub(crate) fn micro() -> AlbefConfig {
-        AlbefConfig::micro()
+        crate::test_support::micro_config()
     }
 
     fn build(cfg: &AlbefConfig, dtype: DType) -> Result<(VarMap, AlbefModel)> {

@@ -524,26 +524,26 @@ impl BertModel {
     }
 }
 
-/// The attention mask of a padded batch: 1 for tokens, 0 for `pad_id`.
-///
-/// # Shapes
-/// `[B, L]` ids -> `[B, L]` u32.
-pub fn attention_mask_from_ids(input_ids: &Tensor, pad_id: u32) -> Result<Tensor> {
-    Ok(input_ids.ne(pad_id)?.to_dtype(DType::U32)?)
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::Device;
     use candle_nn::VarMap;
     use vlp_core::device::test_device;
 
-    /// The text part of `AlbefConfig::micro` with the given layout.
+    /// The attention mask of a padded batch: 1 for tokens, 0 for `pad_id`.
+    ///
+    /// # Shapes
+    /// `[B, L]` ids -> `[B, L]` u32.
+    pub(crate) fn attention_mask_from_ids(input_ids: &Tensor, pad_id: u32) -> Result<Tensor> {
+        Ok(input_ids.ne(pad_id)?.to_dtype(DType::U32)?)
+    }
+
+    /// The text part of `test_support::micro_config` with the given layout.
     pub(crate) fn micro_text(layout: Layout) -> TextConfig {
         TextConfig {
             layout,
-            ..crate::config::AlbefConfig::micro().text
+            ..crate::test_support::micro_config().text
         }
     }
 

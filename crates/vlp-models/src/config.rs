@@ -222,45 +222,6 @@ impl From<AlbefConfigFile> for AlbefConfig {
 pub const PRESETS: &[&str] = &["albef-base", "minilm", "tiny"];
 
 impl AlbefConfig {
-    /// A model small enough for unit tests in every crate (ALBEF layout, hidden 32,
-    /// 1 text + 1 fusion layer, 2 ViT layers, 32 x 32 images, vocabulary 50, queue 8,
-    /// dropout 0.1). Not a preset: nothing trains usefully at this size.
-    pub fn micro() -> AlbefConfig {
-        AlbefConfig {
-            vision: VisionConfig {
-                image_size: 32,
-                patch_size: 8,
-                hidden: 32,
-                layers: 2,
-                heads: 4,
-                mlp_ratio: 2.0,
-                eps: 1e-6,
-                qkv_bias: true,
-            },
-            text: TextConfig {
-                vocab_size: 50,
-                hidden: 32,
-                layers: 2,
-                heads: 4,
-                intermediate: 64,
-                max_positions: 16,
-                eps: 1e-12,
-                dropout: 0.1,
-                type_vocab_size: 2,
-                layout: Layout::Albef { fusion_layer: 1 },
-                has_mlm_head: true,
-                pad_id: 0,
-                cls_id: 2,
-                sep_id: 3,
-                mask_id: 4,
-                enc_id: None,
-            },
-            embed_dim: 16,
-            temp: 0.07,
-            queue_size: 8,
-        }
-    }
-
     /// A named architecture, one of [`PRESETS`] (see docs/models.md).
     pub fn preset(name: &str) -> Result<Self> {
         let bert_ids = |vocab_size| (vocab_size, 0, 101, 102, 103);

@@ -18,6 +18,8 @@ pub mod import;
 pub mod load;
 pub mod nn;
 mod params;
+#[doc(hidden)]
+pub mod test_support;
 pub mod vit;
 
 pub use albef::{smoke_loss, AlbefModel, SmokeLoss};

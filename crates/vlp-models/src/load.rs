@@ -289,7 +289,7 @@ mod tests {
 
     /// A trained-looking checkpoint folder of the micro model; returns its varmap.
     fn write_checkpoint(dir: &Path) -> VarMap {
-        let cfg = AlbefConfig::micro();
+        let cfg = crate::test_support::micro_config();
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &vlp_core::device::host());
         AlbefModel::new(&cfg, vb).unwrap();
@@ -333,7 +333,7 @@ mod tests {
         let mut features = Vec::new();
         for mode in [LoadMode::Frozen, LoadMode::Trainable] {
             let loaded = load_model(dir.path(), None, &dev, mode).unwrap();
-            assert_eq!(loaded.config, AlbefConfig::micro());
+            assert_eq!(loaded.config, crate::test_support::micro_config());
             assert_eq!(loaded.varmap.is_some(), mode == LoadMode::Trainable);
             let (_, feat) = loaded.model.encode_image(&images, false).unwrap();
             features.push(feat);
@@ -426,7 +426,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = load_model(dir.path(), None, &test_device(), LoadMode::Frozen).unwrap_err();
         assert!(err.to_string().contains(CONFIG_FILE), "{err}");
-        AlbefConfig::micro()
+        crate::test_support::micro_config()
             .save(&dir.path().join(CONFIG_FILE))
             .unwrap();
         for mode in [LoadMode::Frozen, LoadMode::Trainable] {

@@ -253,7 +253,7 @@ mod tests {
     use vlp_core::device::test_device;
 
     fn micro() -> VisionConfig {
-        crate::config::AlbefConfig::micro().vision
+        crate::test_support::micro_config().vision
     }
 
     #[test]
