@@ -652,6 +652,28 @@ mod tests {
     }
 
     /// Images, ids (with padding) and mask for a batch of 3.
+    #[test]
+    fn the_attention_backend_is_a_runtime_choice_with_the_same_results() -> Result<()> {
+        let cfg = micro();
+        let (_, model) = build(&cfg, DType::F32)?;
+        assert_eq!(model.attention(), AttentionBackend::Fused);
+        let generic = model.clone().with_attention(AttentionBackend::Generic);
+        assert_eq!(generic.attention(), AttentionBackend::Generic);
+        let (images, ids, mask) = batch(&cfg, DType::F32)?;
+        let run = |m: &AlbefModel| -> Result<Vec<Tensor>> {
+            let (tokens, image_feat) = m.encode_image(&images, false)?;
+            let (states, text_feat) = m.encode_text(&ids, &mask, false)?;
+            let fused = m.fuse(FusionText::States(&states), &mask, &tokens, false)?;
+            let (tokens_m, _) = m.encode_image_m(&images, false)?;
+            Ok(vec![image_feat, text_feat, fused, tokens_m])
+        };
+        for (a, b) in run(&model)?.iter().zip(run(&generic)?.iter()) {
+            let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(d < 1e-5, "{d}");
+        }
+        Ok(())
+    }
+
     fn batch(cfg: &AlbefConfig, dtype: DType) -> Result<(Tensor, Tensor, Tensor)> {
         let dev = test_device();
         let s = cfg.vision.image_size;
