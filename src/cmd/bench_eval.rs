@@ -14,8 +14,8 @@ use vlp_models::{AlbefConfig, AlbefModel};
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
-    /// Model preset (`albef-base`, `minilm`, `tiny`).
-    #[arg(long, default_value = "tiny")]
+    /// Model preset.
+    #[arg(long, default_value = "tiny", value_parser = clap::builder::PossibleValuesParser::new(vlp_models::config::PRESETS))]
     pub preset: String,
     /// Model config file instead of a preset (vlp's or the PyTorch peer's format).
     #[arg(long)]

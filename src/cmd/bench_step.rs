@@ -16,8 +16,8 @@ use vlp_train::train_step::{train_step, StepSettings};
 
 #[derive(clap::Args)]
 pub struct StepArgs {
-    /// Model preset (`albef-base`, `minilm`, `tiny`).
-    #[arg(long, default_value = "tiny")]
+    /// Model preset.
+    #[arg(long, default_value = "tiny", value_parser = clap::builder::PossibleValuesParser::new(vlp_models::config::PRESETS))]
     pub preset: String,
     /// Model config file instead of a preset: vlp's `config.json`, or the PyTorch reference
     /// implementation's config format (so both programs can run one architecture).

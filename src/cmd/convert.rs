@@ -29,8 +29,8 @@ pub struct ConvertArgs {
     /// the tensor names).
     #[arg(long = "from", default_value = "auto")]
     pub from: String,
-    /// Target architecture by preset name (albef-base, minilm, tiny).
-    #[arg(long, conflicts_with = "config")]
+    /// Target architecture by preset name.
+    #[arg(long, conflicts_with = "config", value_parser = clap::builder::PossibleValuesParser::new(vlp_models::config::PRESETS))]
     pub preset: Option<String>,
     /// Target architecture from a config file: vlp's `config.json`, or the PyTorch
     /// reference implementation's config format. Without --preset or --config, the model

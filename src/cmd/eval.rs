@@ -5,14 +5,13 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use candle_core::{DType, Device};
-use candle_nn::VarBuilder;
-use vlp_core::device::{host, DeviceSpec};
+use candle_core::Device;
+use vlp_core::device::DeviceSpec;
 use vlp_data::tokenize::TextTokenizer;
 use vlp_eval::report::{json_report, markdown_table};
 use vlp_eval::set::{evaluate_set, EvalSet};
 use vlp_eval::{check_tokenizer, EvalConfig, ScoreMode};
-use vlp_models::{AlbefConfig, AlbefModel};
+use vlp_models::{load_model, AlbefConfig, AlbefModel, LoadMode};
 
 #[derive(clap::Args)]
 pub struct RetrievalArgs {
@@ -78,31 +77,8 @@ pub fn load_checkpoint(
     image_size: Option<usize>,
     device: &Device,
 ) -> anyhow::Result<(AlbefConfig, AlbefModel)> {
-    let cfg_path = dir.join(vlp_train::checkpoint::CONFIG_FILE);
-    let model_path = dir.join(vlp_train::checkpoint::MODEL_FILE);
-    // The config's own error names the file.
-    let mut cfg = AlbefConfig::load(&cfg_path)?;
-    anyhow::ensure!(
-        model_path.is_file(),
-        "{} does not exist",
-        model_path.display()
-    );
-    if let Some(size) = image_size {
-        cfg.vision.image_size = size;
-        cfg.validate()?;
-    }
-    let mut tensors = candle_core::safetensors::load(&model_path, &host())
-        .with_context(|| format!("reading {}", model_path.display()))?;
-    let grid = cfg.vision.grid();
-    for (name, t) in tensors.iter_mut() {
-        if name.ends_with("pos_embed") && t.dim(1)? != cfg.vision.tokens() {
-            *t = vlp_models::interpolate_pos_embed(t, grid)?;
-        }
-    }
-    let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
-    let model =
-        AlbefModel::new(&cfg, vb).with_context(|| format!("loading {}", model_path.display()))?;
-    Ok((cfg, model))
+    let loaded = load_model(dir, image_size, device, LoadMode::Frozen)?;
+    Ok((loaded.config, loaded.model))
 }
 
 pub fn run(args: RetrievalArgs) -> anyhow::Result<()> {

@@ -23,8 +23,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, D};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use vlp_models::albef::with_enc_token;
-use vlp_models::{AlbefModel, FusionText, Layout};
+use vlp_models::{AlbefModel, FusionInput};
 
 use crate::error::{EvalError, Result};
 use crate::metrics::{count_non_finite, rank_in, ranking_key, RetrievalMetrics};
@@ -202,7 +201,7 @@ pub fn evaluate(
             format!("caption of image {bad} of {n_images}"),
         ));
     }
-    let blip = matches!(model.config().text.layout, Layout::Blip);
+    let blip = FusionInput::reads_ids(&model.config().text);
     let dev = &cfg.device;
     let input_ids = &input_ids.to_device(dev)?;
     let attention_mask = &attention_mask.to_device(dev)?;
@@ -325,7 +324,7 @@ pub fn evaluate(
     let (li, hv) = image_state_shape;
     let image_states_kept = image_states.is_some();
     let mut score_image = |j: usize, image: &Tensor| -> Result<()> {
-        itm[j] = itm_scores(model, &texts, &pairs[j], image, cfg.pair_batch, blip, dev)?;
+        itm[j] = itm_scores(model, &texts, &pairs[j], image, cfg.pair_batch, dev)?;
         pb.inc(pairs[j].len() as u64);
         Ok(())
     };
@@ -533,7 +532,6 @@ fn itm_scores(
     texts_of: &[usize],
     image: &Tensor,
     pair_batch: usize,
-    blip: bool,
     dev: &Device,
 ) -> Result<Vec<f32>> {
     let mut order: Vec<usize> = (0..texts_of.len()).collect();
@@ -569,7 +567,7 @@ fn itm_scores(
             })
             .collect();
         let mask = Tensor::from_vec(mask, (n, l), dev)?;
-        let fused = if blip {
+        let ids = || {
             let ids: Vec<u32> = chunk
                 .iter()
                 .flat_map(|&p| {
@@ -579,10 +577,9 @@ fn itm_scores(
                         .copied()
                 })
                 .collect();
-            let ids = Tensor::from_vec(ids, (n, l), dev)?;
-            let ids = with_enc_token(&ids, model.config().text.enc_id)?;
-            model.fuse_cls(FusionText::Ids(&ids), &mask, image, false)?
-        } else {
+            Ok(Tensor::from_vec(ids, (n, l), dev)?)
+        };
+        let states = || {
             let h = texts.hidden;
             let row = texts.max_len * h;
             let mut states = Vec::with_capacity(n * l * h);
@@ -590,9 +587,10 @@ fn itm_scores(
                 let t = texts_of[p];
                 states.extend_from_slice(&texts.states[t * row..t * row + l * h]);
             }
-            let states = Tensor::from_vec(states, (n, l, h), dev)?;
-            model.fuse_cls(FusionText::States(&states), &mask, image, false)?
+            Ok(Tensor::from_vec(states, (n, l, h), dev)?)
         };
+        let text = FusionInput::for_layout(&model.config().text, ids, states)?;
+        let fused = model.fuse_cls(text.text(), &mask, image, false)?;
         let logits = model.itm_logits(&fused)?.detach();
         let matched: Vec<f32> = logits.narrow(1, 1, 1)?.flatten_all()?.to_vec1()?;
         for (&p, s) in chunk.iter().zip(matched) {
@@ -607,12 +605,12 @@ mod tests {
     use super::*;
     use candle_nn::{VarBuilder, VarMap};
     use vlp_models::albef::cls;
-    use vlp_models::AlbefConfig;
+    use vlp_models::FusionText;
 
     /// A random micro model, `n` random images and `c` random captions per image
     /// (lengths 3..=8, padded to 8).
     fn setup(n: usize, c: usize) -> (AlbefModel, Tensor, Tensor, Tensor, Vec<usize>) {
-        let cfg = AlbefConfig::micro();
+        let cfg = vlp_models::test_support::micro_config();
         let dev = Device::Cpu;
         let varmap = VarMap::new();
         let model =
@@ -807,7 +805,7 @@ mod tests {
     #[test]
     fn a_nan_model_scores_no_hit_and_counts_its_scores() {
         let (_, images, ids, mask, text_image) = setup(4, 2);
-        let cfg = AlbefConfig::micro();
+        let cfg = vlp_models::test_support::micro_config();
         let dev = Device::Cpu;
         let varmap = VarMap::new();
         AlbefModel::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev)).unwrap();

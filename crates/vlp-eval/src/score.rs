@@ -4,8 +4,7 @@
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 use vlp_data::tokenize::TextTokenizer;
-use vlp_models::albef::with_enc_token;
-use vlp_models::{AlbefModel, FusionText, Layout};
+use vlp_models::{AlbefModel, FusionInput};
 
 use crate::error::{EvalError, Result};
 
@@ -45,20 +44,11 @@ pub fn score_pairs(
     let (ids, mask) = tokenizer.encode_batch(captions)?.to_tensors(device)?;
     let (states, text_feats) = model.encode_text(&ids, &mask, false)?;
     let sims: Vec<Vec<f32>> = image_feats.matmul(&text_feats.t()?)?.to_vec2()?;
-    // BLIP fuses from the token ids with [ENC] in place of [CLS]; ALBEF from the text
-    // encoder's states.
-    let enc_ids = match cfg.text.layout {
-        Layout::Blip => Some(with_enc_token(&ids, cfg.text.enc_id)?),
-        _ => None,
-    };
+    let text = FusionInput::for_layout(&cfg.text, || Ok(ids.clone()), || Ok(states.clone()))?;
     let mut out = Vec::with_capacity(sims.len() * captions.len());
     for (i, row) in sims.iter().enumerate() {
         let image = tokens.narrow(0, i, 1)?;
-        let text = match &enc_ids {
-            Some(ids) => FusionText::Ids(ids),
-            None => FusionText::States(&states),
-        };
-        let fused = model.fuse_cls(text, &mask, &image, false)?;
+        let fused = model.fuse_cls(text.text(), &mask, &image, false)?;
         let probs: Vec<Vec<f32>> =
             vlp_models::nn::softmax(&model.itm_logits(&fused)?)?.to_vec2()?;
         for (t, (&itc_similarity, p)) in row.iter().zip(&probs).enumerate() {
@@ -79,11 +69,10 @@ mod tests {
     use candle_core::DType;
     use candle_nn::{VarBuilder, VarMap};
     use vlp_data::tokenize::train_wordpiece;
-    use vlp_models::AlbefConfig;
 
     #[test]
     fn every_pair_gets_a_cosine_and_a_probability_matching_the_encoders() {
-        let cfg = AlbefConfig::micro();
+        let cfg = vlp_models::test_support::micro_config();
         let dev = Device::Cpu;
         let varmap = VarMap::new();
         let model =

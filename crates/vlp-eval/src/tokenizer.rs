@@ -55,7 +55,6 @@ pub fn check_tokenizer(
 mod tests {
     use super::*;
     use vlp_data::tokenize::train_wordpiece;
-    use vlp_models::AlbefConfig;
 
     /// A tokenizer trained on a few words: `[PAD]`=0, `[UNK]`=1, `[CLS]`=2, `[SEP]`=3,
     /// `[MASK]`=4, as `AlbefConfig::micro` expects.
@@ -66,7 +65,7 @@ mod tests {
     }
 
     fn micro_text() -> TextConfig {
-        AlbefConfig::micro().text
+        vlp_models::test_support::micro_config().text
     }
 
     #[test]

@@ -9,8 +9,9 @@
 use candle_core::{DType, IndexOp, Tensor, Var, D};
 use candle_nn::{Init, VarBuilder};
 
-use crate::bert::{BertModel, FusionText};
-use crate::config::{AlbefConfig, Layout};
+use crate::attention::AttentionBackend;
+use crate::bert::{BertModel, FusionInput, FusionText};
+use crate::config::AlbefConfig;
 use crate::error::{ModelError, Result};
 use crate::nn::{self, Linear};
 use crate::params;
@@ -75,10 +76,8 @@ impl AlbefModel {
         let (vh, th, e) = (cfg.vision.hidden, cfg.text.hidden, cfg.embed_dim);
 
         let (ovb, online) = params::recording(&vb, false);
-        let visual_encoder = VisionTransformer::new(&cfg.vision, ovb.pp("visual_encoder"))?
-            .with_attention(cfg.attention);
-        let text_encoder =
-            BertModel::new(&cfg.text, vh, ovb.pp("text_encoder"))?.with_attention(cfg.attention);
+        let visual_encoder = VisionTransformer::new(&cfg.vision, ovb.pp("visual_encoder"))?;
+        let text_encoder = BertModel::new(&cfg.text, vh, ovb.pp("text_encoder"))?;
         let vision_proj = Linear::load(ovb.pp("vision_proj"), vh, e, true)?;
         let text_proj = Linear::load(ovb.pp("text_proj"), th, e, true)?;
         let itm_head = Linear::load(ovb.pp("itm_head"), th, 2, true)?;
@@ -88,10 +87,8 @@ impl AlbefModel {
         // The twin gets detached views: its forwards build no autograd graph, and
         // `momentum_update` writes the recorded originals in place.
         let (mvb, momentum) = params::recording(&vb, true);
-        let visual_encoder_m = VisionTransformer::new(&cfg.vision, mvb.pp("visual_encoder_m"))?
-            .with_attention(cfg.attention);
-        let text_encoder_m =
-            BertModel::new(&cfg.text, vh, mvb.pp("text_encoder_m"))?.with_attention(cfg.attention);
+        let visual_encoder_m = VisionTransformer::new(&cfg.vision, mvb.pp("visual_encoder_m"))?;
+        let text_encoder_m = BertModel::new(&cfg.text, vh, mvb.pp("text_encoder_m"))?;
         let vision_proj_m = Linear::load(mvb.pp("vision_proj_m"), vh, e, true)?;
         let text_proj_m = Linear::load(mvb.pp("text_proj_m"), th, e, true)?;
         let momentum = pair_with_online(params::take(&momentum), &online)?;
@@ -148,6 +145,22 @@ impl AlbefModel {
         &self.cfg
     }
 
+    /// Computes every attention of the model, online and momentum, with `backend`
+    /// (default [`AttentionBackend::Fused`]). A runtime choice, not a checkpoint field:
+    /// the backends compute the same function of the same weights.
+    pub fn with_attention(mut self, backend: AttentionBackend) -> Self {
+        self.visual_encoder = self.visual_encoder.with_attention(backend);
+        self.text_encoder = self.text_encoder.with_attention(backend);
+        self.visual_encoder_m = self.visual_encoder_m.with_attention(backend);
+        self.text_encoder_m = self.text_encoder_m.with_attention(backend);
+        self
+    }
+
+    /// The attention implementation in use (see [`AlbefModel::with_attention`]).
+    pub fn attention(&self) -> AttentionBackend {
+        self.text_encoder.attention()
+    }
+
     pub fn visual_encoder(&self) -> &VisionTransformer {
         &self.visual_encoder
     }
@@ -168,12 +181,14 @@ impl AlbefModel {
     }
 
     /// Names of the online (trainable) parameters.
-    pub fn trainable_names(&self) -> Vec<&str> {
+    #[cfg(test)]
+    pub(crate) fn trainable_names(&self) -> Vec<&str> {
         self.online.iter().map(|(n, _)| n.as_str()).collect()
     }
 
     /// Names of the momentum parameters.
-    pub fn momentum_names(&self) -> Vec<&str> {
+    #[cfg(test)]
+    pub(crate) fn momentum_names(&self) -> Vec<&str> {
         self.momentum.iter().map(|p| p.name.as_str()).collect()
     }
 
@@ -555,24 +570,13 @@ pub fn smoke_loss(
         ],
         0,
     )?;
-    let fused = match text_cfg.layout {
-        Layout::Albef { .. } => {
-            let text_in = Tensor::cat(
-                &[
-                    &text_states,
-                    &text_states,
-                    &text_states.index_select(&roll, 0)?,
-                ],
-                0,
-            )?;
-            model.fuse(FusionText::States(&text_in), &mask_in, &image_in, train)?
-        }
-        Layout::Blip => {
-            let ids = with_enc_token(input_ids, text_cfg.enc_id)?;
-            let ids_in = Tensor::cat(&[&ids, &ids, &ids.index_select(&roll, 0)?], 0)?;
-            model.fuse(FusionText::Ids(&ids_in), &mask_in, &image_in, train)?
-        }
-    };
+    let text_in = FusionInput::for_layout(
+        text_cfg,
+        || Ok(input_ids.clone()),
+        || Ok(text_states.clone()),
+    )?
+    .map(|t| Tensor::cat(&[t, t, &t.index_select(&roll, 0)?], 0))?;
+    let fused = model.fuse(text_in.text(), &mask_in, &image_in, train)?;
     let itm_labels: Vec<u32> = (0..3 * b).map(|i| u32::from(i < b)).collect();
     let itm_labels = Tensor::new(itm_labels.as_slice(), dev)?;
     let itm = cross_entropy(&model.itm_logits(&cls(&fused)?)?, &itm_labels)?;
@@ -595,23 +599,12 @@ pub fn smoke_loss(
         temp.zeros_like()?
     } else {
         let masked = Tensor::new(masked, dev)?;
-        let fused = match text_cfg.layout {
-            Layout::Albef { .. } => {
-                let (states, _) = model.encode_text(&masked, attention_mask, train)?;
-                model.fuse(
-                    FusionText::States(&states),
-                    attention_mask,
-                    &image_tokens,
-                    train,
-                )?
-            }
-            Layout::Blip => model.fuse(
-                FusionText::Ids(&masked),
-                attention_mask,
-                &image_tokens,
-                train,
-            )?,
-        };
+        let text_in = FusionInput::for_layout(
+            text_cfg,
+            || Ok(masked.clone()),
+            || Ok(model.encode_text(&masked, attention_mask, train)?.0),
+        )?;
+        let fused = model.fuse(text_in.text(), attention_mask, &image_tokens, train)?;
         let h = fused.dim(2)?;
         let picked = fused
             .reshape((b * l, h))?
@@ -638,38 +631,51 @@ fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     Ok((picked.sum_all()? * (-1.0 / n as f64))?)
 }
 
-/// BLIP's image-grounded input: `[ENC]` in place of the first token, when the config has one.
-pub fn with_enc_token(input_ids: &Tensor, enc_id: Option<u32>) -> Result<Tensor> {
-    let Some(enc) = enc_id else {
-        return Ok(input_ids.clone());
-    };
-    let (b, l) = input_ids.dims2()?;
-    let first = Tensor::full(enc, (b, 1), input_ids.device())?.to_dtype(input_ids.dtype())?;
-    Ok(Tensor::cat(&[&first, &input_ids.narrow(1, 1, l - 1)?], 1)?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bert::attention_mask_from_ids;
-    use candle_core::Device;
+    use crate::bert::tests::attention_mask_from_ids;
+    use crate::config::Layout;
     use candle_nn::VarMap;
+    use vlp_core::device::test_device;
 
     pub(crate) fn micro() -> AlbefConfig {
-        AlbefConfig::micro()
+        crate::test_support::micro_config()
     }
 
     fn build(cfg: &AlbefConfig, dtype: DType) -> Result<(VarMap, AlbefModel)> {
         let varmap = VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu);
+        let vb = VarBuilder::from_varmap(&varmap, dtype, &test_device());
         let model = AlbefModel::new(cfg, vb)?;
         model.copy_params_to_momentum()?;
         Ok((varmap, model))
     }
 
     /// Images, ids (with padding) and mask for a batch of 3.
+    #[test]
+    fn the_attention_backend_is_a_runtime_choice_with_the_same_results() -> Result<()> {
+        let cfg = micro();
+        let (_, model) = build(&cfg, DType::F32)?;
+        assert_eq!(model.attention(), AttentionBackend::Fused);
+        let generic = model.clone().with_attention(AttentionBackend::Generic);
+        assert_eq!(generic.attention(), AttentionBackend::Generic);
+        let (images, ids, mask) = batch(&cfg, DType::F32)?;
+        let run = |m: &AlbefModel| -> Result<Vec<Tensor>> {
+            let (tokens, image_feat) = m.encode_image(&images, false)?;
+            let (states, text_feat) = m.encode_text(&ids, &mask, false)?;
+            let fused = m.fuse(FusionText::States(&states), &mask, &tokens, false)?;
+            let (tokens_m, _) = m.encode_image_m(&images, false)?;
+            Ok(vec![image_feat, text_feat, fused, tokens_m])
+        };
+        for (a, b) in run(&model)?.iter().zip(run(&generic)?.iter()) {
+            let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(d < 1e-5, "{d}");
+        }
+        Ok(())
+    }
+
     fn batch(cfg: &AlbefConfig, dtype: DType) -> Result<(Tensor, Tensor, Tensor)> {
-        let dev = Device::Cpu;
+        let dev = test_device();
         let s = cfg.vision.image_size;
         let images = Tensor::randn(0f32, 1.0, (3, 3, s, s), &dev)?.to_dtype(dtype)?;
         let ids = Tensor::new(
@@ -701,7 +707,7 @@ mod tests {
                 mean + std * (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
             })
             .collect();
-        Ok(Tensor::from_vec(values, dims, &Device::Cpu)?)
+        Ok(Tensor::from_vec(values, dims, &test_device())?)
     }
 
     fn max_abs(t: &Tensor) -> f64 {
@@ -778,7 +784,7 @@ mod tests {
     fn finite_differences_match_autograd_in_f64() -> Result<()> {
         let cfg = micro();
         let (varmap, model) = build(&cfg, DType::F64)?;
-        let dev = Device::Cpu;
+        let dev = test_device();
         // Fixed values (candle's CPU generator cannot be seeded), so the test is exact.
         let mut names: Vec<String> = varmap.data().lock().unwrap().keys().cloned().collect();
         names.sort();
@@ -881,7 +887,7 @@ mod tests {
         let cfg = AlbefConfig::preset("tiny").unwrap();
         let (_varmap, model) = build(&cfg, DType::F32).unwrap();
         let vars = model.trainable_vars().unwrap();
-        let dev = Device::Cpu;
+        let dev = test_device();
         let b = 8;
         let images = Tensor::randn(0f32, 1.0, (b, 3, 64, 64), &dev).unwrap();
         let ids = Tensor::rand(5f32, 1999.0, (b, 20), &dev)
@@ -897,7 +903,7 @@ mod tests {
         let mut at = Vec::new();
         for step in 1..=30 {
             model.clamp_temp().unwrap();
-            model.momentum_update(cfg.momentum).unwrap();
+            model.momentum_update(0.995).unwrap();
             let (_, image_feat_m) = model.encode_image_m(&images, true).unwrap();
             let (_, text_feat_m) = model.encode_text_m(&ids, &mask, true).unwrap();
             let loss = smoke_loss(&model, &images, &ids, &mask, true).unwrap();
@@ -957,7 +963,7 @@ mod tests {
         let vars = varmap.data().lock().unwrap().clone();
         let online = &vars["text_proj.weight"];
         let twin = &vars["text_proj_m.weight"];
-        let dev = Device::Cpu;
+        let dev = test_device();
         assert_eq!(max_abs(&(online.as_tensor() - twin.as_tensor())?), 0.0);
         let p = Tensor::randn(0f64, 1.0, online.shape(), &dev)?;
         let p_m = Tensor::randn(0f64, 1.0, online.shape(), &dev)?;
@@ -994,7 +1000,7 @@ mod tests {
         let mut cfg = micro();
         cfg.queue_size = 5;
         let (varmap, model) = build(&cfg, DType::F32)?;
-        let dev = Device::Cpu;
+        let dev = test_device();
         for queue in [model.image_queue(), model.text_queue()] {
             assert_eq!(queue.dims(), &[16, 5]);
             let norms = queue.sqr()?.sum(0)?.sqrt()?.to_vec1::<f32>()?;
@@ -1053,7 +1059,7 @@ mod tests {
         let (varmap, model) = build(&micro(), DType::F32)?;
         assert_eq!(model.temp().dims(), &[] as &[usize]);
         assert!((model.temp().to_scalar::<f32>()? - 0.07).abs() < 1e-7);
-        varmap.data().lock().unwrap()["temp"].set(&Tensor::new(2.0f32, &Device::Cpu)?)?;
+        varmap.data().lock().unwrap()["temp"].set(&Tensor::new(2.0f32, &test_device())?)?;
         model.clamp_temp()?;
         assert_eq!(model.temp().to_scalar::<f32>()?, 0.5);
         Ok(())
@@ -1124,20 +1130,13 @@ mod tests {
             let (_, model) = build(&cfg, DType::F32)?;
             let (images, ids, mask) = batch(&cfg, DType::F32)?;
             let (tokens, _) = model.encode_image(&images, false)?;
-            let text = if blip {
-                with_enc_token(&ids, cfg.text.enc_id)?
-            } else {
-                model.encode_text(&ids, &mask, false)?.0
-            };
-            let arg = || {
-                if blip {
-                    FusionText::Ids(&text)
-                } else {
-                    FusionText::States(&text)
-                }
-            };
-            let full = cls(&model.fuse(arg(), &mask, &tokens, false)?)?;
-            let fast = model.fuse_cls(arg(), &mask, &tokens, false)?;
+            let text = FusionInput::for_layout(
+                &cfg.text,
+                || Ok(ids.clone()),
+                || Ok(model.encode_text(&ids, &mask, false)?.0),
+            )?;
+            let full = cls(&model.fuse(text.text(), &mask, &tokens, false)?)?;
+            let fast = model.fuse_cls(text.text(), &mask, &tokens, false)?;
             assert_eq!(full.dims(), fast.dims());
             assert!(max_abs(&(full - fast)?) < 1e-5, "blip {blip}");
         }
@@ -1147,7 +1146,7 @@ mod tests {
     #[test]
     fn models_not_built_from_a_varmap_cannot_train() -> Result<()> {
         let cfg = micro();
-        let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+        let vb = VarBuilder::zeros(DType::F32, &test_device());
         let model = AlbefModel::new(&cfg, vb)?;
         let err = model.trainable_vars().unwrap_err().to_string();
         assert!(err.contains("VarMap"), "{err}");

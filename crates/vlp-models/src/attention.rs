@@ -4,23 +4,25 @@
 //! [`AttentionBackend`] selects the implementation; `Generic` is written with candle ops
 //! that have a backward and is the reference any fused or flash kernel is tested against;
 //! `Fused` runs one kernel per attention, forward and backward, without keeping the
-//! attention matrix (the CPU kernel for f32/f64 is in `fused/attention.rs`; elsewhere it
-//! falls back to `Generic`). Models call [`multi_head_attention`] on the projections
+//! attention matrix (the CPU kernel for f32/f64 is in `fused/attention.rs`; where it
+//! applies is decided in `dispatch::attention`; elsewhere it falls back to `Generic`). Models call [`multi_head_attention`] on the projections
 //! as they come out of the linears.
 
 use candle_core::{DType, Result, Tensor};
-use serde::{Deserialize, Serialize};
 
+use crate::dispatch::{self, Kernel};
 use crate::nn;
 
-/// Which implementation computes attention.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+/// Which implementation computes attention: a runtime choice of the model
+/// ([`crate::AlbefModel::with_attention`], like candle's `use_flash_attn`), never part of
+/// a checkpoint's config, since both compute the same function of the same weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AttentionBackend {
     /// Matmul, additive mask, softmax, dropout, matmul: the full score matrix is stored.
     Generic,
     /// One fused kernel forward and backward (recomputing the scores), where one exists
-    /// for the device and dtype; `Generic` otherwise.
+    /// for the device and dtype; `Generic` otherwise. The default.
+    #[default]
     Fused,
 }
 
@@ -60,10 +62,8 @@ pub fn multi_head_attention(
     dropout_p: f64,
     backend: AttentionBackend,
 ) -> Result<Tensor> {
-    if backend == AttentionBackend::Fused {
-        if let Some(op) = fused_op(q, k, v, heads, mask, dropout_p)? {
-            return q.apply_op3(k, v, op);
-        }
+    if dispatch::attention(backend, q, k, v, heads, mask, dropout_p) == Kernel::Cpu {
+        return q.apply_op3(k, v, fused_op(q, k, v, heads, mask, dropout_p)?);
     }
     let a = attention(
         &split_heads(q, heads)?,
@@ -87,16 +87,15 @@ pub fn self_attention_packed(
     dropout_p: f64,
     backend: AttentionBackend,
 ) -> Result<Tensor> {
-    let c = qkv.dim(candle_core::D::Minus1)? / 3;
+    let c = packed_part(qkv, 3)?;
     let (q, k, v) = (
         qkv.narrow(2, 0, c)?,
         qkv.narrow(2, c, c)?,
         qkv.narrow(2, 2 * c, c)?,
     );
-    if backend == AttentionBackend::Fused && qkv.dim(candle_core::D::Minus1)? == 3 * c {
-        if let Some(op) = fused_op(&q, &k, &v, heads, mask, dropout_p)? {
-            return qkv.apply_op1(crate::fused::attention::PackedQkv(op));
-        }
+    if dispatch::attention(backend, &q, &k, &v, heads, mask, dropout_p) == Kernel::Cpu {
+        let op = fused_op(&q, &k, &v, heads, mask, dropout_p)?;
+        return qkv.apply_op1(crate::fused::attention::PackedQkv(op));
     }
     multi_head_attention(&q, &k, &v, heads, mask, dropout_p, backend)
 }
@@ -111,18 +110,25 @@ pub fn cross_attention_packed(
     dropout_p: f64,
     backend: AttentionBackend,
 ) -> Result<Tensor> {
-    let c = kv.dim(candle_core::D::Minus1)? / 2;
+    let c = packed_part(kv, 2)?;
     let (k, v) = (kv.narrow(2, 0, c)?, kv.narrow(2, c, c)?);
-    if backend == AttentionBackend::Fused && kv.dim(candle_core::D::Minus1)? == 2 * c {
-        if let Some(op) = fused_op(q, &k, &v, heads, mask, dropout_p)? {
-            return q.apply_op2(kv, crate::fused::attention::PackedKv(op));
-        }
+    if dispatch::attention(backend, q, &k, &v, heads, mask, dropout_p) == Kernel::Cpu {
+        let op = fused_op(q, &k, &v, heads, mask, dropout_p)?;
+        return q.apply_op2(kv, crate::fused::attention::PackedKv(op));
     }
     multi_head_attention(q, &k, &v, heads, mask, dropout_p, backend)
 }
 
-/// The fused CPU op for these inputs, or `None` where it does not apply (another device
-/// or dtype, a mask that is not a per-key mask).
+/// Width of one of the `parts` projections packed along the last dimension of `x`.
+fn packed_part(x: &Tensor, parts: usize) -> Result<usize> {
+    let width = x.dim(candle_core::D::Minus1)?;
+    if width % parts != 0 {
+        candle_core::bail!("a packed projection of width {width} is not {parts} equal parts");
+    }
+    Ok(width / parts)
+}
+
+/// The fused CPU op for inputs [`dispatch::attention`] gave to [`Kernel::Cpu`].
 fn fused_op(
     q: &Tensor,
     k: &Tensor,
@@ -130,48 +136,26 @@ fn fused_op(
     heads: usize,
     mask: Option<&Tensor>,
     dropout_p: f64,
-) -> Result<Option<crate::fused::attention::FusedAttention>> {
-    let cpu_float = |t: &Tensor| {
-        t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64) && t.rank() == 3
-    };
-    if !(cpu_float(q) && cpu_float(k) && cpu_float(v))
-        || k.dtype() != q.dtype()
-        || v.dtype() != q.dtype()
-        || heads == 0
-        || dropout_p >= 1.0
-    {
-        return Ok(None);
-    }
+) -> Result<crate::fused::attention::FusedAttention> {
     let (b, _, c) = q.dims3()?;
     let lk = k.dim(1)?;
     let mask = match mask {
         None => None,
-        Some(m) => {
-            let dims = m.dims();
-            let per_key = dims.len() == 4
-                && (dims[0] == b || dims[0] == 1)
-                && dims[1] == 1
-                && dims[2] == 1
-                && dims[3] == lk;
-            if !per_key || !m.device().is_cpu() {
-                return Ok(None);
-            }
-            Some(m.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?)
-        }
+        Some(m) => Some(m.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?),
     };
     // One draw from the dropout stream, as the generic path's `nn::dropout` makes: the
     // same seed gives both paths the same mask.
-    let dropout = (dropout_p > 0.0).then(|| nn::DropoutMask::draw(dropout_p));
+    let dropout = (dropout_p > 0.0).then(|| nn::draw_dropout_mask(dropout_p));
     let probs_bytes = b * heads * q.dim(1)? * lk * q.dtype().size_in_bytes();
     let training = q.track_op() || k.track_op() || v.track_op();
-    Ok(Some(crate::fused::attention::FusedAttention {
+    Ok(crate::fused::attention::FusedAttention {
         heads,
         scale: 1.0 / ((c / heads) as f64).sqrt(),
         mask,
         dropout,
         keep_probs: training && probs_bytes <= crate::fused::attention::KEEP_PROBS_BYTES,
         saved_probs: std::sync::Mutex::new(None),
-    }))
+    })
 }
 
 fn generic_attention(
@@ -389,7 +373,7 @@ mod tests {
         let r = Tensor::randn(0f64, 1.0, (b, l, c), &dev)?;
         let grads = |keep: bool| -> Result<Tensor> {
             let _seed = nn::seed_dropout(5);
-            let mut op = fused_op(&q, &q, &q, heads, None, 0.2)?.expect("fusable");
+            let mut op = fused_op(&q, &q, &q, heads, None, 0.2)?;
             assert!(
                 op.keep_probs,
                 "small training attention keeps its probabilities"

@@ -12,7 +12,7 @@ use candle_nn::{Init, VarBuilder};
 use crate::attention::{
     cross_attention_packed, padding_mask, self_attention_packed, AttentionBackend,
 };
-use crate::config::TextConfig;
+use crate::config::{Layout, TextConfig};
 use crate::error::{ModelError, Result};
 use crate::nn::{self, Dropout, Embedding, LayerNorm, Linear};
 
@@ -26,6 +26,72 @@ pub enum FusionText<'a> {
     /// Token ids: embed them and run every layer, with cross-attention where the layer has
     /// it (ALBEF's `multi_modal` mode; BLIP's image-grounded pass, `[ENC]` first).
     Ids(&'a Tensor),
+}
+
+/// A caption batch ready for the fusion pass of its layout; owns its tensor.
+#[derive(Debug, Clone)]
+pub enum FusionInput {
+    /// ALBEF: the text encoder's output states.
+    States(Tensor),
+    /// BLIP: the ids, with `[ENC]` in place of `[CLS]` where the config has one.
+    Ids(Tensor),
+}
+
+impl FusionInput {
+    /// The one place that decides, by layout, where the fusion pass of a caption batch
+    /// starts: ALBEF continues from the text encoder's `states`, BLIP re-embeds the `ids`
+    /// with `[ENC]` first. Only the closure the layout needs runs, so callers pass the
+    /// expensive side lazily.
+    ///
+    /// # Shapes
+    /// `ids()`: `[B, L]`, `states()`: `[B, L, H]`.
+    pub fn for_layout(
+        cfg: &TextConfig,
+        ids: impl FnOnce() -> Result<Tensor>,
+        states: impl FnOnce() -> Result<Tensor>,
+    ) -> Result<Self> {
+        Ok(if Self::reads_ids(cfg) {
+            FusionInput::Ids(with_enc_token(&ids()?, cfg.enc_id)?)
+        } else {
+            FusionInput::States(states()?)
+        })
+    }
+
+    /// Whether [`FusionInput::for_layout`] takes the ids (BLIP) rather than the text
+    /// encoder's states (ALBEF): what a caller that caches caption batches must keep.
+    pub fn reads_ids(cfg: &TextConfig) -> bool {
+        match cfg.layout {
+            Layout::Albef { .. } => false,
+            Layout::Blip => true,
+        }
+    }
+
+    /// The same input with `f` applied to its tensor (batch rearrangements: `cat`,
+    /// `index_select` along dimension 0).
+    pub fn map(&self, f: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>) -> Result<Self> {
+        Ok(match self {
+            FusionInput::States(t) => FusionInput::States(f(t)?),
+            FusionInput::Ids(t) => FusionInput::Ids(f(t)?),
+        })
+    }
+
+    /// The borrowed form the fusion passes take.
+    pub fn text(&self) -> FusionText<'_> {
+        match self {
+            FusionInput::States(t) => FusionText::States(t),
+            FusionInput::Ids(t) => FusionText::Ids(t),
+        }
+    }
+}
+
+/// BLIP's image-grounded input: `[ENC]` in place of the first token, when the config has one.
+fn with_enc_token(input_ids: &Tensor, enc_id: Option<u32>) -> Result<Tensor> {
+    let Some(enc) = enc_id else {
+        return Ok(input_ids.clone());
+    };
+    let (b, l) = input_ids.dims2()?;
+    let first = Tensor::full(enc, (b, 1), input_ids.device())?.to_dtype(input_ids.dtype())?;
+    Ok(Tensor::cat(&[&first, &input_ids.narrow(1, 1, l - 1)?], 1)?)
 }
 
 /// Self- or cross-attention with its output sub-layer: `LayerNorm(x + dropout(dense(attn)))`.
@@ -296,7 +362,7 @@ impl BertModel {
                 .has_mlm_head
                 .then(|| MlmHead::new(cfg, vb.pp("cls").pp("predictions")))
                 .transpose()?,
-            backend: AttentionBackend::Fused,
+            backend: AttentionBackend::default(),
         })
     }
 
@@ -304,6 +370,11 @@ impl BertModel {
     pub fn with_attention(mut self, backend: AttentionBackend) -> Self {
         self.backend = backend;
         self
+    }
+
+    /// The attention implementation in use.
+    pub fn attention(&self) -> AttentionBackend {
+        self.backend
     }
 
     pub fn config(&self) -> &TextConfig {
@@ -453,26 +524,26 @@ impl BertModel {
     }
 }
 
-/// The attention mask of a padded batch: 1 for tokens, 0 for `pad_id`.
-///
-/// # Shapes
-/// `[B, L]` ids -> `[B, L]` u32.
-pub fn attention_mask_from_ids(input_ids: &Tensor, pad_id: u32) -> Result<Tensor> {
-    Ok(input_ids.ne(pad_id)?.to_dtype(DType::U32)?)
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use crate::config::Layout;
     use candle_core::Device;
     use candle_nn::VarMap;
+    use vlp_core::device::test_device;
 
-    /// The text part of `AlbefConfig::micro` with the given layout.
+    /// The attention mask of a padded batch: 1 for tokens, 0 for `pad_id`.
+    ///
+    /// # Shapes
+    /// `[B, L]` ids -> `[B, L]` u32.
+    pub(crate) fn attention_mask_from_ids(input_ids: &Tensor, pad_id: u32) -> Result<Tensor> {
+        Ok(input_ids.ne(pad_id)?.to_dtype(DType::U32)?)
+    }
+
+    /// The text part of `test_support::micro_config` with the given layout.
     pub(crate) fn micro_text(layout: Layout) -> TextConfig {
         TextConfig {
             layout,
-            ..crate::config::AlbefConfig::micro().text
+            ..crate::test_support::micro_config().text
         }
     }
 
@@ -486,7 +557,7 @@ mod tests {
     /// (the reference gradient norms depend on it); other rows still get theirs.
     #[test]
     fn pad_lookups_give_the_pad_row_no_gradient() -> Result<()> {
-        let dev = Device::Cpu;
+        let dev = test_device();
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
         let bert = BertModel::new(&micro_text(Layout::Albef { fusion_layer: 1 }), 32, vb)?;
@@ -519,7 +590,7 @@ mod tests {
 
     #[test]
     fn albef_layout_names_and_shapes() -> Result<()> {
-        let dev = Device::Cpu;
+        let dev = test_device();
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev).pp("text_encoder");
         let cfg = micro_text(Layout::Albef { fusion_layer: 1 });
@@ -546,7 +617,7 @@ mod tests {
 
     #[test]
     fn padded_tokens_do_not_change_real_tokens() -> Result<()> {
-        let dev = Device::Cpu;
+        let dev = test_device();
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
         let cfg = micro_text(Layout::Albef { fusion_layer: 1 });
@@ -563,7 +634,7 @@ mod tests {
 
     #[test]
     fn blip_layout_skips_cross_attention_in_text_mode() -> Result<()> {
-        let dev = Device::Cpu;
+        let dev = test_device();
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev).pp("text_encoder");
         let mut cfg = micro_text(Layout::Blip);
@@ -605,7 +676,7 @@ mod tests {
 
     #[test]
     fn tied_decoder_gets_gradient_through_the_embedding_table() -> Result<()> {
-        let dev = Device::Cpu;
+        let dev = test_device();
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev).pp("text_encoder");
         let cfg = micro_text(Layout::Albef { fusion_layer: 1 });

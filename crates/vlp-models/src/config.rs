@@ -8,7 +8,6 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::attention::AttentionBackend;
 use crate::error::{ModelError, Result};
 
 /// The ViT image encoder.
@@ -172,8 +171,12 @@ impl TextConfig {
 }
 
 /// The whole ALBEF model: encoders, projections, heads, momentum twin and queues.
+///
+/// Only the architecture: how attention is computed is a runtime choice
+/// ([`crate::AlbefModel::with_attention`]) and the momentum coefficient belongs to the
+/// training objectives, so neither is stored in `config.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(from = "AlbefConfigFile")]
 pub struct AlbefConfig {
     pub vision: VisionConfig,
     pub text: TextConfig,
@@ -181,59 +184,45 @@ pub struct AlbefConfig {
     pub embed_dim: usize,
     /// Initial ITC temperature (learned, clamped to [0.001, 0.5]).
     pub temp: f64,
-    /// EMA coefficient of the momentum twin.
-    pub momentum: f64,
     /// Columns of the feature queues (any size; writes wrap around).
     pub queue_size: usize,
-    pub attention: AttentionBackend,
 }
 
-/// The names [`AlbefConfig::preset`] knows.
-pub const PRESETS: [&str; 3] = ["albef-base", "minilm", "tiny"];
+/// `config.json` as read: [`AlbefConfig`]'s fields, unknown keys still an error, plus the
+/// two keys earlier versions wrote (`attention`, `momentum`), accepted and ignored so that
+/// their checkpoints keep loading.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AlbefConfigFile {
+    vision: VisionConfig,
+    text: TextConfig,
+    embed_dim: usize,
+    temp: f64,
+    queue_size: usize,
+    #[serde(default, rename = "attention")]
+    _attention: serde::de::IgnoredAny,
+    #[serde(default, rename = "momentum")]
+    _momentum: serde::de::IgnoredAny,
+}
 
-impl AlbefConfig {
-    /// A model small enough for unit tests in every crate (ALBEF layout, hidden 32,
-    /// 1 text + 1 fusion layer, 2 ViT layers, 32 x 32 images, vocabulary 50, queue 8,
-    /// dropout 0.1). Not a preset: nothing trains usefully at this size.
-    pub fn micro() -> AlbefConfig {
+impl From<AlbefConfigFile> for AlbefConfig {
+    fn from(f: AlbefConfigFile) -> Self {
         AlbefConfig {
-            vision: VisionConfig {
-                image_size: 32,
-                patch_size: 8,
-                hidden: 32,
-                layers: 2,
-                heads: 4,
-                mlp_ratio: 2.0,
-                eps: 1e-6,
-                qkv_bias: true,
-            },
-            text: TextConfig {
-                vocab_size: 50,
-                hidden: 32,
-                layers: 2,
-                heads: 4,
-                intermediate: 64,
-                max_positions: 16,
-                eps: 1e-12,
-                dropout: 0.1,
-                type_vocab_size: 2,
-                layout: Layout::Albef { fusion_layer: 1 },
-                has_mlm_head: true,
-                pad_id: 0,
-                cls_id: 2,
-                sep_id: 3,
-                mask_id: 4,
-                enc_id: None,
-            },
-            embed_dim: 16,
-            temp: 0.07,
-            momentum: 0.995,
-            queue_size: 8,
-            attention: AttentionBackend::Fused,
+            vision: f.vision,
+            text: f.text,
+            embed_dim: f.embed_dim,
+            temp: f.temp,
+            queue_size: f.queue_size,
         }
     }
+}
 
-    /// A named architecture: `albef-base`, `minilm` or `tiny` (see docs/models.md).
+/// The names [`AlbefConfig::preset`] knows: the one list the CLI's help, its value
+/// checks and the error for an unknown name all take.
+pub const PRESETS: &[&str] = &["albef-base", "minilm", "tiny"];
+
+impl AlbefConfig {
+    /// A named architecture, one of [`PRESETS`] (see docs/models.md).
     pub fn preset(name: &str) -> Result<Self> {
         let bert_ids = |vocab_size| (vocab_size, 0, 101, 102, 103);
         let cfg = match name {
@@ -271,9 +260,7 @@ impl AlbefConfig {
                     },
                     embed_dim: 256,
                     temp: 0.07,
-                    momentum: 0.995,
                     queue_size: 65536,
-                    attention: AttentionBackend::Fused,
                 }
             }
             // MiniLM-L6-H384 as the text encoder (its 6 layers) + 2 new fusion layers of
@@ -312,9 +299,7 @@ impl AlbefConfig {
                     },
                     embed_dim: 256,
                     temp: 0.07,
-                    momentum: 0.995,
                     queue_size: 65536,
-                    attention: AttentionBackend::Fused,
                 }
             }
             // Trains in minutes on 2 CPU cores. Special ids follow `vlp tokenizer train`
@@ -350,9 +335,7 @@ impl AlbefConfig {
                 },
                 embed_dim: 128,
                 temp: 0.07,
-                momentum: 0.995,
                 queue_size: 1024,
-                attention: AttentionBackend::Fused,
             },
             _ => {
                 return Err(ModelError::UnknownPreset {
@@ -371,9 +354,6 @@ impl AlbefConfig {
         positive("queue_size", self.queue_size)?;
         if not_positive(self.temp) {
             return Err(ModelError::config("temp", "must be > 0"));
-        }
-        if !(0.0..=1.0).contains(&self.momentum) {
-            return Err(ModelError::config("momentum", "must be in [0, 1]"));
         }
         Ok(())
     }
@@ -488,6 +468,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("eps"), "{err}");
+    }
+
+    #[test]
+    fn old_configs_with_attention_and_momentum_still_load() {
+        let cfg = AlbefConfig::preset("tiny").unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(&cfg.to_json()).unwrap();
+        assert!(v.get("attention").is_none() && v.get("momentum").is_none());
+        v["attention"] = serde_json::json!("generic");
+        v["momentum"] = serde_json::json!(0.995);
+        assert_eq!(AlbefConfig::from_json(&v.to_string()).unwrap(), cfg);
+        // Other unknown top-level keys stay errors.
+        v["attn"] = serde_json::json!("fused");
+        let err = AlbefConfig::from_json(&v.to_string())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("attn"), "{err}");
     }
 
     #[test]

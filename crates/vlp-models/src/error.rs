@@ -34,6 +34,14 @@ pub enum ModelError {
         source: std::io::Error,
     },
 
+    /// A checkpoint's tensors do not fit the model or hold NaN/Inf; every bad tensor is
+    /// listed by name.
+    #[error("{}: {}", path.display(), list_problems(problems))]
+    Checkpoint {
+        path: PathBuf,
+        problems: Vec<TensorProblem>,
+    },
+
     /// JSON could not be read or written (config.json).
     #[error("{what}: {source}")]
     Json {
@@ -41,6 +49,60 @@ pub enum ModelError {
         #[source]
         source: serde_json::Error,
     },
+}
+
+/// One bad tensor of a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TensorProblem {
+    /// The model has the tensor, the file does not.
+    Missing { name: String },
+    /// The file's tensor has another shape than the model's (after interpolating
+    /// position embeddings).
+    Shape {
+        name: String,
+        found: Vec<usize>,
+        expected: Vec<usize>,
+    },
+    /// The file's tensor holds NaN or infinite values.
+    NonFinite {
+        name: String,
+        nan: usize,
+        inf: usize,
+    },
+    /// The tensor could not be read or converted.
+    Unreadable { name: String, message: String },
+}
+
+impl std::fmt::Display for TensorProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TensorProblem::Missing { name } => write!(f, "missing tensor {name}"),
+            TensorProblem::Shape {
+                name,
+                found,
+                expected,
+            } => write!(f, "{name} is {found:?}, the model's {expected:?}"),
+            TensorProblem::NonFinite { name, nan, inf } => {
+                let counts: Vec<String> = [(*nan, "NaN"), (*inf, "Inf")]
+                    .iter()
+                    .filter(|(n, _)| *n > 0)
+                    .map(|(n, what)| format!("{n} {what}"))
+                    .collect();
+                write!(f, "non-finite values in {name} ({})", counts.join(", "))
+            }
+            TensorProblem::Unreadable { name, message } => write!(f, "{name}: {message}"),
+        }
+    }
+}
+
+fn list_problems(problems: &[TensorProblem]) -> String {
+    let shown: Vec<String> = problems.iter().take(20).map(|p| p.to_string()).collect();
+    let more = problems.len().saturating_sub(shown.len());
+    let mut text = shown.join("; ");
+    if more > 0 {
+        text.push_str(&format!("; and {more} more"));
+    }
+    text
 }
 
 impl ModelError {

@@ -11,16 +11,21 @@ pub mod albef;
 pub mod attention;
 pub mod bert;
 pub mod config;
+mod dispatch;
 pub mod error;
 mod fused;
 pub mod import;
+pub mod load;
 pub mod nn;
 mod params;
+#[doc(hidden)]
+pub mod test_support;
 pub mod vit;
 
 pub use albef::{smoke_loss, AlbefModel, SmokeLoss};
 pub use attention::{attention, AttentionBackend};
-pub use bert::{BertModel, FusionText};
+pub use bert::{BertModel, FusionInput, FusionText};
 pub use config::{AlbefConfig, Layout, TextConfig, VisionConfig};
-pub use error::{ModelError, Result};
+pub use error::{ModelError, Result, TensorProblem};
+pub use load::{load_into_varmap, load_model, LoadMode, LoadedModel, CONFIG_FILE, MODEL_FILE};
 pub use vit::{interpolate_pos_embed, VisionTransformer};

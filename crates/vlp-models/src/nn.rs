@@ -4,18 +4,21 @@
 //! gradients silently stop at them. Everything here is written with candle ops that do
 //! have one (matmul, broadcast arithmetic, `exp`, sums, `index_select`, `gelu_erf`), except
 //! softmax, log-softmax and the LayerNorm normalisation, which on the CPU (f32/f64) run as
-//! fused row-parallel kernels with hand-written backward passes (see `fused.rs`). Each
-//! operation sits behind one function so models never see the difference; the generic
-//! versions stay as the `*_reference` functions the kernels are tested against and fall
-//! back to on other devices and dtypes. Devices and dtypes always come from the inputs.
+//! fused row-parallel kernels with hand-written backward passes (see `fused/`). Each
+//! operation sits behind one function so models never see the difference; which
+//! implementation runs is decided in one place per op, `dispatch.rs`. The generic
+//! versions stay as the `*_reference` functions the kernels are tested against and the
+//! fallback on other devices and dtypes. Devices and dtypes always come from the inputs.
 
 use std::cell::RefCell;
 
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 use vlp_core::rng::Rng;
 
+use crate::dispatch::{self, Kernel};
 use crate::fused;
+use crate::fused::dropout::DropoutMask;
 
 /// Initialisation of projection and embedding weights: N(0, 0.02), as BERT and ALBEF do
 /// (timm truncates the normal at ±2σ; the difference does not matter for training).
@@ -30,15 +33,16 @@ pub const WEIGHT_INIT: Init = Init::Randn {
 /// # Shapes
 /// `x`: `[.., in]`, `weight`: `[out, in]`, `bias`: `[out]` -> `[.., out]`.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let same = |t: &Tensor| t.dtype() == x.dtype() && t.device().is_cpu();
-    if fusable(x) && same(weight) && bias.is_none_or(same) {
-        let (x, w) = (x.contiguous()?, weight.contiguous()?);
-        return match bias {
-            Some(b) => x.apply_op3(&w, &b.contiguous()?, fused::linear::LinearBias),
-            None => x.apply_op2(&w, fused::linear::LinearNoBias),
-        };
+    match dispatch::linear(x, weight, bias) {
+        Kernel::Cpu => {
+            let (x, w) = (x.contiguous()?, weight.contiguous()?);
+            match bias {
+                Some(b) => x.apply_op3(&w, &b.contiguous()?, fused::linear::LinearBias),
+                None => x.apply_op2(&w, fused::linear::LinearNoBias),
+            }
+        }
+        Kernel::Generic => linear_reference(x, weight, bias),
     }
-    linear_reference(x, weight, bias)
 }
 
 /// [`linear`] with candle ops: the reference the fused op is tested against, and the
@@ -70,22 +74,14 @@ fn linear_reference(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resul
 /// # Shapes
 /// `x`: `[.., n]`, `weight`, `bias`: `[n]` -> `[.., n]`.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let xf = match dtype {
-        DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?,
-        _ => x.clone(),
-    };
-    if !fusable(&xf) {
-        return layer_norm_reference(x, weight, bias, eps);
-    }
-    if xf.dtype() == dtype && weight.dtype() == dtype && bias.dtype() == dtype {
-        return xf.contiguous()?.apply_op3(
+    match dispatch::layer_norm(x, weight, bias) {
+        Kernel::Cpu => x.contiguous()?.apply_op3(
             &weight.contiguous()?,
             &bias.contiguous()?,
             fused::affine::LayerNormAffine { eps },
-        );
+        ),
+        Kernel::Generic => layer_norm_reference(x, weight, bias, eps),
     }
-    layer_norm_reference(x, weight, bias, eps)
 }
 
 /// `x + b` with `b` broadcast over the leading dimensions of `x` (`b`'s shape, leading
@@ -93,28 +89,23 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 /// Fused on the CPU for f32/f64 (the gradient of `b` is a parallel column sum), generic
 /// elsewhere.
 pub fn add_broadcast(x: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if fusable(x) && b.dtype() == x.dtype() && b.device().is_cpu() {
-        x.contiguous()?
-            .apply_op2(&b.contiguous()?, fused::affine::AddBroadcast)
-    } else {
-        x.broadcast_add(b)
+    match dispatch::broadcast_row(x, b) {
+        Kernel::Cpu => x
+            .contiguous()?
+            .apply_op2(&b.contiguous()?, fused::affine::AddBroadcast),
+        Kernel::Generic => x.broadcast_add(b),
     }
 }
 
 /// `gelu(x + b)` (erf form) with `b` broadcast like [`add_broadcast`]; one fused kernel
 /// forward and backward on the CPU for f32/f64, generic elsewhere.
 pub fn bias_gelu(x: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if fusable(x) && b.dtype() == x.dtype() && b.device().is_cpu() {
-        x.contiguous()?
-            .apply_op2(&b.contiguous()?, fused::affine::BiasGelu)
-    } else {
-        gelu(&x.broadcast_add(b)?)
+    match dispatch::broadcast_row(x, b) {
+        Kernel::Cpu => x
+            .contiguous()?
+            .apply_op2(&b.contiguous()?, fused::affine::BiasGelu),
+        Kernel::Generic => gelu(&x.broadcast_add(b)?),
     }
-}
-
-/// Whether the fused CPU kernels apply: f32/f64 on the CPU with a last dimension.
-fn fusable(x: &Tensor) -> bool {
-    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.rank() >= 1
 }
 
 /// LayerNorm written out as mean and variance with generic candle ops: the reference the
@@ -138,10 +129,9 @@ fn layer_norm_reference(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) ->
 /// Softmax over the last dimension: `exp(x - max) / sum`, fused on the CPU for f32/f64
 /// (backward `y * (g - sum(g * y))`, also fused), generic elsewhere.
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
-    if fusable(x) {
-        x.contiguous()?.apply_op1(fused::Softmax)
-    } else {
-        softmax_reference(x)
+    match dispatch::softmax(x) {
+        Kernel::Cpu => x.contiguous()?.apply_op1(fused::Softmax),
+        Kernel::Generic => softmax_reference(x),
     }
 }
 
@@ -157,10 +147,9 @@ fn softmax_reference(x: &Tensor) -> Result<Tensor> {
 /// Log-softmax over the last dimension: `x - max - log(sum(exp(x - max)))`, fused on the
 /// CPU for f32/f64 (backward `g - exp(y) * sum(g)`, also fused), generic elsewhere.
 pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
-    if fusable(x) {
-        x.contiguous()?.apply_op1(fused::LogSoftmax)
-    } else {
-        log_softmax_reference(x)
+    match dispatch::softmax(x) {
+        Kernel::Cpu => x.contiguous()?.apply_op1(fused::LogSoftmax),
+        Kernel::Generic => log_softmax_reference(x),
     }
 }
 
@@ -183,7 +172,7 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
 /// Each call draws one seed (see [`seed_dropout`]); element `i` is kept when a hash of
 /// the seed and `i` clears the threshold ([`DropoutMask`]), so the mask is never stored:
 /// on the CPU (f32/f64) the forward and backward are one parallel pass each that
-/// recompute it; elsewhere the mask is built on the CPU and multiplied in.
+/// recompute it; elsewhere the mask is built on the input's device and multiplied in.
 pub fn dropout(x: &Tensor, p: f64) -> Result<Tensor> {
     if p <= 0.0 {
         return Ok(x.clone());
@@ -191,66 +180,24 @@ pub fn dropout(x: &Tensor, p: f64) -> Result<Tensor> {
     if p >= 1.0 {
         return x.zeros_like();
     }
-    let mask = DropoutMask::draw(p);
-    if fusable(x) {
-        return x.contiguous()?.apply_op1(fused::dropout::Dropout(mask));
-    }
-    let keep = Tensor::from_vec(mask.values(x.elem_count()), x.shape(), &Device::Cpu)?
-        .to_dtype(x.dtype())?
-        .to_device(x.device())?;
-    x.mul(&keep)
-}
-
-/// The randomness of one dropout call: element `i` is kept, and scaled by `1 / (1 - p)`,
-/// when a 32-bit hash of `i` keyed by the call's seed is at least `p * 2^32`. Any
-/// element's decision is computed on its own, in any order and on any thread, with
-/// 32-bit integer arithmetic that vectorises.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct DropoutMask {
-    key: [u32; 2],
-    threshold: u64,
-    scale: f32,
-}
-
-/// A 32-bit integer hash with good avalanche (the "lowbias32" constants).
-#[inline(always)]
-fn hash32(mut x: u32) -> u32 {
-    x ^= x >> 16;
-    x = x.wrapping_mul(0x7feb_352d);
-    x ^= x >> 15;
-    x = x.wrapping_mul(0x846c_a68b);
-    x ^ (x >> 16)
-}
-
-impl DropoutMask {
-    /// A mask with a fresh seed: the next draw of this thread's seeded generator, or a
-    /// random one when dropout is unseeded.
-    pub(crate) fn draw(p: f64) -> Self {
-        let seed = DROPOUT_RNG
-            .with(|r| r.borrow_mut().as_mut().map(|rng| rng.next_u64()))
-            .unwrap_or_else(random_seed);
-        Self {
-            key: [seed as u32, (seed >> 32) as u32],
-            threshold: (p.clamp(0.0, 1.0) * 4_294_967_296.0).ceil() as u64,
-            scale: (1.0 / (1.0 - p)) as f32,
+    let mask = draw_dropout_mask(p);
+    match dispatch::dropout(x) {
+        Kernel::Cpu => x.contiguous()?.apply_op1(fused::dropout::Dropout(mask)),
+        Kernel::Generic => {
+            let keep = Tensor::from_vec(mask.values(x.elem_count()), x.shape(), x.device())?
+                .to_dtype(x.dtype())?;
+            x.mul(&keep)
         }
     }
+}
 
-    /// The multiplier of element `i`: `0` or `1 / (1 - p)`.
-    #[inline(always)]
-    pub(crate) fn keep(&self, i: usize) -> f32 {
-        let h = hash32(hash32(i as u32 ^ self.key[0]).wrapping_add(self.key[1]));
-        if u64::from(h) >= self.threshold {
-            self.scale
-        } else {
-            0.0
-        }
-    }
-
-    /// The multipliers of elements `0..n`.
-    pub(crate) fn values(&self, n: usize) -> Vec<f32> {
-        (0..n).map(|i| self.keep(i)).collect()
-    }
+/// The mask of one dropout call with a fresh seed: the next draw of this thread's seeded
+/// generator (see [`seed_dropout`]), or a random one when dropout is unseeded.
+pub(crate) fn draw_dropout_mask(p: f64) -> DropoutMask {
+    let seed = DROPOUT_RNG
+        .with(|r| r.borrow_mut().as_mut().map(|rng| rng.next_u64()))
+        .unwrap_or_else(random_seed);
+    DropoutMask::new(seed, p)
 }
 
 /// A seed for unseeded dropout: the standard library's per-process random hash keys
@@ -295,17 +242,13 @@ impl Drop for DropoutSeedGuard {
 /// f32/f64, candle ops and [`Var::set`] elsewhere.
 pub fn ema_update(target: &candle_core::Var, source: &Tensor, m: f64) -> Result<()> {
     let t = target.as_tensor();
-    let in_place = t.device().is_cpu()
-        && source.device().is_cpu()
-        && matches!(t.dtype(), DType::F32 | DType::F64)
-        && source.dtype() == t.dtype()
-        && t.is_contiguous()
-        && source.is_contiguous();
-    if in_place {
-        return t.inplace_op2(source, &fused::affine::Ema { m });
+    match dispatch::ema(t, source) {
+        Kernel::Cpu => t.inplace_op2(source, &fused::affine::Ema { m }),
+        Kernel::Generic => {
+            let blended = (t.detach().affine(m, 0.0)? + source.detach().affine(1.0 - m, 0.0)?)?;
+            target.set(&blended)
+        }
     }
-    let blended = (t.detach().affine(m, 0.0)? + source.detach().affine(1.0 - m, 0.0)?)?;
-    target.set(&blended)
 }
 
 /// Divides each row by its L2 norm (at least 1e-12, like `F.normalize`).
@@ -458,7 +401,7 @@ impl Dropout {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Var;
+    use candle_core::{Device, Var};
 
     fn close(a: &[f64], b: &[f64], tol: f64) {
         assert_eq!(a.len(), b.len());
@@ -885,7 +828,7 @@ mod tests {
             let _seeded = seed_dropout(3);
             let y = dropout(&x, 0.2)?;
             let _again = seed_dropout(3);
-            (y, DropoutMask::draw(0.2))
+            (y, draw_dropout_mask(0.2))
         };
         let keep = Tensor::from_vec(mask.values(x.elem_count()), (70, 300), &dev)?;
         assert!(max_abs(&y, &(x.as_tensor() * &keep)?)? == 0.0);

@@ -88,7 +88,7 @@ impl VisionTransformer {
             )?,
             blocks,
             norm: LayerNorm::load(vb.pp("norm"), d, cfg.eps)?,
-            backend: AttentionBackend::Fused,
+            backend: AttentionBackend::default(),
         })
     }
 
@@ -100,6 +100,11 @@ impl VisionTransformer {
 
     pub fn config(&self) -> &VisionConfig {
         &self.cfg
+    }
+
+    /// The position embeddings, `[1, 1 + grid^2, D]` ([CLS] first).
+    pub fn pos_embed(&self) -> &Tensor {
+        &self.pos_embed
     }
 
     /// Patch embedding: the strided `Conv2d(3, D, P, stride P)` as patchify + one matmul
@@ -243,16 +248,17 @@ fn cubic_taps(input: usize, output: usize) -> Vec<([usize; 4], [f64; 4])> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Module};
+    use candle_core::Module;
     use candle_nn::VarMap;
+    use vlp_core::device::test_device;
 
     fn micro() -> VisionConfig {
-        crate::config::AlbefConfig::micro().vision
+        crate::test_support::micro_config().vision
     }
 
     #[test]
     fn patch_embedding_as_matmul_equals_conv2d() -> Result<()> {
-        let dev = Device::Cpu;
+        let dev = test_device();
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
         let vit = VisionTransformer::new(&micro(), vb)?;
@@ -277,7 +283,7 @@ mod tests {
 
     #[test]
     fn forward_shape_and_wrong_size_is_an_error() -> Result<()> {
-        let dev = Device::Cpu;
+        let dev = test_device();
         let varmap = VarMap::new();
         let vit = VisionTransformer::new(
             &micro(),
@@ -343,7 +349,7 @@ mod tests {
             -0.482330265289425, -0.956635203624723, -0.896760723696917, -0.266427285875151,
             -0.807333759316496, 0.186616090730693, -0.495404017952437, 0.588227704526861,
         ];
-        let dev = Device::Cpu;
+        let dev = test_device();
         for (old, new, expect) in [(3usize, 5usize, &up[..]), (4, 3, &down[..])] {
             let n = 1 + old * old;
             let data: Vec<f64> = (0..n)

@@ -19,10 +19,9 @@ use crate::recipe::Recipe;
 type Result<T> = std::result::Result<T, TrainError>;
 
 pub const CHECKPOINTS: &str = "checkpoints";
-pub const MODEL_FILE: &str = "model.safetensors";
+pub use vlp_models::{CONFIG_FILE, MODEL_FILE};
 pub const OPTIM_FILE: &str = "optim.safetensors";
 pub const STATE_FILE: &str = "state.json";
-pub const CONFIG_FILE: &str = "config.json";
 
 /// Where training stands after `step` optimizer steps: enough, with the model and the
 /// optimizer files, to continue exactly.

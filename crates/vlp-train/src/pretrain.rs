@@ -172,7 +172,7 @@ impl<'c> Run<'c> {
         match (&resume_from, &recipe.model.init) {
             (Some(_), _) => {} // loaded below, with the optimizer
             (None, Some(init)) => {
-                load_init(
+                vlp_models::load_into_varmap(
                     &varmap,
                     &init.join(checkpoint::MODEL_FILE),
                     cfg.vision.grid(),
@@ -532,7 +532,7 @@ impl<'c> Run<'c> {
                 .run_dir
                 .join(checkpoint::BEST_DIR)
                 .join(checkpoint::MODEL_FILE);
-            load_init(&self.varmap, &path, self.cfg.vision.grid())?;
+            vlp_models::load_into_varmap(&self.varmap, &path, self.cfg.vision.grid())?;
             tracing::info!(
                 "evaluating the best checkpoint: step {}, epoch {}, validation r_mean {:.2}",
                 best.step,
@@ -785,44 +785,6 @@ fn validate_epoch(
         };
         checkpoint::save_best(run_dir, varmap, cfg, &best)?;
         state.best = Some(best);
-    }
-    Ok(())
-}
-
-/// Loads a checkpoint's weights into `varmap` by name, interpolating position embeddings
-/// whose grid differs from `grid` (the model's).
-fn load_init(varmap: &VarMap, path: &Path, grid: usize) -> Result<()> {
-    let tensors = candle_core::safetensors::load(path, &vlp_core::device::host())
-        .map_err(|e| TrainError::Checkpoint(format!("init {}: {e}", path.display())))?;
-    let data = varmap.data().lock().expect("varmap lock");
-    let mut names: Vec<&String> = data.keys().collect();
-    names.sort();
-    for name in names {
-        let var = &data[name];
-        let Some(t) = tensors.get(name) else {
-            return Err(TrainError::Checkpoint(format!(
-                "init {}: no tensor {name}",
-                path.display()
-            )));
-        };
-        let t = if t.dims() != var.dims() && name.ends_with("pos_embed") {
-            tracing::info!(
-                "init: {name} {:?} interpolated to a {grid}x{grid} grid",
-                t.dims()
-            );
-            vlp_models::interpolate_pos_embed(t, grid)?
-        } else {
-            t.clone()
-        };
-        if t.dims() != var.dims() {
-            return Err(TrainError::Checkpoint(format!(
-                "init {}: {name} is {:?}, the model's {:?}",
-                path.display(),
-                t.dims(),
-                var.dims()
-            )));
-        }
-        var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
     }
     Ok(())
 }

@@ -37,7 +37,7 @@ pub struct Recipe {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
-    /// `tiny`, `minilm`, `albef-base`.
+    /// One of [`vlp_models::config::PRESETS`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preset: Option<String>,
     /// A model `config.json` (our format), instead of a preset.
@@ -332,7 +332,7 @@ impl Recipe {
     /// embeddings are then interpolated, ALBEF's `interpolate_pos_embed`). A resumed run
     /// keeps its checkpoint's architecture as it is.
     pub fn model_config(&self, resume_from: Option<&Path>) -> Result<AlbefConfig> {
-        let config_file = |dir: &Path| dir.join(crate::checkpoint::CONFIG_FILE);
+        let config_file = |dir: &Path| dir.join(vlp_models::CONFIG_FILE);
         if let Some(dir) = resume_from {
             return Ok(AlbefConfig::load(&config_file(dir))?);
         }

@@ -440,7 +440,7 @@ mod tests {
     fn micro() -> AlbefConfig {
         AlbefConfig {
             queue_size: 5,
-            ..AlbefConfig::micro()
+            ..vlp_models::test_support::micro_config()
         }
     }
 

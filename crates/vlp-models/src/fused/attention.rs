@@ -17,7 +17,7 @@ use candle_core::{
 use rayon::prelude::*;
 
 use super::affine::Float;
-use crate::nn::DropoutMask;
+use super::dropout::DropoutMask;
 
 /// The attention of one layer, with the pieces that are not differentiated: the
 /// additive key mask (`[B or 1, Lk]`) and the dropout mask of the probabilities (over

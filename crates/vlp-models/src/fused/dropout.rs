@@ -1,12 +1,59 @@
 //! Dropout as one CPU pass forward and one backward, the mask recomputed from its seed
-//! instead of stored (see `nn::DropoutMask`).
+//! instead of stored ([`DropoutMask`]; `nn::dropout` draws the seeds).
 
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::affine::Float;
 use super::contiguous;
-use crate::nn::DropoutMask;
+
+/// The randomness of one dropout call: element `i` is kept, and scaled by `1 / (1 - p)`,
+/// when a 32-bit hash of `i` keyed by the call's seed is at least `p * 2^32`. Any
+/// element's decision is computed on its own, in any order and on any thread, with
+/// 32-bit integer arithmetic that vectorises.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DropoutMask {
+    key: [u32; 2],
+    threshold: u64,
+    scale: f32,
+}
+
+/// A 32-bit integer hash with good avalanche (the "lowbias32" constants).
+#[inline(always)]
+fn hash32(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b);
+    x ^ (x >> 16)
+}
+
+impl DropoutMask {
+    /// The mask of drop probability `p` keyed by `seed`.
+    pub(crate) fn new(seed: u64, p: f64) -> Self {
+        Self {
+            key: [seed as u32, (seed >> 32) as u32],
+            threshold: (p.clamp(0.0, 1.0) * 4_294_967_296.0).ceil() as u64,
+            scale: (1.0 / (1.0 - p)) as f32,
+        }
+    }
+
+    /// The multiplier of element `i`: `0` or `1 / (1 - p)`.
+    #[inline(always)]
+    pub(crate) fn keep(&self, i: usize) -> f32 {
+        let h = hash32(hash32(i as u32 ^ self.key[0]).wrapping_add(self.key[1]));
+        if u64::from(h) >= self.threshold {
+            self.scale
+        } else {
+            0.0
+        }
+    }
+
+    /// The multipliers of elements `0..n`.
+    pub(crate) fn values(&self, n: usize) -> Vec<f32> {
+        (0..n).map(|i| self.keep(i)).collect()
+    }
+}
 
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 14;

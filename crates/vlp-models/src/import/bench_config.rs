@@ -2,7 +2,8 @@
 //! that wrote `tests/fixtures/albef/config.json`): `vision` {image_size, patch_size,
 //! hidden, layers, heads, mlp_ratio, eps}, `text` {vocab_size, hidden, layers (all),
 //! fusion_layers, heads, intermediate, max_positions, eps, dropout, pad/cls/sep/mask ids},
-//! `embed_dim`, `temp`, `momentum`, `queue_size`, plus training keys we ignore here.
+//! `embed_dim`, `temp`, `queue_size`, plus training keys we ignore here (`momentum`
+//! among them: it is the objectives' setting, not the architecture's).
 //! Omitted architecture keys take ALBEF-base values, as they do there.
 
 use serde_json::Value;
@@ -73,7 +74,6 @@ pub fn config_from_bench(v: &Value) -> Result<AlbefConfig, String> {
     t.mask_id = id("mask_id", t.mask_id)?;
     cfg.embed_dim = usize_at(v, "embed_dim", cfg.embed_dim)?;
     cfg.temp = f64_at(v, "temp", cfg.temp)?;
-    cfg.momentum = f64_at(v, "momentum", cfg.momentum)?;
     cfg.queue_size = usize_at(v, "queue_size", cfg.queue_size)?;
     cfg.validate().map_err(|e| e.to_string())?;
     Ok(cfg)

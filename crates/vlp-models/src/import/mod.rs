@@ -27,11 +27,12 @@ pub mod report;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
 use crate::config::{AlbefConfig, Layout, TextConfig, VisionConfig};
-use crate::error::ModelError;
+use crate::error::{ModelError, TensorProblem};
+use crate::load::{CONFIG_FILE, MODEL_FILE};
 
 pub use hf_config::HfArch;
 pub use names::Format;
@@ -83,6 +84,14 @@ pub enum ImportError {
         max_diff: f64,
     },
 
+    /// The converted model would hold NaN or infinite values (from the checkpoint): each
+    /// tensor is named, with its counts.
+    #[error("{}: the converted model would hold non-finite values: {}", path.display(), list(tensors))]
+    NonFinite {
+        path: PathBuf,
+        tensors: Vec<TensorProblem>,
+    },
+
     /// The target config could not be resolved or read.
     #[error("{path}: {message}")]
     Config { path: PathBuf, message: String },
@@ -99,6 +108,14 @@ pub enum ImportError {
     /// Building the target model or writing the result failed.
     #[error(transparent)]
     Model(Box<ModelError>),
+}
+
+fn list(problems: &[TensorProblem]) -> String {
+    problems
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 impl From<ModelError> for ImportError {
@@ -147,7 +164,8 @@ pub struct Imported {
 /// from scratch would start), under our names.
 pub fn fresh_model(cfg: &AlbefConfig) -> Result<VarMap, ModelError> {
     let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    // On the host: the converted tensors are written to a file from there.
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &vlp_core::device::host());
     crate::albef::AlbefModel::new(cfg, vb)?;
     Ok(varmap)
 }
@@ -198,7 +216,7 @@ fn hf_arch(
 }
 
 /// The full model config of an HF BLIP checkpoint: its architecture on `base`'s training
-/// settings (temperature, momentum, queue, attention, dropout).
+/// settings (temperature, queue, dropout).
 pub fn config_from_blip(arch: &HfArch, base: &AlbefConfig) -> Result<AlbefConfig, String> {
     let (Some(t), Some(v), Some(embed_dim)) = (&arch.text, &arch.vision, arch.embed_dim) else {
         return Err("the config lacks a text or vision part".into());
@@ -339,7 +357,7 @@ pub fn import_checkpoint(
         message,
     };
     let init_config = match &opts.init {
-        Some(dir) => Some(load_config(&dir.join("config.json"))?),
+        Some(dir) => Some(load_config(&dir.join(CONFIG_FILE))?),
         None => None,
     };
     let cfg = match (config.or(init_config.as_ref()), &arch) {
@@ -369,7 +387,7 @@ pub fn import_checkpoint(
     if let (Some(dir), Some(init_cfg)) = (&opts.init, &init_config) {
         if init_cfg != &cfg {
             return Err(ImportError::Config {
-                path: dir.join("config.json"),
+                path: dir.join(CONFIG_FILE),
                 message: "the initial model's config differs from the target config; \
                           leave out --preset/--config to use the initial model's"
                     .into(),
@@ -379,7 +397,7 @@ pub fn import_checkpoint(
 
     let varmap = fresh_model(&cfg)?;
     if let Some(dir) = &opts.init {
-        load_init(&varmap, &dir.join("model.safetensors"))?;
+        crate::load::load_into_varmap(&varmap, &dir.join(MODEL_FILE), cfg.vision.grid())?;
     }
     let target = target_shapes(&varmap);
     let shapes: Vec<(String, Vec<usize>)> = source
@@ -508,49 +526,27 @@ pub fn import_checkpoint(
             ));
         }
     }
-    let tensors = vars
+    let tensors: BTreeMap<String, Tensor> = vars
         .iter()
         .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
         .collect();
+    // A checkpoint that diverged converts without complaint otherwise and fails much
+    // later, far from its cause.
+    let non_finite: Vec<TensorProblem> = tensors
+        .iter()
+        .filter_map(|(name, t)| crate::load::non_finite(name, t))
+        .collect();
+    if !non_finite.is_empty() {
+        return Err(ImportError::NonFinite {
+            path: path.to_owned(),
+            tensors: non_finite,
+        });
+    }
     Ok(Imported {
         config: cfg,
         tensors,
         report,
     })
-}
-
-/// Sets every variable of `varmap` from a converted model's `model.safetensors`.
-fn load_init(varmap: &VarMap, weights: &Path) -> Result<(), ImportError> {
-    let tensors =
-        candle_core::safetensors::load(weights, &Device::Cpu).map_err(|e| ImportError::Read {
-            path: weights.to_owned(),
-            message: format!("invalid safetensors file: {e}"),
-        })?;
-    let vars = varmap.data().lock().expect("varmap lock");
-    for (name, var) in vars.iter() {
-        let tensor_err = |source: candle_core::Error| ImportError::Tensor {
-            path: weights.to_owned(),
-            name: name.clone(),
-            source: Box::new(source),
-        };
-        let t = tensors.get(name).ok_or_else(|| ImportError::Read {
-            path: weights.to_owned(),
-            message: format!("the initial model lacks `{name}`"),
-        })?;
-        if t.dims() != var.dims() {
-            return Err(ImportError::Read {
-                path: weights.to_owned(),
-                message: format!(
-                    "`{name}` is {:?} in the initial model, {:?} in the target",
-                    t.dims(),
-                    var.dims()
-                ),
-            });
-        }
-        var.set(&t.to_dtype(var.dtype()).map_err(tensor_err)?)
-            .map_err(tensor_err)?;
-    }
-    Ok(())
 }
 
 /// Reads a model config: ours (`config.json` of a converted model or a run), or the
@@ -574,8 +570,8 @@ pub fn load_config(path: &Path) -> Result<AlbefConfig, ImportError> {
 /// half-written `model.safetensors`.
 pub fn write_converted(dir: &Path, imported: &Imported) -> Result<(), ImportError> {
     std::fs::create_dir_all(dir).map_err(|e| ImportError::io(dir, e))?;
-    let weights = dir.join("model.safetensors");
-    let partial = dir.join("model.safetensors.partial");
+    let weights = dir.join(MODEL_FILE);
+    let partial = dir.join(format!("{MODEL_FILE}.partial"));
     let map: HashMap<String, Tensor> = imported
         .tensors
         .iter()
@@ -587,13 +583,14 @@ pub fn write_converted(dir: &Path, imported: &Imported) -> Result<(), ImportErro
         source: Box::new(source),
     })?;
     std::fs::rename(&partial, &weights).map_err(|e| ImportError::io(&weights, e))?;
-    imported.config.save(&dir.join("config.json"))?;
+    imported.config.save(&dir.join(CONFIG_FILE))?;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     fn fixtures() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
@@ -658,6 +655,35 @@ mod tests {
             assert_eq!(max_diff(&pth.tensors[name], &raw[name]), 0.0, "{name}");
         }
         assert_eq!(pth.tensors["queue_ptr"].to_vec1::<i64>().unwrap(), vec![4]);
+    }
+
+    #[test]
+    fn non_finite_source_tensors_fail_the_import_by_name() {
+        let cfg = albef_config();
+        let source = fixtures().join("albef/albef.safetensors");
+        let mut raw = candle_core::safetensors::load(&source, &Device::Cpu).unwrap();
+        let name = "visual_encoder.blocks.0.attn.qkv.weight";
+        let t = &raw[name];
+        let mut v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v[1] = f32::NAN;
+        v[2] = f32::NEG_INFINITY;
+        let bad = Tensor::from_vec(v, t.shape(), &Device::Cpu).unwrap();
+        raw.insert(name.to_string(), bad);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("diverged.safetensors");
+        candle_core::safetensors::save(&raw, &path).unwrap();
+        let opts = ImportOptions {
+            format: Some(Format::AlbefPth),
+            ..Default::default()
+        };
+        let err = import_checkpoint(&path, Some(&cfg), &opts).unwrap_err();
+        assert!(matches!(err, ImportError::NonFinite { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains("diverged.safetensors"), "{msg}");
+        assert!(
+            msg.contains(&format!("non-finite values in {name} (1 NaN, 1 Inf)")),
+            "{msg}"
+        );
     }
 
     #[test]
