@@ -10,16 +10,13 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use vlp_train::checkpoint::{
-    parse_dir_name, CHECKPOINTS, CONFIG_FILE, MODEL_FILE, OPTIM_FILE, STATE_FILE,
-};
-
-/// What a run's best checkpoint (`RUN/best/`) holds beside its model.
-const BEST_RECORD: &str = "best.json";
 use vlp_models::import::{
     import_checkpoint, load_config, write_converted, Format, ImportError, ImportOptions,
 };
 use vlp_models::AlbefConfig;
+use vlp_train::checkpoint::{
+    parse_dir_name, BEST_RECORD, CHECKPOINTS, CONFIG_FILE, MODEL_FILE, OPTIM_FILE, STATE_FILE,
+};
 
 #[derive(clap::Args)]
 pub struct ConvertArgs {

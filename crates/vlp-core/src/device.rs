@@ -51,7 +51,7 @@ impl FromStr for DeviceSpec {
     fn from_str(s: &str) -> Result<Self, DeviceError> {
         match s.trim() {
             "cpu" => Ok(DeviceSpec::Cpu),
-            "cuda" | "gpu" => Ok(DeviceSpec::Cuda(0)),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
             other => other
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse().ok())
@@ -117,7 +117,7 @@ mod tests {
         assert_eq!("cuda".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
         assert_eq!("cuda:3".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(3));
         assert_eq!(DeviceSpec::Cuda(3).to_string(), "cuda:3");
-        for bad in ["", "cuda:", "cuda:x", "tpu", "cuda:-1"] {
+        for bad in ["", "cuda:", "cuda:x", "tpu", "gpu", "cuda:-1"] {
             let err = bad.parse::<DeviceSpec>().unwrap_err().to_string();
             assert!(
                 err.contains("expected `cpu`, `cuda` or `cuda:N`"),
@@ -141,13 +141,9 @@ mod tests {
         struct R {
             device: DeviceSpec,
         }
-        let r: R = toml_like(r#"{"device":"cuda:1"}"#);
+        let r: R = serde_json::from_str(r#"{"device":"cuda:1"}"#).unwrap();
         assert_eq!(r.device, DeviceSpec::Cuda(1));
         assert_eq!(serde_json::to_string(&r).unwrap(), r#"{"device":"cuda:1"}"#);
         assert!(serde_json::from_str::<R>(r#"{"device":"cuda:x"}"#).is_err());
-    }
-
-    fn toml_like<T: serde::de::DeserializeOwned>(s: &str) -> T {
-        serde_json::from_str(s).unwrap()
     }
 }

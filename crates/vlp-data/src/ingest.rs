@@ -673,6 +673,9 @@ fn prepare(
     // An explicit format always re-encodes, so the stored image is plain RGB (alpha
     // flattened onto white) whatever the input was.
     if target.is_none() && opts.format == OutputFormat::Keep {
+        // Kept as it is, but decoded once all the same: a valid header over a cut or
+        // corrupt body would pass the header check and then be refused by the loader.
+        decode_rgb(&bytes, vlp_core::MAX_IMAGE_PIXELS)?;
         return Ok((src_ext, bytes, false));
     }
     let mut rgb = decode_rgb(&bytes, vlp_core::MAX_IMAGE_PIXELS)?;
@@ -1188,6 +1191,19 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn a_kept_image_with_a_cut_body_is_refused_as_the_loader_would() {
+        let img =
+            image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([x as u8 * 4, y as u8 * 4, 7]));
+        let whole = encode_rgb(&img, "png", 90).unwrap();
+        assert!(prepare_image(whole.clone(), "ok.png", &EncodeOptions::default()).is_ok());
+        let cut = whole[..whole.len() / 2].to_vec();
+        let e = prepare_image(cut, "cut.png", &EncodeOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cut.png"), "{e}");
     }
 
     #[test]

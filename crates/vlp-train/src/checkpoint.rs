@@ -80,6 +80,9 @@ pub struct BestSoFar {
 /// The folder, inside a run folder, that holds the best checkpoint.
 pub const BEST_DIR: &str = "best";
 
+/// The file in [`BEST_DIR`] that says where the best checkpoint was reached.
+pub const BEST_RECORD: &str = "best.json";
+
 /// The folder name of the checkpoint after `step` steps.
 pub fn dir_name(step: u64) -> String {
     format!("step-{step:06}")
@@ -197,6 +200,24 @@ fn view_is_finite(view: &safetensors::tensor::TensorView) -> bool {
             .all(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7C00 != 0x7C00),
         _ => true,
     }
+}
+
+/// Renames every checkpoint after step `step` to `step-N.broken` (kept for inspection,
+/// never listed, resumed from or pruned). Resuming from `step` when newer checkpoints
+/// failed [`verify`]: the run writes those step numbers again, and pruning, which keeps
+/// the newest steps, must not prefer the broken ones to them.
+pub fn set_aside_after(run_dir: &Path, step: u64) -> Result<()> {
+    let root = run_dir.join(CHECKPOINTS);
+    for newer in list(run_dir)?.into_iter().filter(|&s| s > step) {
+        let from = root.join(dir_name(newer));
+        let to = root.join(format!("{}.broken", dir_name(newer)));
+        tracing::warn!("setting {} aside as {}", from.display(), to.display());
+        if to.exists() {
+            std::fs::remove_dir_all(&to).map_err(|e| TrainError::io(&to, e))?;
+        }
+        std::fs::rename(&from, &to).map_err(|e| TrainError::io(&from, e))?;
+    }
+    Ok(())
 }
 
 /// Removes what interrupted saves and deletions leave under `RUN/checkpoints`: temporary
@@ -365,9 +386,9 @@ pub fn save_best(
         .map_err(TrainError::Model)?;
     let json = serde_json::to_string_pretty(best)
         .map_err(|e| TrainError::Checkpoint(format!("best: {e}")))?;
-    write_synced(&tmp.join("best.json"), json.as_bytes())?;
+    write_synced(&tmp.join(BEST_RECORD), json.as_bytes())?;
     for f in [MODEL_FILE, CONFIG_FILE] {
-        same_mode_as(&tmp.join(f), &tmp.join("best.json"))?;
+        same_mode_as(&tmp.join(f), &tmp.join(BEST_RECORD))?;
         sync(&tmp.join(f))?;
     }
     if dst.exists() {
@@ -495,6 +516,28 @@ mod tests {
         let err = verify(&step_dir(run, 2)).unwrap_err().to_string();
         assert!(err.contains("non-finite") && err.contains(" w"), "{err}");
         assert_eq!(latest(run).unwrap().unwrap(), step_dir(run, 1));
+    }
+
+    #[test]
+    fn newer_broken_checkpoints_are_set_aside_so_pruning_keeps_the_resumed_run() {
+        let (dir, varmap) = saved_run(&[1, 2, 3], 0);
+        let run = dir.path();
+        let model = step_dir(run, 3).join(MODEL_FILE);
+        std::fs::write(&model, b"cut").unwrap();
+        assert_eq!(latest(run).unwrap().unwrap(), step_dir(run, 2));
+        set_aside_after(run, 2).unwrap();
+        assert_eq!(list(run).unwrap(), vec![1, 2]);
+        assert!(run.join(CHECKPOINTS).join("step-000003.broken").is_dir());
+        // The resumed run's next checkpoint is the one pruning keeps.
+        let state = TrainState {
+            step: 3,
+            ..load_state(&step_dir(run, 2)).unwrap()
+        };
+        let optim = AdamW::new(Vec::new(), Default::default()).unwrap();
+        let config = AlbefConfig::preset("tiny").unwrap();
+        save(run, &varmap, &optim, &config, &state, 1).unwrap();
+        assert_eq!(list(run).unwrap(), vec![3]);
+        verify(&step_dir(run, 3)).unwrap();
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::collective::Collective;
@@ -303,7 +303,7 @@ impl AdamW {
         }
         map.insert(
             "step".into(),
-            Tensor::new(&[self.step as i64], &Device::Cpu)?,
+            Tensor::new(&[self.step as i64], &vlp_core::device::host())?,
         );
         candle_core::safetensors::save(&map, path)
             .map_err(|e| TrainError::Checkpoint(format!("writing {}: {e}", path.display())))
@@ -315,7 +315,7 @@ impl AdamW {
         let dev = self
             .params
             .first()
-            .map_or(Device::Cpu, |(_, v)| v.device().clone());
+            .map_or_else(vlp_core::device::host, |(_, v)| v.device().clone());
         let map = candle_core::safetensors::load(path, &dev)
             .map_err(|e| TrainError::Checkpoint(format!("reading {}: {e}", path.display())))?;
         let missing = |k: &str| {
@@ -345,6 +345,7 @@ impl AdamW {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
     use candle_nn::{VarBuilder, VarMap};
     use vlp_models::{AlbefConfig, AlbefModel};
 

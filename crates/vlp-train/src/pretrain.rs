@@ -118,6 +118,14 @@ impl<'c> Run<'c> {
     fn setup(recipe: Recipe, resume: bool, collective: &'c dyn Collective) -> Result<Self> {
         let device = recipe.run.device.resolve()?;
         let run_dir = recipe.run.out_dir.clone();
+        if recipe.data.world_size != collective.world_size() {
+            return Err(TrainError::Recipe(format!(
+                "data.world_size = {} but {} process(es) train: they must agree (the loader \
+                 splits the shards by both)",
+                recipe.data.world_size,
+                collective.world_size()
+            )));
+        }
         let main = collective.is_main();
         let lock = if main {
             Some(RunLock::acquire(&run_dir)?)
@@ -128,6 +136,15 @@ impl<'c> Run<'c> {
         // Where to start: a checkpoint (resume) or nothing.
         let resume_from = if resume {
             let dir = checkpoint::latest(&run_dir)?;
+            if main {
+                // Newer checkpoints `latest` passed over must not outrank the ones this
+                // run writes (pruning keeps the newest steps): they are set aside.
+                let resumed = dir.as_deref().map_or(0, |d| {
+                    checkpoint::parse_dir_name(&d.file_name().unwrap_or_default().to_string_lossy())
+                        .unwrap_or(0)
+                });
+                checkpoint::set_aside_after(&run_dir, resumed)?;
+            }
             if dir.is_none() {
                 tracing::warn!(
                     "--resume: no usable checkpoint in {}, starting fresh",
@@ -497,7 +514,7 @@ impl<'c> Run<'c> {
             self.save()?;
         }
         tracing::info!("trained {} steps", self.state.step);
-        let interrupted = match ended {
+        let mut interrupted = match ended {
             Ended::Interrupted(signal) => Some(signal),
             Ended::Done | Ended::DataEnded => None,
         };
@@ -508,6 +525,8 @@ impl<'c> Run<'c> {
                 self.validate()?;
             }
             eval = self.evaluate()?;
+            // A signal during the evaluations cut them short: the status says so.
+            interrupted = interrupt::requested();
         }
         Ok(Summary {
             run_dir: self.run_dir,

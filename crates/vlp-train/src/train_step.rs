@@ -1,8 +1,9 @@
 //! One optimizer step, in order: micro-batches (forward, backward, gradients summed) ->
 //! gradients averaged over the ranks -> their global norm, clipped -> the non-finite
-//! policy -> AdamW -> the momentum update -> the enqueue. Nothing is read back from the
-//! device except one small tensor (the gradient norm with the total loss), which the
-//! non-finite policy needs; the loss parts stay tensors until the loop logs them.
+//! policy -> AdamW -> the momentum update -> the enqueue. The step reads back one small
+//! tensor (the gradient norm with the total loss), which the non-finite policy needs,
+//! besides the batch's similarities that ITM's hard-negative sampling draws from on the
+//! host; the loss parts stay tensors until the loop logs them.
 //!
 //! The momentum update ends the step instead of starting the next forward (where ALBEF
 //! puts it): no weight changes in between, so the momentum forward sees the same weights,

@@ -138,6 +138,7 @@ const MAX_PICKLE_BYTES: u64 = 256 << 20;
 /// size of every entry, for [`check_storage`].
 fn check_zip(path: &Path) -> Result<HashMap<String, u64>, String> {
     let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let file_len = file.metadata().map_err(|e| e.to_string())?.len();
     let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
         .map_err(|e| format!("not a readable zip archive: {e}"))?;
     let mut sizes = HashMap::new();
@@ -146,7 +147,15 @@ fn check_zip(path: &Path) -> Result<HashMap<String, u64>, String> {
             .by_index_raw(i)
             .map_err(|e| format!("zip entry {i}: {e}"))?;
         let name = entry.name().map_err(|e| format!("zip entry {i}: {e}"))?;
-        sizes.insert(name.to_string(), entry.size());
+        // What the entry can really hold, not what its header declares: a stored entry
+        // no more than its bytes in the file, a deflated one no more than deflate's
+        // 1032:1 ceiling — a crafted size cannot pass for data that is not there.
+        let stored = entry.compressed_size().min(file_len);
+        let holds = match entry.compression() {
+            zip::CompressionMethod::Stored => entry.size().min(stored),
+            _ => entry.size().min(stored.saturating_mul(1032)),
+        };
+        sizes.insert(name.to_string(), holds);
     }
     for name in sizes.keys().filter(|n| n.ends_with("data.pkl")) {
         let entry = zip.by_name(name).map_err(|e| format!("{name}: {e}"))?;
