@@ -78,7 +78,7 @@ pub fn load_checkpoint(
     device: &Device,
 ) -> anyhow::Result<(AlbefConfig, AlbefModel)> {
     let loaded = load_model(dir, image_size, device, LoadMode::Frozen)?;
-    Ok((loaded.config, loaded.model))
+    Ok((loaded.model.config().clone(), loaded.model))
 }
 
 pub fn run(args: RetrievalArgs) -> anyhow::Result<()> {

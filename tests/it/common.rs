@@ -2,6 +2,7 @@
 //! own tests, and the path of the built `vlp` binary.
 
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 #[path = "../../crates/vlp-data/tests/common/mod.rs"]
 mod data;
@@ -10,6 +11,23 @@ pub use data::*;
 #[allow(dead_code)]
 pub fn vlp_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_vlp"))
+}
+
+/// Runs `vlp args` in `cwd`, logging warnings only.
+#[allow(dead_code)]
+pub fn vlp(args: &[&str], cwd: &Path) -> Output {
+    Command::new(vlp_bin())
+        .args(args)
+        .current_dir(cwd)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run vlp")
+}
+
+/// A process's output as text.
+#[allow(dead_code)]
+pub fn text(out: &[u8]) -> String {
+    String::from_utf8_lossy(out).into_owned()
 }
 
 /// A tokenizer with BERT's special-token ids (`[PAD]` 0, `[UNK]` 100, `[CLS]` 101,

@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 use candle_core::{DType, Device, Tensor};
 use vlp_models::{AlbefConfig, Layout};
 
-use crate::common::vlp_bin;
+use crate::common::{text, vlp_bin};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -22,10 +22,6 @@ fn convert(args: &[&str]) -> Output {
         .env("RUST_LOG", "warn")
         .output()
         .expect("run vlp convert")
-}
-
-fn text(out: &[u8]) -> String {
-    String::from_utf8_lossy(out).into_owned()
 }
 
 /// Runs `vlp convert`, asserts success, returns stdout.

@@ -3,24 +3,11 @@
 //! a set with a bad image, and the messages of failures.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use candle_core::Device;
 
-use crate::common::{bert_ids_tokenizer, good_sample, path_str, vlp_bin, write_tar, Member};
-
-fn vlp(dir: &Path, args: &[&str]) -> Output {
-    Command::new(vlp_bin())
-        .args(args)
-        .current_dir(dir)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run vlp")
-}
-
-fn text(out: &[u8]) -> String {
-    String::from_utf8_lossy(out).into_owned()
-}
+use crate::common::{bert_ids_tokenizer, good_sample, path_str, text, vlp, write_tar, Member};
 
 /// A checkpoint converted from the HF BLIP fixture and a tokenizer with its ids.
 fn checkpoint(dir: &Path) -> (PathBuf, PathBuf) {
@@ -28,8 +15,8 @@ fn checkpoint(dir: &Path) -> (PathBuf, PathBuf) {
     let input =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/hf_blip/model.safetensors");
     let out = vlp(
-        dir,
         &["convert", &path_str(&input), "--out", &path_str(&ckpt)],
+        dir,
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     (ckpt, bert_ids_tokenizer(dir))
@@ -46,7 +33,6 @@ fn eval_set(dir: &Path, extra: Vec<(String, Vec<Member>)>) -> PathBuf {
 
 fn eval(dir: &Path, ckpt: &Path, tok: &Path, shard: &Path) -> Output {
     vlp(
-        dir,
         &[
             "eval",
             "retrieval",
@@ -62,6 +48,7 @@ fn eval(dir: &Path, ckpt: &Path, tok: &Path, shard: &Path) -> Output {
             "12",
             "--no-progress",
         ],
+        dir,
     )
 }
 
@@ -198,14 +185,13 @@ fn cuda_without_the_feature_is_a_clear_error_naming_it() {
     for args in commands {
         let mut args = args.to_vec();
         args.extend(["--device", "cuda"]);
-        let out = vlp(d, &args);
+        let out = vlp(&args, d);
         let stderr = text(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
         assert!(stderr.contains("--features cuda"), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
     let out = vlp(
-        d,
         &[
             "score",
             "--checkpoint",
@@ -219,6 +205,7 @@ fn cuda_without_the_feature_is_a_clear_error_naming_it() {
             "--device",
             "tpu",
         ],
+        d,
     );
     assert!(
         text(&out.stderr).contains("unknown device `tpu`"),
@@ -234,7 +221,6 @@ fn a_missing_checkpoint_is_named_once_with_its_cause_once() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let out = vlp(
-        d,
         &[
             "eval",
             "retrieval",
@@ -245,6 +231,7 @@ fn a_missing_checkpoint_is_named_once_with_its_cause_once() {
             "--tokenizer",
             "t.json",
         ],
+        d,
     );
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");

@@ -4,21 +4,12 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use vlp_data::image_ops::{EvalTransform, ImageTransform};
 use vlp_data::loader::{Loader, LoaderConfig};
 
-use crate::common::{all_batches, small_cfg, tokenizer, vlp_bin};
-
-fn vlp(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vlp"))
-        .args(args)
-        .current_dir(cwd)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run vlp")
-}
+use crate::common::{all_batches, small_cfg, tokenizer, vlp};
 
 fn vlp_ok(args: &[&str], cwd: &Path) -> String {
     let out = vlp(args, cwd);
@@ -687,8 +678,8 @@ fn shards_written_by_vlp_read_back_identically() {
     let ann = dir.path().join("ann.json");
     std::fs::write(&ann, serde_json::to_string(&records).unwrap()).unwrap();
     let prefix = dir.path().join("out/rt");
-    let status = std::process::Command::new(vlp_bin())
-        .args([
+    vlp_ok(
+        &[
             "shards",
             "write",
             "--json",
@@ -697,11 +688,9 @@ fn shards_written_by_vlp_read_back_identically() {
             prefix.to_str().unwrap(),
             "--per-shard",
             "3",
-        ])
-        .env("RUST_LOG", "warn")
-        .status()
-        .unwrap();
-    assert!(status.success());
+        ],
+        dir.path(),
+    );
     let spec = format!("{}-{{000000..000002}}.tar", prefix.display());
     let cfg = LoaderConfig {
         workers: 1,

@@ -129,6 +129,13 @@ mod tests {
     #[test]
     fn cpu_resolves_and_cuda_without_the_feature_names_it() {
         assert!(DeviceSpec::Cpu.resolve().unwrap().is_cpu());
+        match DeviceSpec::Cuda(0).resolve() {
+            Err(DeviceError::NotBuilt(_)) => assert!(!cfg!(feature = "cuda")),
+            // A CUDA build opens the GPU, or says why it cannot; it never claims the
+            // feature is missing.
+            Ok(dev) => assert!(cfg!(feature = "cuda") && dev.is_cuda()),
+            Err(e) => assert!(cfg!(feature = "cuda"), "{e}"),
+        }
         if !cfg!(feature = "cuda") {
             let err = DeviceSpec::Cuda(0).resolve().unwrap_err().to_string();
             assert!(err.contains("--features cuda"), "{err}");

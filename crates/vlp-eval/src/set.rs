@@ -11,7 +11,7 @@ use vlp_core::rng::Rng;
 use vlp_data::caption::usable_captions;
 use vlp_data::fields::{parse_sample, FieldsConfig};
 use vlp_data::image_ops::{
-    decode_rgb, image_dimensions, EvalTransform, ImageTransform, ImageTransformer, Normalization,
+    checked_dimensions, decode_rgb, EvalTransform, ImageTransform, ImageTransformer, Normalization,
 };
 use vlp_data::shard::read_shard;
 use vlp_data::spec::expand_spec;
@@ -150,15 +150,10 @@ impl EvalSet {
                 let index = match by_id.get(&sample.image_id) {
                     Some(&i) => i,
                     None => {
-                        let checked = image_dimensions(&sample.image_bytes)
-                            .map_err(|e| e.to_string())
-                            .and_then(|(w, h)| {
-                                if u64::from(w) * u64::from(h) > MAX_PIXELS {
-                                    Err(format!("{w}x{h} exceeds {MAX_PIXELS} pixels"))
-                                } else {
-                                    Ok(())
-                                }
-                            });
+                        // The loader's header check and pixel limit.
+                        let checked = checked_dimensions(&sample.image_bytes, MAX_PIXELS)
+                            .map(|_| ())
+                            .map_err(|e| e.to_string());
                         if let Err(e) = checked {
                             if !decode {
                                 warn_skip(&url.to_string(), &sample.key, &e);

@@ -95,7 +95,8 @@ impl std::fmt::Display for TensorProblem {
     }
 }
 
-fn list_problems(problems: &[TensorProblem]) -> String {
+/// Bad tensors for a message: the first 20, then how many more.
+pub(crate) fn list_problems(problems: &[TensorProblem]) -> String {
     let shown: Vec<String> = problems.iter().take(20).map(|p| p.to_string()).collect();
     let more = problems.len().saturating_sub(shown.len());
     let mut text = shown.join("; ");

@@ -27,7 +27,6 @@ impl std::fmt::Debug for LoadedModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // `VarMap` has no `Debug`; its presence is what matters.
         f.debug_struct("LoadedModel")
-            .field("config", &self.config)
             .field("model", &self.model)
             .field("trainable", &self.varmap.is_some())
             .finish()
@@ -45,8 +44,7 @@ pub enum LoadMode {
 
 /// A loaded checkpoint.
 pub struct LoadedModel {
-    /// The folder's config, with the image size asked for.
-    pub config: AlbefConfig,
+    /// Built from the folder's config at the image size asked for (`model.config()`).
     pub model: AlbefModel,
     /// The model's variables: `Some` for [`LoadMode::Trainable`].
     pub varmap: Option<VarMap>,
@@ -90,7 +88,6 @@ pub fn load_model(
             }
             Ok(LoadedModel {
                 model: built?,
-                config,
                 varmap: None,
             })
         }
@@ -100,7 +97,6 @@ pub fn load_model(
             let model = AlbefModel::new(&config, vb)?;
             load_into_varmap(&varmap, &path, grid)?;
             Ok(LoadedModel {
-                config,
                 model,
                 varmap: Some(varmap),
             })
@@ -333,7 +329,7 @@ mod tests {
         let mut features = Vec::new();
         for mode in [LoadMode::Frozen, LoadMode::Trainable] {
             let loaded = load_model(dir.path(), None, &dev, mode).unwrap();
-            assert_eq!(loaded.config, crate::test_support::micro_config());
+            assert_eq!(loaded.model.config(), &crate::test_support::micro_config());
             assert_eq!(loaded.varmap.is_some(), mode == LoadMode::Trainable);
             let (_, feat) = loaded.model.encode_image(&images, false).unwrap();
             features.push(feat);
@@ -355,7 +351,7 @@ mod tests {
         let expected = interpolate_pos_embed(&saved["visual_encoder.pos_embed"], 6).unwrap();
         for mode in [LoadMode::Frozen, LoadMode::Trainable] {
             let loaded = load_model(dir.path(), Some(48), &test_device(), mode).unwrap();
-            assert_eq!(loaded.config.vision.image_size, 48);
+            assert_eq!(loaded.model.config().vision.image_size, 48);
             let pos = loaded.model.visual_encoder().pos_embed();
             assert_eq!(pos.dims(), &[1, 37, 32]);
             assert_eq!(max_diff(pos, &expected), 0.0);

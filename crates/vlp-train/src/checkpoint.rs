@@ -156,10 +156,13 @@ pub fn verify(dir: &Path) -> Result<()> {
     }
     for (file, check_finite) in [(MODEL_FILE, true), (OPTIM_FILE, false)] {
         let path = dir.join(file);
-        let bytes = std::fs::read(&path).map_err(|e| TrainError::io(&path, e))?;
-        let tensors = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
-            TrainError::Checkpoint(format!("{} is incomplete or corrupt ({e})", path.display()))
-        })?;
+        // Mapped, not read: the optimizer file (twice the model's size) is only checked for
+        // completeness, and the model file's pages stay cached for the load that follows.
+        // SAFETY: the run holds the folder's lock; nothing writes a finished checkpoint.
+        let tensors =
+            unsafe { candle_core::safetensors::MmapedSafetensors::new(&path) }.map_err(|e| {
+                TrainError::Checkpoint(format!("{} is incomplete or corrupt ({e})", path.display()))
+            })?;
         if check_finite {
             let mut bad: Vec<String> = tensors
                 .tensors()

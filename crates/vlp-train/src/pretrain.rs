@@ -592,19 +592,65 @@ impl<'c> Run<'c> {
     /// logs `val_*` metrics, and keeps the weights in `RUN_DIR/best` when the mean recall
     /// beats the best so far. No-op without `eval.validate`.
     fn validate(&mut self) -> Result<()> {
-        let Some(metrics) = &mut self.metrics else {
+        let Some(metrics) = self.metrics.as_mut() else {
             return Ok(()); // not the main process
         };
-        validate_epoch(
+        let Some(sets) = &self.recipe.eval else {
+            return Ok(());
+        };
+        let Some(name) = &sets.validate else {
+            return Ok(());
+        };
+        self.state.validated_at = Some(self.state.step);
+        let set = sets
+            .sets
+            .iter()
+            .find(|s| &s.name == name)
+            .expect("Recipe::validate checks eval.validate");
+        let data = EvalSet::open(
+            &set.shards,
+            self.cfg.vision.image_size as u32,
+            self.recipe.data.max_words,
+        )?;
+        let (outcome, _) = evaluate_set(
             &self.model,
             &self.tokenizer,
-            &self.recipe,
-            &self.cfg,
-            &self.varmap,
-            &self.run_dir,
-            &mut self.state,
-            metrics,
-        )
+            &data,
+            &eval_config(sets, &self.device)?,
+        )?;
+        let m = outcome.main();
+        let mut record = Map::new();
+        record.insert("step".into(), json!(self.state.step));
+        record.insert("epoch".into(), json!(self.state.epoch));
+        for (k, v) in [
+            ("val_tr1", m.tr1),
+            ("val_tr5", m.tr5),
+            ("val_tr10", m.tr10),
+            ("val_ir1", m.ir1),
+            ("val_ir5", m.ir5),
+            ("val_ir10", m.ir10),
+            ("val_r_mean", m.r_mean),
+        ] {
+            record.insert(k.into(), json!(v));
+        }
+        metrics.write(&record)?;
+        let better = self.state.best.as_ref().is_none_or(|b| m.r_mean > b.r_mean);
+        tracing::info!(
+            "epoch {} validation on {name}: r_mean {:.2}{}",
+            self.state.epoch,
+            m.r_mean,
+            if better { " (best so far)" } else { "" }
+        );
+        if better {
+            let best = BestSoFar {
+                step: self.state.step,
+                epoch: self.state.epoch,
+                r_mean: m.r_mean,
+            };
+            checkpoint::save_best(&self.run_dir, &self.varmap, &self.cfg, &best)?;
+            self.state.best = Some(best);
+        }
+        Ok(())
     }
 }
 
@@ -734,76 +780,4 @@ fn eval_config(sets: &crate::recipe::EvalSection, device: &Device) -> Result<Eva
         progress: true,
         ..EvalConfig::default()
     })
-}
-
-/// After an epoch (fine-tuning, `eval.validate` set): evaluates the validation set, logs
-/// `val_*` metrics, and keeps the weights in `RUN_DIR/best` when the mean recall beats
-/// the best so far. No-op without `eval.validate`.
-#[allow(clippy::too_many_arguments)]
-fn validate_epoch(
-    model: &AlbefModel,
-    tokenizer: &TextTokenizer,
-    recipe: &Recipe,
-    cfg: &AlbefConfig,
-    varmap: &VarMap,
-    run_dir: &Path,
-    state: &mut TrainState,
-    metrics: &mut MetricsLog,
-) -> Result<()> {
-    let Some(sets) = &recipe.eval else {
-        return Ok(());
-    };
-    let Some(name) = &sets.validate else {
-        return Ok(());
-    };
-    state.validated_at = Some(state.step);
-    let set = sets
-        .sets
-        .iter()
-        .find(|s| &s.name == name)
-        .expect("Recipe::validate checks eval.validate");
-    let data = EvalSet::open(
-        &set.shards,
-        cfg.vision.image_size as u32,
-        recipe.data.max_words,
-    )?;
-    let (outcome, _) = evaluate_set(
-        model,
-        tokenizer,
-        &data,
-        &eval_config(sets, model.temp().device())?,
-    )?;
-    let m = outcome.main();
-    let mut record = Map::new();
-    record.insert("step".into(), json!(state.step));
-    record.insert("epoch".into(), json!(state.epoch));
-    for (k, v) in [
-        ("val_tr1", m.tr1),
-        ("val_tr5", m.tr5),
-        ("val_tr10", m.tr10),
-        ("val_ir1", m.ir1),
-        ("val_ir5", m.ir5),
-        ("val_ir10", m.ir10),
-        ("val_r_mean", m.r_mean),
-    ] {
-        record.insert(k.into(), json!(v));
-    }
-    metrics.write(&record)?;
-    let better = state.best.as_ref().is_none_or(|b| m.r_mean > b.r_mean);
-    tracing::info!(
-        "epoch {} validation on {name}: r_mean {:.2}{}",
-        state.epoch,
-        m.r_mean,
-        if better { " (best so far)" } else { "" }
-    );
-    if better {
-        let best = BestSoFar {
-            step: state.step,
-            epoch: state.epoch,
-            r_mean: m.r_mean,
-        };
-        checkpoint::save_best(run_dir, varmap, cfg, &best)?;
-        state.best = Some(best);
-    }
-    Ok(())
 }

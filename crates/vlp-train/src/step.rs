@@ -145,13 +145,13 @@ impl StepLosses {
         read_parts(&self.parts)
     }
 
-    /// The value of the part named `name` (one device read).
+    /// The value of the part named `name`.
     pub fn part(&self, name: &str) -> Result<Option<f64>> {
-        self.parts
-            .iter()
+        Ok(self
+            .values()?
+            .into_iter()
             .find(|(n, _)| *n == name)
-            .map(|(_, t)| Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?))
-            .transpose()
+            .map(|(_, v)| v))
     }
 }
 

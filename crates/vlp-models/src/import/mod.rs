@@ -86,7 +86,7 @@ pub enum ImportError {
 
     /// The converted model would hold NaN or infinite values (from the checkpoint): each
     /// tensor is named, with its counts.
-    #[error("{}: the converted model would hold non-finite values: {}", path.display(), list(tensors))]
+    #[error("{}: the converted model would hold non-finite values: {}", path.display(), crate::error::list_problems(tensors))]
     NonFinite {
         path: PathBuf,
         tensors: Vec<TensorProblem>,
@@ -108,14 +108,6 @@ pub enum ImportError {
     /// Building the target model or writing the result failed.
     #[error(transparent)]
     Model(Box<ModelError>),
-}
-
-fn list(problems: &[TensorProblem]) -> String {
-    problems
-        .iter()
-        .map(|p| p.to_string())
-        .collect::<Vec<_>>()
-        .join("; ")
 }
 
 impl From<ModelError> for ImportError {
