@@ -84,10 +84,62 @@ impl DeviceSpec {
                 if !cfg!(feature = "cuda") {
                     return Err(DeviceError::NotBuilt(self));
                 }
-                Device::new_cuda(ordinal).map_err(|source| DeviceError::Open { spec: self, source })
+                open_cuda(ordinal).map_err(|source| DeviceError::Open { spec: self, source })
             }
         }
     }
+}
+
+/// GPU `ordinal`, opened once per process: every tensor of a run is on one stream.
+/// On first use the device's memory pool is told to keep what is freed (instead of
+/// returning it to the driver at every synchronisation) and candle's per-tensor event
+/// tracking is turned off (it only matters with several streams, and costs two events
+/// per tensor).
+#[cfg(feature = "cuda")]
+fn open_cuda(ordinal: usize) -> candle_core::Result<Device> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static OPEN: OnceLock<Mutex<HashMap<usize, Device>>> = OnceLock::new();
+    let mut open = OPEN
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(dev) = open.get(&ordinal) {
+        return Ok(dev.clone());
+    }
+    let dev = Device::new_cuda(ordinal)?;
+    if let Device::Cuda(cuda) = &dev {
+        tune(cuda, ordinal)?;
+    }
+    open.insert(ordinal, dev.clone());
+    Ok(dev)
+}
+
+#[cfg(feature = "cuda")]
+fn tune(dev: &candle_core::cuda_backend::CudaDevice, ordinal: usize) -> candle_core::Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+    let err = |e: result::DriverError| candle_core::Error::Cuda(Box::new(e));
+    // SAFETY: driver calls on the device the context was just created for; the release
+    // threshold attribute is a u64. Event tracking is off before any tensor exists, and
+    // vlp uses the device's one stream only.
+    unsafe {
+        let cu = result::device::get(ordinal as i32).map_err(err)?;
+        let pool = result::device::get_default_mem_pool(cu).map_err(err)?;
+        let mut threshold: u64 = u64::MAX;
+        result::mem_pool::set_attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .map_err(err)?;
+        dev.disable_event_tracking();
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(ordinal: usize) -> candle_core::Result<Device> {
+    Device::new_cuda(ordinal)
 }
 
 /// The host: where loaders build batches and checkpoints are read before they move to
@@ -100,7 +152,7 @@ pub fn host() -> Device {
 /// present, the CPU otherwise — so one test body checks every device the build supports.
 pub fn test_device() -> Device {
     if cfg!(feature = "cuda") {
-        if let Ok(dev) = Device::new_cuda(0) {
+        if let Ok(dev) = open_cuda(0) {
             return dev;
         }
     }

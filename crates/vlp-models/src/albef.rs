@@ -156,6 +156,24 @@ impl AlbefModel {
         self
     }
 
+    /// Computes activations in `dtype`: f32, or bf16 for mixed precision (bf16 matmuls
+    /// and activations; f32 master weights, f32 softmax and LayerNorm statistics inside
+    /// the kernels, f32 ITC features, ITM and MLM logits and losses). Parameters and
+    /// checkpoints stay f32 either way.
+    pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
+        self.visual_encoder = self.visual_encoder.with_compute_dtype(dtype);
+        self.text_encoder = self.text_encoder.with_compute_dtype(dtype);
+        self.visual_encoder_m = self.visual_encoder_m.with_compute_dtype(dtype);
+        self.text_encoder_m = self.text_encoder_m.with_compute_dtype(dtype);
+        self
+    }
+
+    /// Features and logits leave the model in the parameters' dtype (f32 under mixed
+    /// precision), whatever it computes in.
+    fn out(&self, t: Tensor) -> candle_core::Result<Tensor> {
+        t.to_dtype(self.temp.dtype())
+    }
+
     /// The attention implementation in use (see [`AlbefModel::with_attention`]).
     pub fn attention(&self) -> AttentionBackend {
         self.text_encoder.attention()
@@ -228,7 +246,7 @@ impl AlbefModel {
     /// `images`: `[B, 3, S, S]` -> (`[B, 1 + N, Dv]`, `[B, embed_dim]`).
     pub fn encode_image(&self, images: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
         let tokens = self.visual_encoder.forward(images, train)?;
-        let feat = nn::l2_normalize(&self.vision_proj.forward(&cls(&tokens)?)?)?;
+        let feat = nn::l2_normalize(&self.out(self.vision_proj.forward(&cls(&tokens)?)?)?)?;
         Ok((tokens, feat))
     }
 
@@ -245,7 +263,7 @@ impl AlbefModel {
         let states = self
             .text_encoder
             .forward_text(input_ids, attention_mask, train)?;
-        let feat = nn::l2_normalize(&self.text_proj.forward(&cls(&states)?)?)?;
+        let feat = nn::l2_normalize(&self.out(self.text_proj.forward(&cls(&states)?)?)?)?;
         Ok((states, feat))
     }
 
@@ -284,7 +302,7 @@ impl AlbefModel {
     /// # Shapes
     /// `fused_cls`: `[B, H]` -> `[B, 2]`.
     pub fn itm_logits(&self, fused_cls: &Tensor) -> Result<Tensor> {
-        Ok(self.itm_head.forward(fused_cls)?)
+        Ok(self.out(self.itm_head.forward(fused_cls)?)?)
     }
 
     /// MLM logits of the online text encoder.
@@ -298,7 +316,7 @@ impl AlbefModel {
     /// [`AlbefModel::encode_image`] of the momentum twin; outputs carry no gradient.
     pub fn encode_image_m(&self, images: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
         let tokens = self.visual_encoder_m.forward(&images.detach(), train)?;
-        let feat = nn::l2_normalize(&self.vision_proj_m.forward(&cls(&tokens)?)?)?;
+        let feat = nn::l2_normalize(&self.out(self.vision_proj_m.forward(&cls(&tokens)?)?)?)?;
         Ok((tokens.detach(), feat.detach()))
     }
 
@@ -312,7 +330,7 @@ impl AlbefModel {
         let states = self
             .text_encoder_m
             .forward_text(input_ids, attention_mask, train)?;
-        let feat = nn::l2_normalize(&self.text_proj_m.forward(&cls(&states)?)?)?;
+        let feat = nn::l2_normalize(&self.out(self.text_proj_m.forward(&cls(&states)?)?)?)?;
         Ok((states.detach(), feat.detach()))
     }
 

@@ -62,7 +62,7 @@ pub fn multi_head_attention(
     dropout_p: f64,
     backend: AttentionBackend,
 ) -> Result<Tensor> {
-    if dispatch::attention(backend, q, k, v, heads, mask, dropout_p) == Kernel::Cpu {
+    if dispatch::attention(backend, q, k, v, heads, mask, dropout_p) != Kernel::Generic {
         return q.apply_op3(k, v, fused_op(q, k, v, heads, mask, dropout_p)?);
     }
     let a = attention(
@@ -93,7 +93,7 @@ pub fn self_attention_packed(
         qkv.narrow(2, c, c)?,
         qkv.narrow(2, 2 * c, c)?,
     );
-    if dispatch::attention(backend, &q, &k, &v, heads, mask, dropout_p) == Kernel::Cpu {
+    if dispatch::attention(backend, &q, &k, &v, heads, mask, dropout_p) != Kernel::Generic {
         let op = fused_op(&q, &k, &v, heads, mask, dropout_p)?;
         return qkv.apply_op1(crate::fused::attention::PackedQkv(op));
     }
@@ -112,7 +112,7 @@ pub fn cross_attention_packed(
 ) -> Result<Tensor> {
     let c = packed_part(kv, 2)?;
     let (k, v) = (kv.narrow(2, 0, c)?, kv.narrow(2, c, c)?);
-    if dispatch::attention(backend, q, &k, &v, heads, mask, dropout_p) == Kernel::Cpu {
+    if dispatch::attention(backend, q, &k, &v, heads, mask, dropout_p) != Kernel::Generic {
         let op = fused_op(q, &k, &v, heads, mask, dropout_p)?;
         return q.apply_op2(kv, crate::fused::attention::PackedKv(op));
     }
@@ -139,9 +139,18 @@ fn fused_op(
 ) -> Result<crate::fused::attention::FusedAttention> {
     let (b, _, c) = q.dims3()?;
     let lk = k.dim(1)?;
-    let mask = match mask {
-        None => None,
-        Some(m) => Some(m.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?),
+    // The CPU kernel reads the mask from host memory; on CUDA it stays on the device.
+    let on_cpu = q.device().is_cpu();
+    let (mask, device_mask) = match mask {
+        None => (None, None),
+        Some(m) if on_cpu => (
+            Some(m.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?),
+            None,
+        ),
+        Some(m) => (
+            None,
+            Some(m.to_dtype(DType::F32)?.flatten_all()?.contiguous()?),
+        ),
     };
     // One draw from the dropout stream, as the generic path's `nn::dropout` makes: the
     // same seed gives both paths the same mask.
@@ -153,8 +162,10 @@ fn fused_op(
         scale: 1.0 / ((c / heads) as f64).sqrt(),
         mask,
         dropout,
-        keep_probs: training && probs_bytes <= crate::fused::attention::KEEP_PROBS_BYTES,
+        keep_probs: on_cpu && training && probs_bytes <= crate::fused::attention::KEEP_PROBS_BYTES,
         saved_probs: std::sync::Mutex::new(None),
+        device_mask,
+        stash: Default::default(),
     })
 }
 

@@ -339,6 +339,9 @@ pub struct BertModel {
     layers: Vec<BertLayer>,
     mlm: Option<MlmHead>,
     backend: AttentionBackend,
+    /// The dtype activations are computed in (bf16 for mixed precision); `None`: the
+    /// parameters' dtype.
+    compute: Option<DType>,
 }
 
 impl BertModel {
@@ -363,12 +366,20 @@ impl BertModel {
                 .then(|| MlmHead::new(cfg, vb.pp("cls").pp("predictions")))
                 .transpose()?,
             backend: AttentionBackend::default(),
+            compute: None,
         })
     }
 
     /// Uses `backend` for every attention.
     pub fn with_attention(mut self, backend: AttentionBackend) -> Self {
         self.backend = backend;
+        self
+    }
+
+    /// Computes activations in `dtype` after the embeddings (bf16 for mixed precision);
+    /// parameters stay f32, MLM logits come out in the parameters' dtype.
+    pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
+        self.compute = Some(dtype);
         self
     }
 
@@ -395,7 +406,11 @@ impl BertModel {
     /// # Shapes
     /// `input_ids`: `[B, L]` -> `[B, L, H]`.
     pub fn embed(&self, input_ids: &Tensor, train: bool) -> Result<Tensor> {
-        self.embeddings.forward(input_ids, train)
+        let x = self.embeddings.forward(input_ids, train)?;
+        Ok(match self.compute {
+            Some(dtype) => x.to_dtype(dtype)?,
+            None => x,
+        })
     }
 
     /// The text-only pass: ALBEF layers `[0, fusion_layer)`; BLIP all layers with the
@@ -491,7 +506,8 @@ impl BertModel {
         let head = self.mlm.as_ref().ok_or_else(|| {
             ModelError::config("text.has_mlm_head", "this text encoder has no MLM head")
         })?;
-        head.forward(states, self.word_embeddings())
+        let words = self.word_embeddings();
+        Ok(head.forward(states, words)?.to_dtype(words.dtype())?)
     }
 
     fn key_mask(&self, attention_mask: &Tensor, x: &Tensor) -> Result<Tensor> {

@@ -15,10 +15,28 @@ use crate::attention::AttentionBackend;
 pub(crate) enum Kernel {
     /// Our fused CPU kernel (rayon; f32/f64), with its hand-written backward.
     Cpu,
-    // A `Cuda` variant, behind `#[cfg(feature = "cuda")]`, goes here: each function below
-    // then returns it for CUDA tensors of the dtypes its kernel supports.
+    /// Our CUDA kernels (`vlp-kernels`, launched from `fused/cuda.rs`; f32/bf16). Only
+    /// chosen in builds with the `cuda` feature.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    Cuda,
     /// The generic candle composition: any device, any dtype.
     Generic,
+}
+
+/// Whether `t` is data our CUDA kernels take: a non-empty f32/bf16 CUDA tensor.
+#[cfg(feature = "cuda")]
+fn cuda_float(t: &Tensor) -> bool {
+    t.device().is_cuda() && crate::fused::cuda::supported(t.dtype()) && t.elem_count() > 0
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_float(_: &Tensor) -> bool {
+    false
+}
+
+/// `t` is a CUDA tensor of `like`'s dtype on `like`'s device.
+fn cuda_same(t: &Tensor, like: &Tensor) -> bool {
+    t.device().same_device(like.device()) && t.dtype() == like.dtype()
 }
 
 /// Whether `t` is data our CPU kernels take: f32/f64 in host memory.
@@ -44,33 +62,53 @@ pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Kern
 
 /// `nn::layer_norm`. Half-precision inputs go generic: they are normalised in f32 there.
 pub(crate) fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Kernel {
-    pick(cpu_rows(x) && cpu_same_dtype(weight, x) && cpu_same_dtype(bias, x))
+    let cuda = cuda_float(x) && cuda_same(weight, x) && cuda_same(bias, x);
+    pick2(
+        cpu_rows(x) && cpu_same_dtype(weight, x) && cpu_same_dtype(bias, x),
+        cuda,
+    )
 }
 
 /// `nn::add_broadcast` and `nn::bias_gelu`: `x` and a broadcast row `b`.
 pub(crate) fn broadcast_row(x: &Tensor, b: &Tensor) -> Kernel {
-    pick(cpu_rows(x) && cpu_same_dtype(b, x))
+    pick2(
+        cpu_rows(x) && cpu_same_dtype(b, x),
+        cuda_float(x) && cuda_same(b, x) && b.elem_count() > 0,
+    )
 }
 
 /// `nn::softmax` and `nn::log_softmax` over the last dimension.
 pub(crate) fn softmax(x: &Tensor) -> Kernel {
-    pick(cpu_rows(x))
+    pick2(cpu_rows(x), cuda_float(x) && x.rank() >= 1)
 }
 
 /// `nn::dropout` (the mask is recomputed from its seed either way).
 pub(crate) fn dropout(x: &Tensor) -> Kernel {
-    pick(cpu_rows(x))
+    pick2(cpu_rows(x), cuda_float(x))
 }
 
-/// `nn::ema_update`: the CPU kernel writes the target's storage in place, so both must be
+/// `nn::ema_update`: the kernels write the target's storage in place, so both must be
 /// contiguous.
 pub(crate) fn ema(target: &Tensor, source: &Tensor) -> Kernel {
-    pick(
-        cpu_float(target)
-            && cpu_same_dtype(source, target)
-            && target.is_contiguous()
-            && source.is_contiguous(),
+    let contiguous = target.is_contiguous() && source.is_contiguous();
+    pick2(
+        cpu_float(target) && cpu_same_dtype(source, target) && contiguous,
+        cuda_float(target) && cuda_same(source, target) && contiguous,
     )
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+/// `nn::adamw_update`: the one-launch CUDA AdamW for contiguous f32 CUDA tensors (the
+/// CPU's in-place kernels are chosen in `vlp-train`'s optimizer).
+pub(crate) fn adamw(p: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor) -> Kernel {
+    let f32_cuda = |t: &Tensor| {
+        cuda_float(t) && t.dtype() == DType::F32 && t.is_contiguous() && t.dims() == p.dims()
+    };
+    if f32_cuda(p) && f32_cuda(m) && f32_cuda(v) && f32_cuda(g) {
+        Kernel::Cuda
+    } else {
+        Kernel::Generic
+    }
 }
 
 /// Multi-head attention on `[B, L, heads * d]` projections (`attention.rs`): the fused
@@ -92,22 +130,47 @@ pub(crate) fn attention(
     let shapes = match (q.dims(), k.dims()) {
         (&[b, _, _], &[_, lk, _]) => mask.is_none_or(|m| {
             let dims = m.dims();
-            m.device().is_cpu()
-                && dims.len() == 4
-                && (dims[0] == b || dims[0] == 1)
-                && dims[1..] == [1, 1, lk]
+            dims.len() == 4 && (dims[0] == b || dims[0] == 1) && dims[1..] == [1, 1, lk]
         }),
         _ => false,
     };
-    pick(
+    let common = heads > 0 && dropout_p < 1.0 && shapes;
+    let on_cuda = cuda_float(q)
+        && [k, v].iter().all(|t| cuda_same(t, q) && t.rank() == 3)
+        && mask.is_none_or(|m| m.device().same_device(q.device()))
+        && k.dim(1).is_ok_and(|lk| lk > 0)
+        && heads > 0
+        && q.dim(2)
+            .is_ok_and(|c| c % heads == 0 && cuda_head_dim(c / heads));
+    pick2(
         cpu_float(q)
             && operand(q)
             && operand(k)
             && operand(v)
-            && heads > 0
-            && dropout_p < 1.0
-            && shapes,
+            && mask.is_none_or(|m| m.device().is_cpu())
+            && common,
+        on_cuda && common,
     )
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_head_dim(d: usize) -> bool {
+    crate::fused::cuda::HEAD_DIMS.contains(&d)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_head_dim(_: usize) -> bool {
+    false
+}
+
+fn pick2(cpu: bool, cuda: bool) -> Kernel {
+    if cpu {
+        Kernel::Cpu
+    } else if cuda {
+        Kernel::Cuda
+    } else {
+        Kernel::Generic
+    }
 }
 
 fn pick(cpu: bool) -> Kernel {

@@ -27,12 +27,27 @@ pub const WEIGHT_INIT: Init = Init::Randn {
     stdev: 0.02,
 };
 
+/// Mixed precision's one rule: a parameter (f32 master weights) meets an activation in
+/// the activation's dtype. Where the model computes in bf16 (`run.dtype = "bf16"`), each
+/// use casts the weight; the cast's backward brings the gradient back to f32, so
+/// optimizers and checkpoints only ever see f32. A no-op when the dtypes agree.
+pub fn as_compute(param: &Tensor, activation: &Tensor) -> Result<Tensor> {
+    if param.dtype() == activation.dtype() {
+        Ok(param.clone())
+    } else {
+        param.to_dtype(activation.dtype())
+    }
+}
+
 /// `y = x W^T + b` over the last dimension: one fused op forward and backward on the CPU
 /// for f32/f64 (see `fused/linear.rs`), candle's matmul and broadcast add elsewhere.
 ///
 /// # Shapes
 /// `x`: `[.., in]`, `weight`: `[out, in]`, `bias`: `[out]` -> `[.., out]`.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let weight = &as_compute(weight, x)?;
+    let bias = bias.map(|b| as_compute(b, x)).transpose()?;
+    let bias = bias.as_ref();
     match dispatch::linear(x, weight, bias) {
         Kernel::Cpu => {
             let (x, w) = (x.contiguous()?, weight.contiguous()?);
@@ -41,7 +56,8 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
                 None => x.apply_op2(&w, fused::linear::LinearNoBias),
             }
         }
-        Kernel::Generic => linear_reference(x, weight, bias),
+        // On CUDA: cuBLAS through candle's matmul.
+        Kernel::Cuda | Kernel::Generic => linear_reference(x, weight, bias),
     }
 }
 
@@ -74,11 +90,12 @@ fn linear_reference(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resul
 /// # Shapes
 /// `x`: `[.., n]`, `weight`, `bias`: `[n]` -> `[.., n]`.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let (weight, bias) = (&as_compute(weight, x)?, &as_compute(bias, x)?);
     match dispatch::layer_norm(x, weight, bias) {
-        Kernel::Cpu => x.contiguous()?.apply_op3(
+        Kernel::Cpu | Kernel::Cuda => x.contiguous()?.apply_op3(
             &weight.contiguous()?,
             &bias.contiguous()?,
-            fused::affine::LayerNormAffine { eps },
+            fused::affine::LayerNormAffine::new(eps),
         ),
         Kernel::Generic => layer_norm_reference(x, weight, bias, eps),
     }
@@ -89,8 +106,9 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 /// Fused on the CPU for f32/f64 (the gradient of `b` is a parallel column sum), generic
 /// elsewhere.
 pub fn add_broadcast(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let b = &as_compute(b, x)?;
     match dispatch::broadcast_row(x, b) {
-        Kernel::Cpu => x
+        Kernel::Cpu | Kernel::Cuda => x
             .contiguous()?
             .apply_op2(&b.contiguous()?, fused::affine::AddBroadcast),
         Kernel::Generic => x.broadcast_add(b),
@@ -100,8 +118,9 @@ pub fn add_broadcast(x: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// `gelu(x + b)` (erf form) with `b` broadcast like [`add_broadcast`]; one fused kernel
 /// forward and backward on the CPU for f32/f64, generic elsewhere.
 pub fn bias_gelu(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let b = &as_compute(b, x)?;
     match dispatch::broadcast_row(x, b) {
-        Kernel::Cpu => x
+        Kernel::Cpu | Kernel::Cuda => x
             .contiguous()?
             .apply_op2(&b.contiguous()?, fused::affine::BiasGelu),
         Kernel::Generic => gelu(&x.broadcast_add(b)?),
@@ -130,7 +149,7 @@ fn layer_norm_reference(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) ->
 /// (backward `y * (g - sum(g * y))`, also fused), generic elsewhere.
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
     match dispatch::softmax(x) {
-        Kernel::Cpu => x.contiguous()?.apply_op1(fused::Softmax),
+        Kernel::Cpu | Kernel::Cuda => x.contiguous()?.apply_op1(fused::Softmax),
         Kernel::Generic => softmax_reference(x),
     }
 }
@@ -148,7 +167,7 @@ fn softmax_reference(x: &Tensor) -> Result<Tensor> {
 /// CPU for f32/f64 (backward `g - exp(y) * sum(g)`, also fused), generic elsewhere.
 pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
     match dispatch::softmax(x) {
-        Kernel::Cpu => x.contiguous()?.apply_op1(fused::LogSoftmax),
+        Kernel::Cpu | Kernel::Cuda => x.contiguous()?.apply_op1(fused::LogSoftmax),
         Kernel::Generic => log_softmax_reference(x),
     }
 }
@@ -182,7 +201,7 @@ pub fn dropout(x: &Tensor, p: f64) -> Result<Tensor> {
     }
     let mask = draw_dropout_mask(p);
     match dispatch::dropout(x) {
-        Kernel::Cpu => x.contiguous()?.apply_op1(fused::dropout::Dropout(mask)),
+        Kernel::Cpu | Kernel::Cuda => x.contiguous()?.apply_op1(fused::dropout::Dropout(mask)),
         Kernel::Generic => {
             let keep = Tensor::from_vec(mask.values(x.elem_count()), x.shape(), x.device())?
                 .to_dtype(x.dtype())?;
@@ -243,10 +262,28 @@ impl Drop for DropoutSeedGuard {
 pub fn ema_update(target: &candle_core::Var, source: &Tensor, m: f64) -> Result<()> {
     let t = target.as_tensor();
     match dispatch::ema(t, source) {
-        Kernel::Cpu => t.inplace_op2(source, &fused::affine::Ema { m }),
+        Kernel::Cpu | Kernel::Cuda => t.inplace_op2(source, &fused::affine::Ema { m }),
         Kernel::Generic => {
             let blended = (t.detach().affine(m, 0.0)? + source.detach().affine(1.0 - m, 0.0)?)?;
             target.set(&blended)
+        }
+    }
+}
+
+/// AdamW's per-step constants for [`adamw_update`].
+pub use crate::fused::AdamWStep;
+
+/// One AdamW step of `p` (f32 master weights) and its moments `m`, `v` from the gradient
+/// `g`, in place, as one CUDA launch. Returns `false`, touching nothing, where that
+/// kernel does not apply (the CPU, other dtypes, non-contiguous tensors): the caller
+/// then runs its own update.
+pub fn adamw_update(p: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, h: AdamWStep) -> Result<bool> {
+    match dispatch::adamw(p, m, v, g) {
+        #[cfg(feature = "cuda")]
+        Kernel::Cuda => fused::cuda::adamw(p, m, v, g, h).map(|()| true),
+        _ => {
+            let _ = h;
+            Ok(false)
         }
     }
 }

@@ -62,6 +62,9 @@ pub struct VisionTransformer {
     blocks: Vec<Block>,
     norm: LayerNorm,
     backend: AttentionBackend,
+    /// The dtype activations are computed in (bf16 for mixed precision); `None`: the
+    /// parameters' dtype.
+    compute: Option<DType>,
 }
 
 impl VisionTransformer {
@@ -89,12 +92,20 @@ impl VisionTransformer {
             blocks,
             norm: LayerNorm::load(vb.pp("norm"), d, cfg.eps)?,
             backend: AttentionBackend::default(),
+            compute: None,
         })
     }
 
     /// Uses `backend` for every attention.
     pub fn with_attention(mut self, backend: AttentionBackend) -> Self {
         self.backend = backend;
+        self
+    }
+
+    /// Computes activations in `dtype` (bf16 for mixed precision); parameters stay f32
+    /// and are cast where they are used (`nn::as_compute`).
+    pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
+        self.compute = Some(dtype);
         self
     }
 
@@ -139,9 +150,10 @@ impl VisionTransformer {
     /// `images`: `[B, 3, S, S]` -> `[B, 1 + (S/P)^2, D]` ([CLS] first).
     pub fn forward(&self, images: &Tensor, train: bool) -> Result<Tensor> {
         let _ = train;
-        let x = self.patch_embed(images)?;
+        let dtype = self.compute.unwrap_or(self.patch_weight.dtype());
+        let x = self.patch_embed(&images.to_dtype(dtype)?)?;
         let (b, _, d) = x.dims3()?;
-        let cls = self.cls_token.broadcast_as((b, 1, d))?;
+        let cls = nn::as_compute(&self.cls_token, &x)?.broadcast_as((b, 1, d))?;
         let mut x = nn::add_broadcast(&Tensor::cat(&[&cls, &x], 1)?, &self.pos_embed)?;
         for block in &self.blocks {
             x = block.forward(&x, self.backend)?;

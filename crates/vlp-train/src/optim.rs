@@ -247,6 +247,30 @@ impl AdamW {
             let Some(g) = &grads.grads[i] else { continue };
             let g = g.to_dtype(DType::F32)?;
             let var = &self.params[i].1;
+            let decay = if self.decay[i] && weight_decay != 0.0 {
+                1.0 - lr * weight_decay
+            } else {
+                1.0
+            };
+            let fused = vlp_models::nn::AdamWStep {
+                beta1,
+                beta2,
+                inv_sqrt_bias2: 1.0 / bias2.sqrt(),
+                eps,
+                step_size: lr / bias1,
+                decay,
+            };
+            if in_place
+                && vlp_models::nn::adamw_update(
+                    var.as_tensor(),
+                    &self.m[i],
+                    &self.v[i],
+                    &g.contiguous()?,
+                    fused,
+                )?
+            {
+                continue;
+            }
             if in_place && kernels::applies(var.as_tensor(), &g, &self.m[i], &self.v[i]) {
                 let g = g.contiguous()?;
                 self.m[i].inplace_op2(

@@ -169,6 +169,18 @@ impl CustomOp2 for AddBroadcast {
         Ok((out, l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        broadcast_row_len(l1.shape(), l2.shape(), self.name())?;
+        super::cuda::row_bias_fwd(s1, l1, s2, l2, false, self.name())
+    }
+
     fn bwd(
         &self,
         _x: &Tensor,
@@ -176,6 +188,11 @@ impl CustomOp2 for AddBroadcast {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if grad.device().is_cuda() {
+            let db = super::cuda::add_row_bwd(b, grad, self.name())?;
+            return Ok((Some(grad.clone()), Some(db)));
+        }
         let g = grad.contiguous()?;
         let n = b.elem_count();
         let db = {
@@ -286,6 +303,18 @@ impl CustomOp2 for BiasGelu {
         Ok((out, l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        broadcast_row_len(l1.shape(), l2.shape(), self.name())?;
+        super::cuda::row_bias_fwd(s1, l1, s2, l2, true, self.name())
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -293,6 +322,11 @@ impl CustomOp2 for BiasGelu {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let (dx, db) = super::cuda::bias_gelu_bwd(x, b, grad, self.name())?;
+            return Ok((Some(dx), Some(db)));
+        }
         let (x, g) = (x.contiguous()?, grad.contiguous()?);
         let n = b.elem_count();
         let op = self.name();
@@ -355,6 +389,18 @@ impl CustomOp2 for BiasGelu {
 /// moments recomputed), with `dw` and `db` as column sums.
 pub(crate) struct LayerNormAffine {
     pub(crate) eps: f64,
+    /// The row statistics of a CUDA forward, for its backward.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) stash: super::Stash,
+}
+
+impl LayerNormAffine {
+    pub(crate) fn new(eps: f64) -> Self {
+        Self {
+            eps,
+            stash: super::Stash::default(),
+        }
+    }
 }
 
 impl CustomOp3 for LayerNormAffine {
@@ -400,6 +446,26 @@ impl CustomOp3 for LayerNormAffine {
         Ok((out, l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::layer_norm_fwd(
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            self.eps,
+            &self.stash,
+            self.name(),
+        )
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -408,6 +474,12 @@ impl CustomOp3 for LayerNormAffine {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let (dx, dw, db) =
+                super::cuda::layer_norm_bwd(x, w, b, grad, self.eps, &self.stash, self.name())?;
+            return Ok((Some(dx), Some(dw), Some(db)));
+        }
         let (x, g) = (x.contiguous()?, grad.contiguous()?);
         let op = self.name();
         let n = x.dim(candle_core::D::Minus1)?;
@@ -597,5 +669,16 @@ impl candle_core::InplaceOp2 for Ema {
             _ => bail!("{op}: target and source must be both f32 or both f64"),
         }
         Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        super::cuda::ema(s1, l1, s2, l2, self.m, self.name())
     }
 }

@@ -31,6 +31,12 @@ pub(crate) struct FusedAttention {
     /// recomputing them: for training passes whose `[B, heads, Lq, Lk]` is small.
     pub(crate) keep_probs: bool,
     pub(crate) saved_probs: std::sync::Mutex<Option<CpuStorage>>,
+    /// On CUDA the mask stays on the device: f32, `[B or 1, Lk]` values, contiguous.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) device_mask: Option<Tensor>,
+    /// The log-sum-exp of a CUDA forward, for its backward.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) stash: super::Stash,
 }
 
 /// Attention probabilities up to this many bytes are kept for the backward.
@@ -470,6 +476,114 @@ impl FusedAttention {
     }
 }
 
+#[cfg(feature = "cuda")]
+mod on_cuda {
+    //! The CUDA forward and backward of the three attention ops (`fused/cuda.rs` holds
+    //! the launches): the same views, the same packing of gradients.
+    use super::*;
+    use crate::fused::cuda::{self, AttnDims, GradOut, Operand};
+    use candle_core::CudaStorage;
+
+    fn operand(s: &CudaStorage, v: View) -> Operand<'_> {
+        Operand {
+            storage: s,
+            offset: v.offset,
+            batch_stride: v.batch_stride,
+            row_stride: v.row_stride,
+        }
+    }
+
+    impl FusedAttention {
+        fn cuda_dims(
+            &self,
+            q: [usize; 3],
+            k: [usize; 3],
+            v: [usize; 3],
+            op: &str,
+        ) -> Result<AttnDims> {
+            let [b, lq, c] = q;
+            if k[0] != b || v[0] != b || k[2] != c || v[2] != c || k[1] != v[1] {
+                bail!("{op}: q {q:?}, k {k:?}, v {v:?} do not fit together");
+            }
+            if self.heads == 0 || c % self.heads != 0 {
+                bail!("{op}: {c} channels do not split into {} heads", self.heads);
+            }
+            Ok(AttnDims {
+                batch: b,
+                heads: self.heads,
+                d: c / self.heads,
+                lq,
+                lk: k[1],
+            })
+        }
+
+        pub(super) fn cuda_fwd_parts(
+            &self,
+            [(sq, qv, qd), (sk, kv, kd), (sv, vv, vd)]: [(&CudaStorage, View, [usize; 3]); 3],
+            op: &str,
+        ) -> Result<(CudaStorage, Shape)> {
+            let dm = self.cuda_dims(qd, kd, vd, op)?;
+            cuda::attention_fwd(
+                operand(sq, qv),
+                operand(sk, kv),
+                operand(sv, vv),
+                dm,
+                self.scale,
+                self.device_mask.as_ref(),
+                self.dropout.as_ref(),
+                &self.stash,
+                op,
+            )
+        }
+
+        /// The gradients into one buffer of `total` elements laid out by `outs`.
+        #[allow(clippy::too_many_arguments)]
+        pub(super) fn cuda_bwd_parts(
+            &self,
+            [(sq, qv, qd), (sk, kv, kd), (sv, vv, vd)]: [(&Storage, View, [usize; 3]); 3],
+            res: &Tensor,
+            grad: &Tensor,
+            total: usize,
+            outs: [GradOut; 3],
+            op: &str,
+        ) -> Result<CudaStorage> {
+            let (Storage::Cuda(sq), Storage::Cuda(sk), Storage::Cuda(sv)) = (sq, sk, sv) else {
+                bail!("{op}: q, k and v must all be CUDA tensors");
+            };
+            let dm = self.cuda_dims(qd, kd, vd, op)?;
+            cuda::attention_bwd(
+                operand(sq, qv),
+                operand(sk, kv),
+                operand(sv, vv),
+                dm,
+                self.scale,
+                self.device_mask.as_ref(),
+                self.dropout.as_ref(),
+                &self.stash,
+                res,
+                grad,
+                total,
+                outs,
+                op,
+            )
+        }
+    }
+
+    /// A gradient written at `offset` of rows `row_stride` apart in a `[B, L, row_stride]`
+    /// buffer.
+    pub(super) fn out(offset: usize, rows: usize, row_stride: usize) -> GradOut {
+        GradOut {
+            offset,
+            batch_stride: rows * row_stride,
+            row_stride,
+        }
+    }
+
+    pub(super) fn tensor(s: CudaStorage, dims: [usize; 3]) -> Tensor {
+        cuda::grad_tensor(s, dims.to_vec())
+    }
+}
+
 /// Views of the `n` equal slices of the last dimension of a `[B, L, n * C]` input (a
 /// packed qkv or kv projection).
 fn split_views<const N: usize>(l: &Layout, op: &str) -> Result<[(View, [usize; 3]); N]> {
@@ -505,9 +619,34 @@ impl CustomOp1 for PackedQkv {
             .run_fwd([(s, qv, qd), (s, kv, kd), (s, vv, vd)], self.name())
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let [(qv, qd), (kv, kd), (vv, vd)] = split_views::<3>(l, self.name())?;
+        self.0
+            .cuda_fwd_parts([(s, qv, qd), (s, kv, kd), (s, vv, vd)], self.name())
+    }
+
     fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let (st, l) = qkv.storage_and_layout();
         let [(qv, qd), (kv, kd), (vv, vd)] = split_views::<3>(l, self.name())?;
+        #[cfg(feature = "cuda")]
+        if qkv.device().is_cuda() {
+            let [b, rows, c] = qd;
+            let outs = [0, c, 2 * c].map(|o| on_cuda::out(o, rows, 3 * c));
+            let s = self.0.cuda_bwd_parts(
+                [(&st, qv, qd), (&st, kv, kd), (&st, vv, vd)],
+                _res,
+                grad,
+                b * rows * 3 * c,
+                outs,
+                self.name(),
+            )?;
+            return Ok(Some(on_cuda::tensor(s, [b, rows, 3 * c])));
+        }
         let (dq, dk, dv) = self.0.run_bwd(
             [(&st, qv, qd), (&st, kv, kd), (&st, vv, vd)],
             grad,
@@ -539,6 +678,20 @@ impl CustomOp2 for PackedKv {
             .run_fwd([(s1, qv, qd), (s2, kv, kd), (s2, vv, vd)], self.name())
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (qv, qd) = View::new(l1, self.name())?;
+        let [(kv, kd), (vv, vd)] = split_views::<2>(l2, self.name())?;
+        self.0
+            .cuda_fwd_parts([(s1, qv, qd), (s2, kv, kd), (s2, vv, vd)], self.name())
+    }
+
     fn bwd(
         &self,
         q: &Tensor,
@@ -550,6 +703,29 @@ impl CustomOp2 for PackedKv {
         let (skv, lkv) = kv.storage_and_layout();
         let (qv, qd) = View::new(lq, self.name())?;
         let [(kv_, kd), (vv, vd)] = split_views::<2>(lkv, self.name())?;
+        #[cfg(feature = "cuda")]
+        if q.device().is_cuda() {
+            // One buffer: dq as [B, Lq, C], then dk|dv packed as [B, Lk, 2C].
+            let ([b, lq_, c], lk) = (qd, kd[1]);
+            let at = b * lq_ * c;
+            let outs = [
+                on_cuda::out(0, lq_, c),
+                on_cuda::out(at, lk, 2 * c),
+                on_cuda::out(at + c, lk, 2 * c),
+            ];
+            let s = self.0.cuda_bwd_parts(
+                [(&sq, qv, qd), (&skv, kv_, kd), (&skv, vv, vd)],
+                _res,
+                grad,
+                at + b * lk * 2 * c,
+                outs,
+                self.name(),
+            )?;
+            let all = on_cuda::tensor(s, [at + b * lk * 2 * c, 1, 1]).flatten_all()?;
+            let dq = all.narrow(0, 0, at)?.reshape((b, lq_, c))?;
+            let dkv = all.narrow(0, at, b * lk * 2 * c)?.reshape((b, lk, 2 * c))?;
+            return Ok((Some(dq), Some(dkv)));
+        }
         let (dq, dk, dv) = self.0.run_bwd(
             [(&sq, qv, qd), (&skv, kv_, kd), (&skv, vv, vd)],
             grad,
@@ -580,6 +756,22 @@ impl CustomOp3 for FusedAttention {
         self.run_fwd([(s1, qv, qd), (s2, kv, kd), (s3, vv, vd)], op)
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let op = self.name();
+        let ((qv, qd), (kv, kd), (vv, vd)) =
+            (View::new(l1, op)?, View::new(l2, op)?, View::new(l3, op)?);
+        self.cuda_fwd_parts([(s1, qv, qd), (s2, kv, kd), (s3, vv, vd)], op)
+    }
+
     fn bwd(
         &self,
         q: &Tensor,
@@ -594,6 +786,31 @@ impl CustomOp3 for FusedAttention {
         let (vs, vl) = v.storage_and_layout();
         let ((qv, qd), (kv, kd), (vv, vd)) =
             (View::new(ql, op)?, View::new(kl, op)?, View::new(vl, op)?);
+        #[cfg(feature = "cuda")]
+        if q.device().is_cuda() {
+            // One buffer: dq [B, Lq, C], dk [B, Lk, C], dv [B, Lk, C], one after the other.
+            let ([b, lq, c], lk) = (qd, kd[1]);
+            let (nq, nk) = (b * lq * c, b * lk * c);
+            let outs = [
+                on_cuda::out(0, lq, c),
+                on_cuda::out(nq, lk, c),
+                on_cuda::out(nq + nk, lk, c),
+            ];
+            let s = self.cuda_bwd_parts(
+                [(&qs, qv, qd), (&ks, kv, kd), (&vs, vv, vd)],
+                _res,
+                grad,
+                nq + 2 * nk,
+                outs,
+                op,
+            )?;
+            let all = on_cuda::tensor(s, [nq + 2 * nk, 1, 1]).flatten_all()?;
+            return Ok((
+                Some(all.narrow(0, 0, nq)?.reshape((b, lq, c))?),
+                Some(all.narrow(0, nq, nk)?.reshape((b, lk, c))?),
+                Some(all.narrow(0, nq + nk, nk)?.reshape((b, lk, c))?),
+            ));
+        }
         let (dq, dk, dv) =
             self.run_bwd([(&qs, qv, qd), (&ks, kv, kd), (&vs, vv, vd)], grad, q, op)?;
         Ok((Some(dq), Some(dk), Some(dv)))

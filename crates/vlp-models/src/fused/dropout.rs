@@ -49,6 +49,12 @@ impl DropoutMask {
         }
     }
 
+    /// The key, threshold and scale, as the CUDA kernels take them.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn parts(&self) -> (u32, u32, u64, f32) {
+        (self.key[0], self.key[1], self.threshold, self.scale)
+    }
+
     /// The multipliers of elements `0..n`.
     pub(crate) fn values(&self, n: usize) -> Vec<f32> {
         (0..n).map(|i| self.keep(i)).collect()
@@ -92,6 +98,15 @@ impl CustomOp1 for Dropout {
             _ => bail!("{op}: f32 or f64 only"),
         };
         Ok((out, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::dropout(s, l, &self.0, self.name())
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {

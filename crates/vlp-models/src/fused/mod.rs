@@ -43,10 +43,31 @@ pub(crate) fn has_avx2() -> bool {
 
 pub(crate) mod affine;
 pub(crate) mod attention;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
 pub(crate) mod dropout;
+#[cfg(test)]
+mod flash_reference;
 pub(crate) mod gemm;
 pub(crate) mod linear;
 pub(crate) mod math;
+
+/// Per-call state a forward keeps for its backward on the GPU (LayerNorm's row statistics,
+/// the attention's log-sum-exp); taken once by the backward, recomputed if missing.
+pub(crate) type Stash = std::sync::Mutex<Option<Box<dyn std::any::Any + Send>>>;
+
+/// AdamW's constants for one step of one parameter (PyTorch's form:
+/// `p = p * decay - step_size * m / (sqrt(v) * inv_sqrt_bias2 + eps)`).
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWStep {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub inv_sqrt_bias2: f64,
+    pub eps: f64,
+    pub step_size: f64,
+    /// `1 - lr * weight_decay`, or 1 without decay.
+    pub decay: f64,
+}
 
 /// The float operations the row kernels need, for f32 and f64.
 pub(crate) trait Real:
@@ -260,6 +281,15 @@ impl CustomOp1 for Softmax {
         unary!(self.name(), s, l, |x, o, T| softmax_row::<T>(x, o))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::softmax_fwd(s, l, false, self.name())
+    }
+
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let y = res.contiguous()?;
         Ok(Some(y.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBwd)?))
@@ -287,6 +317,17 @@ impl CustomOp2 for SoftmaxBwd {
             |y, g, o, T| softmax_bwd_row::<T>(y, g, o)
         )
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::softmax_bwd(s1, l1, s2, l2, false, self.name())
+    }
 }
 
 /// Log-softmax over the last dimension; backward through [`LogSoftmaxBwd`].
@@ -301,6 +342,15 @@ impl CustomOp1 for LogSoftmax {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         unary!(self.name(), s, l, |x, o, T| log_softmax_row::<T>(x, o))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::softmax_fwd(s, l, true, self.name())
     }
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -326,5 +376,16 @@ impl CustomOp2 for LogSoftmaxBwd {
         binary!(self.name(), s1, l1, s2, l2, |y, g, o, T| {
             log_softmax_bwd_row::<T>(y, g, o)
         })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::softmax_bwd(s1, l1, s2, l2, true, self.name())
     }
 }
