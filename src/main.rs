@@ -80,6 +80,10 @@ enum BenchCommand {
     Step(cmd::bench_step::StepArgs),
     /// Retrieval evaluation (ITC + ITM re-ranking) timed phase by phase on a synthetic set.
     Eval(cmd::bench_eval::EvalArgs),
+    /// Forward + backward of attention, LayerNorm, bias + GELU, soft cross-entropy and a
+    /// ViT-B stack at ALBEF-base shapes, one JSON line each (the PyTorch operator peer's
+    /// format).
+    Ops(cmd::bench_ops::OpsArgs),
 }
 
 /// Keeps freed batch buffers in the process for reuse.
@@ -136,6 +140,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(BenchCommand::Loader(a)) => cmd::bench::run(a),
         Command::Bench(BenchCommand::Step(a)) => cmd::bench_step::run(a),
         Command::Bench(BenchCommand::Eval(a)) => cmd::bench_eval::run(a),
+        Command::Bench(BenchCommand::Ops(a)) => cmd::bench_ops::run(a),
         Command::Eval(EvalCommand::Retrieval(a)) => cmd::eval::run(a),
         Command::Convert(a) => cmd::convert::run(a),
         Command::Pretrain(a) => return exit(cmd::pretrain::run(a)),

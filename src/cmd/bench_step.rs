@@ -11,6 +11,7 @@ use vlp_models::{smoke_loss, AlbefConfig, AlbefModel};
 use vlp_train::collective::SingleProcess;
 use vlp_train::objectives::ObjectiveConfig;
 use vlp_train::optim::{AdamW, AdamWConfig};
+use vlp_train::recipe::ComputeDtype;
 use vlp_train::step::StepBatch;
 use vlp_train::train_step::{train_step, StepSettings};
 
@@ -54,6 +55,18 @@ pub struct StepArgs {
     /// Where to run: `cpu`, `cuda` or `cuda:N` [default: the recipe's `run.device`, else cpu].
     #[arg(long)]
     pub device: Option<DeviceSpec>,
+    /// Compute dtype, `f32` or `bf16` (mixed precision) [default: the recipe's `run.dtype`,
+    /// else f32].
+    #[arg(long, value_parser = parse_dtype)]
+    pub dtype: Option<ComputeDtype>,
+}
+
+fn parse_dtype(s: &str) -> Result<ComputeDtype, String> {
+    match s {
+        "f32" => Ok(ComputeDtype::F32),
+        "bf16" => Ok(ComputeDtype::Bf16),
+        other => Err(format!("`{other}`: expected f32 or bf16")),
+    }
 }
 
 pub fn run(args: StepArgs) -> anyhow::Result<()> {
@@ -95,7 +108,12 @@ pub fn run(args: StepArgs) -> anyhow::Result<()> {
         .unwrap_or_default()
         .resolve()?;
     let varmap = VarMap::new();
-    let model = AlbefModel::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev))?;
+    let dtype = args
+        .dtype
+        .or(recipe.as_ref().map(|r| r.run.dtype))
+        .unwrap_or_default();
+    let model = AlbefModel::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev))?
+        .with_compute_dtype(dtype.dtype());
     model.copy_params_to_momentum()?;
     let params: usize = model
         .trainable_vars()?
@@ -156,6 +174,8 @@ pub fn run(args: StepArgs) -> anyhow::Result<()> {
             drop(loss.total.backward()?);
             backward = t0.elapsed().as_secs_f64() - forward;
         }
+        // GPU work is queued: the step is over when the device is done.
+        dev.synchronize()?;
         let total = t0.elapsed().as_secs_f64();
         Ok([forward, backward, total - forward - backward, total])
     };
@@ -183,6 +203,9 @@ pub fn run(args: StepArgs) -> anyhow::Result<()> {
     );
     let out = serde_json::json!({
         "model": model_name,
+        "device": format!("{:?}", dev.location()),
+        "dtype": format!("{:?}", dtype.dtype()).to_lowercase(),
+        "gpu_memory_in_use_gib": crate::cmd::bench_ops::gpu_memory_in_use_gib(&dev),
         "step": if full { "full" } else { "model-only" },
         "batch_size": b,
         "text_len": text_len,

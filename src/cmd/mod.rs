@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod bench_eval;
+pub mod bench_ops;
 pub mod bench_step;
 pub mod convert;
 pub mod embed;

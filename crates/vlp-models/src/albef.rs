@@ -692,6 +692,55 @@ mod tests {
         Ok(())
     }
 
+    /// Mixed precision: bf16 activations give the f32 loss to within bf16 rounding, the
+    /// gradients land on the f32 parameters as f32 and point the same way, and what
+    /// leaves the model (features, logits) is f32.
+    #[test]
+    fn bf16_compute_keeps_f32_weights_and_agrees_with_f32() -> Result<()> {
+        let cfg = micro();
+        let (varmap, model) = build(&cfg, DType::F32)?;
+        let mixed = model.clone().with_compute_dtype(DType::BF16);
+        let (images, ids, mask) = batch(&cfg, DType::F32)?;
+        let loss32 = smoke_loss(&model, &images, &ids, &mask, false)?;
+        let loss16 = smoke_loss(&mixed, &images, &ids, &mask, false)?;
+        let (_, feat) = mixed.encode_image(&images, false)?;
+        assert_eq!(feat.dtype(), DType::F32);
+        assert_eq!(loss16.total.dtype(), DType::F32);
+        for (a, b) in [
+            (&loss32.itc, &loss16.itc),
+            (&loss32.itm, &loss16.itm),
+            (&loss32.mlm, &loss16.mlm),
+        ] {
+            let (a, b) = (a.to_scalar::<f32>()?, b.to_scalar::<f32>()?);
+            // bf16 keeps 8 bits of mantissa: ~0.4% per rounding, a few through the net.
+            assert!(
+                (a - b).abs() <= 0.03 * a.abs().max(1.0),
+                "f32 {a} vs bf16 {b}"
+            );
+        }
+        let g32 = loss32.total.backward()?;
+        let g16 = loss16.total.backward()?;
+        let vars = varmap.all_vars();
+        let (mut dot, mut n32, mut n16) = (0f64, 0f64, 0f64);
+        for v in &vars {
+            let (Some(a), Some(b)) = (g32.get(v.as_tensor()), g16.get(v.as_tensor())) else {
+                continue;
+            };
+            assert_eq!(
+                b.dtype(),
+                DType::F32,
+                "gradients reach the master weights in f32"
+            );
+            let (a, b) = (a.flatten_all()?, b.flatten_all()?);
+            dot += (&a * &b)?.sum_all()?.to_scalar::<f32>()? as f64;
+            n32 += a.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+            n16 += b.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        }
+        let cosine = dot / (n32.sqrt() * n16.sqrt());
+        assert!(cosine > 0.99, "gradient cosine {cosine}");
+        Ok(())
+    }
+
     fn batch(cfg: &AlbefConfig, dtype: DType) -> Result<(Tensor, Tensor, Tensor)> {
         let dev = test_device();
         let s = cfg.vision.image_size;

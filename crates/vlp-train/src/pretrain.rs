@@ -185,7 +185,8 @@ impl<'c> Run<'c> {
         // The model.
         let cfg = recipe.model_config(resume_from.as_deref())?;
         let mut varmap = VarMap::new();
-        let model = AlbefModel::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &device))?;
+        let model = AlbefModel::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &device))?
+            .with_compute_dtype(recipe.run.dtype.dtype());
         match (&resume_from, &recipe.model.init) {
             (Some(_), _) => {} // loaded below, with the optimizer
             (None, Some(init)) => {

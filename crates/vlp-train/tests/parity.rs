@@ -1,13 +1,16 @@
 //! Loss parity of one pretraining step against the PyTorch reference implementation of
 //! ALBEF's step (`tests/fixtures/albef/`: the model before the step, the batch with the
 //! reference's draws, and the expected losses, temperature, queue pointer and gradient
-//! norms). The model is built with dropout 0 and the draws are replayed.
+//! norms). The model is built with dropout 0 and the draws are replayed. It runs on
+//! `test_device()`: the CPU, or the GPU in a CUDA build on a machine that has one (the
+//! GPU check runs it there, so the CUDA kernels meet the same tolerances).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use vlp_core::device::test_device;
 use vlp_models::import::names::Format;
 use vlp_models::import::{import_checkpoint, load_config, ImportOptions};
 use vlp_models::AlbefModel;
@@ -32,7 +35,7 @@ fn fixture_model(dir: &Path) -> (VarMap, AlbefModel) {
     let imported = import_checkpoint(&dir.join("albef.safetensors"), Some(&cfg), &opts)
         .expect("import the fixture checkpoint");
     let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &test_device());
     let model = AlbefModel::new(&cfg, vb).expect("build the model");
     {
         let data = varmap.data().lock().unwrap();
@@ -41,7 +44,13 @@ fn fixture_model(dir: &Path) -> (VarMap, AlbefModel) {
                 .tensors
                 .get(name)
                 .unwrap_or_else(|| panic!("the import lacks `{name}`"));
-            var.set(&t.to_dtype(var.dtype()).unwrap()).unwrap();
+            var.set(
+                &t.to_dtype(var.dtype())
+                    .unwrap()
+                    .to_device(var.device())
+                    .unwrap(),
+            )
+            .unwrap();
         }
     }
     (varmap, model)
@@ -60,8 +69,10 @@ fn one_step_matches_the_reference_losses_and_gradients() {
     let dir = fixture_dir();
     let expected: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let dev = test_device();
+    eprintln!("parity on {dev:?}");
     let inputs: HashMap<String, Tensor> =
-        candle_core::safetensors::load(dir.join("inputs.safetensors"), &Device::Cpu).unwrap();
+        candle_core::safetensors::load(dir.join("inputs.safetensors"), &dev).unwrap();
     let (_varmap, model) = fixture_model(&dir);
     assert_eq!(
         model.queue_ptr().unwrap() as u64,
@@ -73,7 +84,7 @@ fn one_step_matches_the_reference_losses_and_gradients() {
         &inputs["input_ids"],
         &inputs["attention_mask"],
         None,
-        &Device::Cpu,
+        &dev,
     )
     .unwrap();
     let draws = Draws::Replay {

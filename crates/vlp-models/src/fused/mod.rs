@@ -45,6 +45,8 @@ pub(crate) mod affine;
 pub(crate) mod attention;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+#[cfg(all(test, feature = "cuda"))]
+mod cuda_tests;
 pub(crate) mod dropout;
 #[cfg(test)]
 mod flash_reference;
