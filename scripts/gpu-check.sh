@@ -1,17 +1,27 @@
 #!/usr/bin/env bash
 # The GPU checks in one call.
 #
-#   scripts/gpu-check.sh pack [DIR]   here (no GPU needed): builds `vlp` with the `cuda`
-#                                     feature (needs nvcc, CUDA_HOME, CUDA_COMPUTE_CAP), strips
-#                                     and compresses it into DIR (default gpu-carry/, ignored
-#                                     by git, well under 64 MiB) with the model config and
-#                                     recipe the checks train
-#   scripts/gpu-check.sh run [DIR]    on a machine with an NVIDIA GPU and driver, from the
-#                                     repository root: every check, then one table
+#   scripts/gpu-check.sh pack [DIR]   here (no GPU needed; nvcc, CUDA_HOME and
+#                                     CUDA_COMPUTE_CAP set, see scripts/cuda-toolchain.sh):
+#                                     builds `vlp` and the CUDA test binaries with the `cuda`
+#                                     feature, strips and compresses them into DIR (default
+#                                     gpu-carry/, ignored by git, well under 64 MiB). With
+#                                     PEERS=/path/to/peer/programs, the PyTorch peers
+#                                     (torch_gpu_ops.py, torch_albef_step.py,
+#                                     torch_albef_eval.py) are copied along for the timings.
+#   scripts/gpu-check.sh run [DIR]    on a machine with an NVIDIA GPU and driver (no Rust, no
+#                                     network), from the repository root: every check, then
+#                                     one table. JSON results also go to $OUT when it is set.
 #
-# The checks: the same tiny pretraining run (synthetic shapes, a seeded init, seeded draws)
-# on the CPU and on CUDA, whose step losses must agree to f32 noise; retrieval evaluation,
-# embeddings and pair scores on CUDA; the full training step timed on both devices.
+# Checks, in order (each under its own time limit; a failure marks the row and goes on):
+#   1. every CUDA kernel test (forward and backward against the CPU ops in f64; masks,
+#      ragged lengths, odd sizes; f32 within 2e-5, bf16 within 2e-2 of the largest value);
+#   2. the loss-parity test on the GPU in f32 (losses within 1e-4 of the PyTorch reference);
+#   3. the same tiny pretraining run on the CPU and on CUDA in f32 (losses agree to f32
+#      noise) and on CUDA in bf16 (agrees with f32 to bf16 noise); eval, embed on CUDA;
+#   4. timings side by side with the peers on this GPU: the operators (`vlp bench ops` vs
+#      torch_gpu_ops.py), the full ALBEF-base step in bf16 at batch 64, and ALBEF-base
+#      retrieval evaluation at 384 px with k = 128.
 set -euo pipefail
 mode=${1:?usage: gpu-check.sh pack|run [DIR]}
 DIR=${2:-gpu-carry}
@@ -20,11 +30,30 @@ pack() {
   : "${CUDA_COMPUTE_CAP:=90}"
   export CUDA_COMPUTE_CAP
   cargo build --release --features cuda
-  rm -rf "$DIR"; mkdir -p "$DIR"
-  strip -o "$DIR/vlp" target/release/vlp
-  xz -T0 -6 -f "$DIR/vlp"
-  # The checks' model: the `tiny` preset at 32 px with patch 8, a 200-token vocabulary and a
-  # queue of 96, as the CPU end-to-end tests train it.
+  local tests
+  tests=$(cargo test --release --features cuda --no-run --message-format=json \
+      -p vlp-models --lib -p vlp-train --test parity 2>/dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
+        print(m["target"]["name"] + " " + m["executable"])')
+  rm -rf "$DIR"; mkdir -p "$DIR/bin"
+  strip -o "$DIR/bin/vlp" target/release/vlp
+  while read -r name exe; do
+    strip -o "$DIR/bin/test-$name" "$exe"
+  done <<< "$tests"
+  xz -T0 -6 -f "$DIR"/bin/*
+  # Test binaries find their fixtures under the path the repository had here.
+  pwd > "$DIR/build-root"
+  if [ -n "${PEERS:-}" ]; then
+    mkdir -p "$DIR/peers"
+    cp "$PEERS"/torch_gpu_ops.py "$PEERS"/torch_albef_step.py "$PEERS"/torch_albef_eval.py "$DIR/peers/"
+  fi
+  # The CPU/CUDA agreement run: the `tiny` preset at 64 px, a 200-token vocabulary.
   cat > "$DIR/recipe.toml" <<'EOF'
 [model]
 preset = "tiny"
@@ -46,7 +75,7 @@ warmup_lr = 1e-4
 warmup_steps = 2
 weight_decay = 0.02
 clip_grad_norm = 5.0
-total_steps = 4
+total_steps = 8
 
 [run]
 out_dir = "run"
@@ -58,14 +87,29 @@ save_every = 0
 sets = [{ name = "val", shards = "val-000000.tar" }]
 k_test = 8
 EOF
+  # ALBEF-base at 384 px in the format both `vlp bench eval --config` and the peer read.
+  cat > "$DIR/albef-base-384.json" <<'EOF'
+{
+  "vision": {"image_size": 384, "patch_size": 16, "hidden": 768, "layers": 12, "heads": 12, "mlp_ratio": 4.0, "eps": 1e-6},
+  "text": {"vocab_size": 30522, "hidden": 768, "layers": 12, "fusion_layers": 6, "heads": 12, "intermediate": 3072,
+           "max_positions": 512, "eps": 1e-12, "dropout": 0.1,
+           "pad_id": 0, "cls_id": 101, "sep_id": 102, "mask_id": 103},
+  "embed_dim": 256, "temp": 0.07, "momentum": 0.995, "queue_size": 65536, "alpha": 0.4,
+  "mlm_probability": 0.15, "lr": 1e-4, "weight_decay": 0.02, "batch_size": 64,
+  "max_len": 30, "min_len": 8, "seed": 0
+}
+EOF
   du -sh "$DIR"
 }
 
 run() {
-  local here bin work
+  local here bin root status=0
   here=$(cd "$DIR" && pwd)
   bin=$(mktemp -d)
-  xz -dc "$here/vlp.xz" > "$bin/vlp"; chmod +x "$bin/vlp"
+  for f in "$here"/bin/*.xz; do xz -dc "$f" > "$bin/$(basename "${f%.xz}")"; done
+  chmod +x "$bin"/*
+  root=$(cat "$here/build-root")
+  if [ ! -e "$root" ]; then mkdir -p "$(dirname "$root")" && ln -s "$(pwd)" "$root"; fi
   local libs=""
   for d in /usr/local/nvidia/lib64 /usr/local/cuda/lib64 /usr/local/cuda-*/targets/x86_64-linux/lib; do
     [ -d "$d" ] && libs="$libs:$d"
@@ -74,62 +118,147 @@ run() {
     for d in "$sp"/nvidia/*/lib "$sp"/nvidia/cu13/lib; do [ -d "$d" ] && libs="$libs:$d"; done
   done
   export LD_LIBRARY_PATH="${libs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-  local V="$bin/vlp"
+  local V="$bin/vlp" work
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   work=$(mktemp -d); cd "$work"
+  echo "== 1. CUDA kernel tests"
+  timeout 300 "$bin/test-vlp_models" fused::cuda_tests --test-threads 1 --nocapture \
+    > kernels.log 2>&1 || status=1
+  grep -E "^test |test result|forward|grad|panicked" kernels.log | tail -80
+  echo "== 2. loss parity on the GPU"
+  timeout 120 "$bin/test-parity" --nocapture > parity.log 2>&1 || status=1
+  grep -E "parity|test result|panicked" parity.log | head -12
+  echo "== 3. pretraining: CPU f32, CUDA f32, CUDA bf16"
   cp "$here/recipe.toml" .
   "$V" shards synth --out train --count 256 --per-shard 64 --image-size 64 --seed 1 >/dev/null
   "$V" shards synth --out val --count 64 --per-shard 64 --image-size 64 --seed 2 >/dev/null
   "$V" tokenizer train 'train-{000000..000003}.tar' --out tok.json --vocab-size 200 >/dev/null
-  local status=0
-  for dev in cpu cuda; do
-    echo "== pretrain on $dev"
-    "$V" pretrain --recipe recipe.toml --no-progress --device "$dev" \
-      --set "run.out_dir=\"$dev\"" > "$dev.eval.md" 2> "$dev.log" || { status=1; tail -20 "$dev.log"; }
-    tail -3 "$dev.log"
+  for run in cpu:f32 cuda:f32 cuda:bf16; do
+    local dev=${run%%:*} dt=${run##*:}
+    timeout 180 "$V" pretrain --recipe recipe.toml --no-progress --device "$dev" \
+      --set "run.out_dir=\"$dev-$dt\"" --set "run.dtype=\"$dt\"" \
+      > "$dev-$dt.eval.md" 2> "$dev-$dt.log" || { status=1; tail -20 "$dev-$dt.log"; }
   done
-  echo "== eval, embed, score on cuda"
-  ck=cuda/checkpoints/step-000004
-  "$V" eval retrieval --checkpoint "$ck" --shards val-000000.tar --tokenizer tok.json \
+  local ck=cuda-f32/checkpoints/step-000008
+  timeout 120 "$V" eval retrieval --checkpoint "$ck" --shards val-000000.tar --tokenizer tok.json \
     --device cuda --k-test 8 --no-progress --out eval.json > /dev/null 2> eval.log || { status=1; tail -5 eval.log; }
   printf 'a red circle\na blue square\n' > texts.txt
-  "$V" embed --checkpoint "$ck" --texts texts.txt --tokenizer tok.json --out e.safetensors \
+  timeout 60 "$V" embed --checkpoint "$ck" --texts texts.txt --tokenizer tok.json --out e.safetensors \
     --device cuda 2> embed.log || { status=1; tail -5 embed.log; }
-  echo "== full step, tiny preset, batch 32, 32 tokens"
-  for dev in cpu cuda; do
-    "$V" bench step --full --preset tiny --batch-size 32 --text-len 32 --warmup 3 --steps 10 \
-      --device "$dev" > "step-$dev.json" 2> "step-$dev.log" || { status=1; tail -5 "step-$dev.log"; }
-  done
+  echo "== 4. timings against the peers"
+  timeout 240 "$V" bench ops --device cuda > ops-vlp.jsonl 2> ops-vlp.log || { status=1; tail -5 ops-vlp.log; }
+  timeout 240 "$V" bench step --full --preset albef-base --batch-size 64 --text-len 30 --dtype bf16 \
+    --warmup 3 --steps 10 --device cuda > step-vlp.json 2> step-vlp.log || { status=1; tail -5 step-vlp.log; }
+  timeout 300 "$V" bench eval --config "$here/albef-base-384.json" --images 100 --captions-per-image 5 \
+    --k 128 --no-progress --device cuda > eval-vlp.json 2> eval-vlp.log || { status=1; tail -5 eval-vlp.log; }
+  if [ -d "$here/peers" ]; then
+    timeout 240 python3 "$here/peers/torch_gpu_ops.py" > ops-torch.jsonl 2> ops-torch.log || tail -5 ops-torch.log
+    timeout 240 python3 "$here/peers/torch_albef_step.py" --device cuda --bf16 --batch-size 64 \
+      --warmup 3 --steps 10 > step-torch.json 2> step-torch.log || tail -5 step-torch.log
+    timeout 300 python3 "$here/peers/torch_albef_eval.py" --config "$here/albef-base-384.json" \
+      --images 100 --captions-per-image 5 --k 128 --device cuda > eval-torch.json 2> eval-torch.log \
+      || tail -5 eval-torch.log
+  fi
+  if [ -n "${OUT:-}" ]; then cp ./*.json ./*.jsonl ./*.log "$OUT/" 2>/dev/null || true; fi
   python3 - <<'EOF' || status=1
-import json, os
+import json, os, re
+
+rows, ok = [], True
+
+def row(check, value, good):
+    global ok
+    ok &= bool(good)
+    rows.append((check, value, "ok" if good else "FAIL"))
+
+def load(path):
+    return json.load(open(path)) if os.path.exists(path) else None
+
+def lines(path):
+    out = []
+    if os.path.exists(path):
+        for l in open(path):
+            try:
+                out.append(json.loads(l))
+            except ValueError:
+                pass
+    return out
+
+k = open("kernels.log").read() if os.path.exists("kernels.log") else ""
+m = re.search(r"test result: (\w+)\. (\d+) passed; (\d+) failed", k)
+row("CUDA kernel tests (vs CPU f64; f32 2e-5, bf16 2e-2)", m.group(0) if m else "did not run", m and m.group(1) == "ok")
+worst = {}
+for dt, e in re.findall(r" (F32|BF16): (?:forward|grad \d) ([0-9.e+-]+)", k):
+    worst[dt] = max(worst.get(dt, 0.0), float(e))
+for dt, e in sorted(worst.items()):
+    rows.append((f"  worst kernel error, {dt.lower()}", f"{e:.2e}", ""))
+p = open("parity.log").read() if os.path.exists("parity.log") else ""
+m = re.search(r"test result: (\w+)\.", p)
+on_gpu = "Cuda" in p
+row("loss parity vs PyTorch, f32, on the GPU (1e-4)", (m.group(0) if m else "did not run") + ("" if on_gpu else " (NOT on the GPU)"), m and m.group(1) == "ok" and on_gpu)
+
 def losses(d):
-    rows = [json.loads(l) for l in open(f"{d}/metrics.jsonl")]
-    return [{k: v for k, v in r.items() if k.startswith("loss_")} for r in rows if "loss_total" in r]
-rows = []
-ok = True
-try:
-    a, b = losses("cpu"), losses("cuda")
-    worst = max(abs(x[k] - y[k]) for x, y in zip(a, b) for k in x)
-    agree = len(a) == len(b) == 4 and worst < 2e-3
-    ok &= agree
-    rows.append(("pretrain cpu vs cuda, 4 steps: max |loss diff|", f"{worst:.2e}", "ok" if agree else "FAIL"))
-except Exception as e:
-    ok = False; rows.append(("pretrain cpu vs cuda", repr(e), "FAIL"))
-try:
-    r = json.load(open("eval.json"))
-    rows.append(("eval retrieval on cuda: r_mean", f"{r['reranked']['r_mean']:.2f}" if 'reranked' in r else str(r)[:60], "ok"))
-except Exception as e:
-    ok = False; rows.append(("eval retrieval on cuda", repr(e), "FAIL"))
-rows.append(("embed on cuda", "e.safetensors" if os.path.exists("e.safetensors") else "missing", "ok" if os.path.exists("e.safetensors") else "FAIL"))
-for dev in ("cpu", "cuda"):
-    try:
-        s = json.load(open(f"step-{dev}.json"))
-        rows.append((f"full step on {dev} (samples/s, median s)", f"{s['samples_per_s']} / {s['median_step_s']}", "ok"))
-    except Exception as e:
-        ok = False; rows.append((f"full step on {dev}", repr(e), "FAIL"))
+    f = f"{d}/metrics.jsonl"
+    if not os.path.exists(f):
+        return []
+    rs = [json.loads(l) for l in open(f)]
+    return [{k: v for k, v in r.items() if k.startswith("loss_")} for r in rs if "loss_total" in r]
+
+a, b, c = losses("cpu-f32"), losses("cuda-f32"), losses("cuda-bf16")
+if a and len(a) == len(b):
+    w = max(abs(x[key] - y[key]) for x, y in zip(a, b) for key in x)
+    row("pretrain 8 steps, CPU f32 vs CUDA f32: max |loss diff|", f"{w:.2e}", w < 2e-3)
+else:
+    row("pretrain CPU f32 vs CUDA f32", f"{len(a)} vs {len(b)} logged steps", False)
+if b and len(b) == len(c):
+    w = max(abs(x["loss_total"] - y["loss_total"]) / abs(x["loss_total"]) for x, y in zip(b, c))
+    row("pretrain 8 steps, CUDA bf16 vs f32: max relative total-loss diff", f"{w:.2e}", w < 0.05)
+    rows.append(("  f32 total loss by step", " ".join(f"{x['loss_total']:.3f}" for x in b), ""))
+    rows.append(("  bf16 total loss by step", " ".join(f"{x['loss_total']:.3f}" for x in c), ""))
+else:
+    row("pretrain CUDA bf16", f"{len(c)} logged steps", False)
+r = load("eval.json")
+row("eval retrieval on CUDA", "ran" if r else "missing", r is not None)
+row("embed on CUDA", "ran" if os.path.exists("e.safetensors") else "missing", os.path.exists("e.safetensors"))
+
+def key(r):
+    return tuple(r.get(x) for x in ("op", "dtype", "b", "lq", "lk", "masked", "rows", "cols"))
+
+ours = {key(r): r for r in lines("ops-vlp.jsonl") if "op" in r}
+theirs = {}
+for r in lines("ops-torch.jsonl"):
+    if "op" in r:
+        theirs.setdefault(key(r), []).append(r)
+for kk, r in ours.items():
+    name = f"{r['op']} {r['dtype']} " + (f"{r['lq']}x{r['lk']}{' masked' if r['masked'] else ''}" if r["op"] == "attention" else (f"{r.get('rows')}x{r.get('cols')}" if "rows" in r else ""))
+    peer = theirs.get(kk, [])
+    if r["op"] == "vit_b_stack":
+        for p in lines("ops-torch.jsonl"):
+            if p.get("op") == "vit_b_stack" and p.get("dtype") == r["dtype"]:
+                rows.append((f"{name} vs {p['impl']}: ms vlp / torch (speed ratio)", f"{r['fwd_bwd_ms']} / {p['fwd_bwd_ms']} ({p['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}x)", ""))
+    elif peer:
+        p = peer[0]
+        rows.append((f"{name}: ms vlp / {p['impl']} (speed ratio)", f"{r['fwd_bwd_ms']} / {p['fwd_bwd_ms']} ({p['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}x)", ""))
+    else:
+        rows.append((f"{name}: ms vlp", str(r["fwd_bwd_ms"]), ""))
+s, t = load("step-vlp.json"), load("step-torch.json")
+if s:
+    v = f"{s['samples_per_s']} samples/s, GPU mem in use {s.get('gpu_memory_in_use_gib')} GiB"
+    if t and t.get("samples_per_s"):
+        v += f"; torch {t['samples_per_s']} samples/s, peak {t.get('peak_gpu_mem_mb')} MB ({s['samples_per_s'] / t['samples_per_s']:.2f}x)"
+    rows.append(("ALBEF-base full step, bf16, batch 64", v, ""))
+else:
+    row("ALBEF-base full step", "missing", False)
+e, t = load("eval-vlp.json"), load("eval-torch.json")
+if e:
+    v = f"{e['fused_pairs_per_s']} fused pairs/s"
+    if t and t.get("fused_pairs_per_s"):
+        v += f"; torch {t['fused_pairs_per_s']} ({e['fused_pairs_per_s'] / t['fused_pairs_per_s']:.2f}x)"
+    rows.append(("ALBEF-base eval, 384 px, k 128, 100 images", v, ""))
+else:
+    row("ALBEF-base eval", "missing", False)
 print("\n| check | value | |\n|---|---|---|")
 for r in rows:
-    print("| " + " | ".join(r) + " |")
+    print("| " + " | ".join(str(x) for x in r) + " |")
 raise SystemExit(0 if ok else 1)
 EOF
   return $status

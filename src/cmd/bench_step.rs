@@ -59,6 +59,10 @@ pub struct StepArgs {
     /// else f32].
     #[arg(long, value_parser = parse_dtype)]
     pub dtype: Option<ComputeDtype>,
+    /// Activation checkpointing of the online encoders [default: the recipe's
+    /// `model.grad_checkpoint`, else off].
+    #[arg(long)]
+    pub grad_checkpoint: bool,
 }
 
 fn parse_dtype(s: &str) -> Result<ComputeDtype, String> {
@@ -113,7 +117,10 @@ pub fn run(args: StepArgs) -> anyhow::Result<()> {
         .or(recipe.as_ref().map(|r| r.run.dtype))
         .unwrap_or_default();
     let model = AlbefModel::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev))?
-        .with_compute_dtype(dtype.dtype());
+        .with_compute_dtype(dtype.dtype())
+        .with_grad_checkpoint(
+            args.grad_checkpoint || recipe.as_ref().is_some_and(|r| r.model.grad_checkpoint),
+        );
     model.copy_params_to_momentum()?;
     let params: usize = model
         .trainable_vars()?
@@ -171,7 +178,7 @@ pub fn run(args: StepArgs) -> anyhow::Result<()> {
                 true,
             )?;
             forward = t0.elapsed().as_secs_f64();
-            drop(loss.total.backward()?);
+            drop(vlp_models::recompute::backward(&loss.total)?);
             backward = t0.elapsed().as_secs_f64() - forward;
         }
         // GPU work is queued: the step is over when the device is done.

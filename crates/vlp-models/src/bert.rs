@@ -342,6 +342,8 @@ pub struct BertModel {
     /// The dtype activations are computed in (bf16 for mixed precision); `None`: the
     /// parameters' dtype.
     compute: Option<DType>,
+    /// Recompute each layer's activations in the backward instead of keeping them.
+    grad_checkpoint: bool,
 }
 
 impl BertModel {
@@ -367,12 +369,19 @@ impl BertModel {
                 .transpose()?,
             backend: AttentionBackend::default(),
             compute: None,
+            grad_checkpoint: false,
         })
     }
 
     /// Uses `backend` for every attention.
     pub fn with_attention(mut self, backend: AttentionBackend) -> Self {
         self.backend = backend;
+        self
+    }
+
+    /// Activation checkpointing of every layer in training passes (see `recompute`).
+    pub fn with_grad_checkpoint(mut self, on: bool) -> Self {
+        self.grad_checkpoint = on;
         self
     }
 
@@ -534,7 +543,17 @@ impl BertModel {
         train: bool,
     ) -> Result<Tensor> {
         for layer in &self.layers[layers] {
-            x = layer.forward(&x, mask, image, train, self.backend)?;
+            x = if self.grad_checkpoint && train {
+                let (layer, mask, backend) = (layer.clone(), mask.clone(), self.backend);
+                let f: crate::recompute::BlockFn = std::sync::Arc::new(move |x, image| {
+                    layer
+                        .forward(x, &mask, image, train, backend)
+                        .map_err(candle_core::Error::wrap)
+                });
+                crate::recompute::checkpoint(f, &x, image)?
+            } else {
+                layer.forward(&x, mask, image, train, self.backend)?
+            };
         }
         Ok(x)
     }

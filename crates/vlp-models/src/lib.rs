@@ -18,6 +18,7 @@ pub mod import;
 pub mod load;
 pub mod nn;
 mod params;
+pub mod recompute;
 #[doc(hidden)]
 pub mod test_support;
 pub mod vit;

@@ -243,6 +243,18 @@ pub fn seed_dropout(seed: u64) -> DropoutSeedGuard {
     DropoutSeedGuard { previous }
 }
 
+/// This thread's dropout generator as it stands (`None`: unseeded).
+pub(crate) fn dropout_state() -> Option<Rng> {
+    DROPOUT_RNG.with(|r| r.borrow().clone())
+}
+
+/// Puts `state` in place of this thread's dropout generator until the guard drops: a
+/// recomputation then draws the very masks the first computation drew.
+pub(crate) fn replay_dropout(state: Option<Rng>) -> DropoutSeedGuard {
+    let previous = DROPOUT_RNG.with(|r| std::mem::replace(&mut *r.borrow_mut(), state));
+    DropoutSeedGuard { previous }
+}
+
 /// Restores the dropout generator that was in effect before [`seed_dropout`].
 #[derive(Debug)]
 #[must_use = "dropout stays seeded only while the guard lives"]

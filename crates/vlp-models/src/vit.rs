@@ -65,6 +65,8 @@ pub struct VisionTransformer {
     /// The dtype activations are computed in (bf16 for mixed precision); `None`: the
     /// parameters' dtype.
     compute: Option<DType>,
+    /// Recompute each block's activations in the backward instead of keeping them.
+    grad_checkpoint: bool,
 }
 
 impl VisionTransformer {
@@ -93,12 +95,19 @@ impl VisionTransformer {
             norm: LayerNorm::load(vb.pp("norm"), d, cfg.eps)?,
             backend: AttentionBackend::default(),
             compute: None,
+            grad_checkpoint: false,
         })
     }
 
     /// Uses `backend` for every attention.
     pub fn with_attention(mut self, backend: AttentionBackend) -> Self {
         self.backend = backend;
+        self
+    }
+
+    /// Activation checkpointing of every block in training passes (see `recompute`).
+    pub fn with_grad_checkpoint(mut self, on: bool) -> Self {
+        self.grad_checkpoint = on;
         self
     }
 
@@ -149,14 +158,21 @@ impl VisionTransformer {
     /// # Shapes
     /// `images`: `[B, 3, S, S]` -> `[B, 1 + (S/P)^2, D]` ([CLS] first).
     pub fn forward(&self, images: &Tensor, train: bool) -> Result<Tensor> {
-        let _ = train;
         let dtype = self.compute.unwrap_or(self.patch_weight.dtype());
         let x = self.patch_embed(&images.to_dtype(dtype)?)?;
         let (b, _, d) = x.dims3()?;
         let cls = nn::as_compute(&self.cls_token, &x)?.broadcast_as((b, 1, d))?;
         let mut x = nn::add_broadcast(&Tensor::cat(&[&cls, &x], 1)?, &self.pos_embed)?;
         for block in &self.blocks {
-            x = block.forward(&x, self.backend)?;
+            x = if self.grad_checkpoint && train {
+                let (block, backend) = (block.clone(), self.backend);
+                let f: crate::recompute::BlockFn = std::sync::Arc::new(move |x, _| {
+                    block.forward(x, backend).map_err(candle_core::Error::wrap)
+                });
+                crate::recompute::checkpoint(f, &x, None)?
+            } else {
+                block.forward(&x, self.backend)?
+            };
         }
         Ok(self.norm.forward(&x)?)
     }

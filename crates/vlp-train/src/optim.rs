@@ -212,10 +212,13 @@ impl AdamW {
                 store
                     .get(var.as_tensor())
                     .map(|g| {
+                        // Detached: a gradient candle computed still references the
+                        // activations it came from, which would keep the step's whole
+                        // graph alive for as long as the gradient lives.
                         if scale == 1.0 {
-                            Ok(g.clone())
+                            Ok(g.detach())
                         } else {
-                            g.affine(scale, 0.0)
+                            g.affine(scale, 0.0).map(|g| g.detach())
                         }
                     })
                     .transpose()

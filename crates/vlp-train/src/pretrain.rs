@@ -186,7 +186,8 @@ impl<'c> Run<'c> {
         let cfg = recipe.model_config(resume_from.as_deref())?;
         let mut varmap = VarMap::new();
         let model = AlbefModel::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &device))?
-            .with_compute_dtype(recipe.run.dtype.dtype());
+            .with_compute_dtype(recipe.run.dtype.dtype())
+            .with_grad_checkpoint(recipe.model.grad_checkpoint);
         match (&resume_from, &recipe.model.init) {
             (Some(_), _) => {} // loaded below, with the optimizer
             (None, Some(init)) => {

@@ -48,6 +48,11 @@ pub struct ModelSection {
     /// `vlp convert` or a training run) to start from. Its config replaces the preset's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init: Option<PathBuf>,
+    /// Activation checkpointing: the online ViT blocks and BERT layers recompute their
+    /// activations in the backward instead of keeping them (about one more forward of
+    /// the online encoders per step, for a peak that no longer grows with their depth).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub grad_checkpoint: bool,
 }
 
 /// Which image transform training batches get.

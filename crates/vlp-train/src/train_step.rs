@@ -83,7 +83,8 @@ pub fn train_step(
             Draws::Seeded(seed),
         )?;
         let t1 = std::time::Instant::now();
-        let store = losses.total.backward()?;
+        // With the parameters of checkpointed blocks (`model.grad_checkpoint`).
+        let store = vlp_models::recompute::backward(&losses.total)?;
         let g = optim.gradients(&store, scale)?;
         drop(store);
         match &mut grads {
