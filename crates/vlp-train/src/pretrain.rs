@@ -102,7 +102,7 @@ struct Run<'c> {
     varmap: VarMap,
     model: AlbefModel,
     tokenizer: TextTokenizer,
-    loader: Loader,
+    batches: Batches,
     optim: AdamW,
     state: TrainState,
     /// `metrics.jsonl`, on the main process only.
@@ -301,6 +301,7 @@ impl<'c> Run<'c> {
         } else {
             None
         };
+        let batches = Batches::new(loader, recipe.objectives.image_id_positives, device.clone());
         Ok(Run {
             recipe,
             cfg,
@@ -309,7 +310,7 @@ impl<'c> Run<'c> {
             varmap,
             model,
             tokenizer,
-            loader,
+            batches,
             optim,
             state,
             metrics,
@@ -351,10 +352,10 @@ impl<'c> Run<'c> {
             let seed = self.state.rng.next_u64();
             // The step's first batch, fetched here: when it opens a new epoch, the weights
             // the last step left are validated first (fine-tuning).
-            let Some(first) = self.loader.next_batch()? else {
+            let Some(first) = self.batches.next()? else {
                 break Ended::DataEnded;
             };
-            if first.epoch > self.state.epoch && step > 0 {
+            if first.0 > self.state.epoch && step > 0 {
                 self.validate()?;
             }
             let settings = StepSettings {
@@ -367,19 +368,14 @@ impl<'c> Run<'c> {
             };
             let mut first = Some(first);
             let mut next = |_micro: u64| -> Result<Option<StepBatch>> {
-                let batch = match first.take() {
+                let (epoch, mut inputs) = match first.take() {
                     Some(batch) => batch,
-                    None => match self.loader.next_batch()? {
+                    None => match self.batches.next()? {
                         Some(batch) => batch,
                         None => return Ok(None),
                     },
                 };
-                self.state.epoch = batch.epoch;
-                let mut inputs = step_batch(
-                    &batch,
-                    self.recipe.objectives.image_id_positives,
-                    &self.device,
-                )?;
+                self.state.epoch = epoch;
                 if inject_nan_at == Some(step + 1) {
                     inputs.images = (inputs.images * f64::NAN)?;
                 }
@@ -481,7 +477,7 @@ impl<'c> Run<'c> {
     /// Writes a checkpoint of the current step: every rank's data position is gathered,
     /// the main process writes.
     fn save(&mut self) -> Result<()> {
-        let mine = serde_json::to_vec(&self.loader.state()).expect("loader state is JSON");
+        let mine = serde_json::to_vec(self.batches.state()).expect("loader state is JSON");
         self.state.loaders = self
             .collective
             .all_gather_bytes(&mine)?
@@ -722,6 +718,72 @@ fn total_steps(recipe: &Recipe, steps_per_epoch: Option<u64>) -> Result<u64> {
         ));
     }
     Ok(steps)
+}
+
+/// The loader's batches on the model's device, one batch ahead on a GPU: while a step
+/// runs, the next batch is already being copied to the device on another thread (the
+/// CPU needs no copy and gets each batch as it comes). The loader state a checkpoint
+/// records is the one right after the last batch handed out, not after the one in
+/// flight, so resuming repeats or skips nothing.
+struct Batches {
+    loader: Loader,
+    with_image_ids: bool,
+    device: Device,
+    /// The next batch: its epoch, the loader state after it, its upload.
+    ahead: Option<(u64, LoaderState, std::thread::JoinHandle<Result<StepBatch>>)>,
+    /// The loader state after the last batch handed out.
+    consumed: LoaderState,
+}
+
+impl Batches {
+    fn new(loader: Loader, with_image_ids: bool, device: Device) -> Self {
+        let consumed = loader.state();
+        Self {
+            loader,
+            with_image_ids,
+            device,
+            ahead: None,
+            consumed,
+        }
+    }
+
+    /// The loader state to checkpoint.
+    fn state(&self) -> &LoaderState {
+        &self.consumed
+    }
+
+    /// The next batch (its epoch and the step's inputs), `None` when the data ends.
+    fn next(&mut self) -> Result<Option<(u64, StepBatch)>> {
+        let current = match self.ahead.take() {
+            Some((epoch, state, upload)) => {
+                let inputs = upload
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+                Some((epoch, state, inputs))
+            }
+            None => match self.loader.next_batch()? {
+                Some(batch) => Some((
+                    batch.epoch,
+                    self.loader.state(),
+                    step_batch(&batch, self.with_image_ids, &self.device)?,
+                )),
+                None => None,
+            },
+        };
+        let Some((epoch, state, inputs)) = current else {
+            return Ok(None);
+        };
+        self.consumed = state;
+        if !self.device.is_cpu() {
+            if let Some(batch) = self.loader.next_batch()? {
+                let (with_ids, device) = (self.with_image_ids, self.device.clone());
+                let (epoch, after) = (batch.epoch, self.loader.state());
+                let upload = std::thread::spawn(move || step_batch(&batch, with_ids, &device));
+                self.ahead = Some((epoch, after, upload));
+            }
+        }
+        Ok(Some((epoch, inputs)))
+    }
 }
 
 /// The loader's batch as the step takes it, on `device`; image ids (numbers, or hashes of
