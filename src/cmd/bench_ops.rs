@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use vlp_core::device::DeviceSpec;
 use vlp_models::attention::{self, AttentionBackend};
@@ -192,11 +192,9 @@ pub fn run(args: OpsArgs) -> anyhow::Result<()> {
             let x = randn_var(&[r, cols], dt, &dev)?;
             let t = nn::softmax(&Tensor::randn(0f32, 1.0, (r, cols), &dev)?)?.to_dtype(dt)?;
             let ms = timed(&dev, it, wu, || {
-                let lp = nn::log_softmax(&x.as_tensor().to_dtype(DType::F32)?)?;
-                let loss = (lp * t.to_dtype(DType::F32)?)?
-                    .sum(D::Minus1)?
-                    .neg()?
-                    .mean_all()?;
+                // The fused op reads bf16 as is and computes in f32 (the peer casts the
+                // logits to f32 first).
+                let loss = nn::soft_cross_entropy(x.as_tensor(), &t)?.mean_all()?;
                 drop(loss.backward()?);
                 Ok(())
             })?;

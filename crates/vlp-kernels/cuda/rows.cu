@@ -225,3 +225,58 @@ __device__ void ema(T* t, const T* s, uint64_t total, float m) {
 
 ROWS_INSTANCES(float, f32)
 ROWS_INSTANCES(bf16, bf16)
+
+// Soft-target cross-entropy per row: loss = lse * sum(t) - sum(t * x) (forward), and
+// dx = g * (exp(x - lse) * sum(t) - t) (backward, the row's lse recomputed).
+template <typename T>
+__device__ void soft_xent_stats(const T* xr, const T* tr, int n, float* sh, float& lse,
+                                float& st, float& stx) {
+  float m = -INFINITY;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) m = fmaxf(m, to_f(xr[i]));
+  m = block_max(m, sh);
+  float s = 0.f, a = 0.f, b = 0.f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const float x = to_f(xr[i]), t = to_f(tr[i]);
+    s += expf(x - m);
+    a += t;
+    b += t * x;
+  }
+  s = block_sum(s, sh);
+  st = block_sum(a, sh);
+  stx = block_sum(b, sh);
+  lse = m + logf(s);
+}
+
+template <typename T>
+__device__ void soft_xent_fwd(const T* x, const T* t, T* loss, int n) {
+  __shared__ float sh[32];
+  const size_t row = blockIdx.x;
+  float lse, st, stx;
+  soft_xent_stats<T>(x + row * n, t + row * n, n, sh, lse, st, stx);
+  if (threadIdx.x == 0) loss[row] = from_f<T>(lse * st - stx);
+}
+
+template <typename T>
+__device__ void soft_xent_bwd(const T* x, const T* t, const T* g, T* dx, int n) {
+  __shared__ float sh[32];
+  const size_t row = blockIdx.x;
+  const T* xr = x + row * n;
+  const T* tr = t + row * n;
+  float lse, st, stx;
+  soft_xent_stats<T>(xr, tr, n, sh, lse, st, stx);
+  const float gr = to_f(g[row]);
+  for (int i = threadIdx.x; i < n; i += blockDim.x)
+    dx[row * n + i] = from_f<T>(gr * (expf(to_f(xr[i]) - lse) * st - to_f(tr[i])));
+}
+
+#define XENT_INSTANCES(T, S)                                                                  \
+  extern "C" __global__ void vlp_soft_xent_fwd_##S(const T* x, const T* t, T* loss, int n) {  \
+    soft_xent_fwd<T>(x, t, loss, n);                                                          \
+  }                                                                                           \
+  extern "C" __global__ void vlp_soft_xent_bwd_##S(const T* x, const T* t, const T* g, T* dx, \
+                                                   int n) {                                   \
+    soft_xent_bwd<T>(x, t, g, dx, n);                                                         \
+  }
+
+XENT_INSTANCES(float, f32)
+XENT_INSTANCES(bf16, bf16)

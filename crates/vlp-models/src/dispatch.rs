@@ -82,6 +82,15 @@ pub(crate) fn softmax(x: &Tensor) -> Kernel {
     pick2(cpu_rows(x), cuda_float(x) && x.rank() >= 1)
 }
 
+/// `nn::soft_cross_entropy`: logits and targets of one shape and dtype.
+pub(crate) fn soft_cross_entropy(logits: &Tensor, targets: &Tensor) -> Kernel {
+    let shapes = logits.dims() == targets.dims();
+    pick2(
+        cpu_rows(logits) && cpu_same_dtype(targets, logits) && shapes,
+        cuda_float(logits) && cuda_same(targets, logits) && logits.rank() >= 1 && shapes,
+    )
+}
+
 /// `nn::dropout` (the mask is recomputed from its seed either way).
 pub(crate) fn dropout(x: &Tensor) -> Kernel {
     pick2(cpu_rows(x), cuda_float(x))

@@ -269,6 +269,70 @@ pub(crate) fn softmax_bwd(
     })
 }
 
+/// Soft-target cross-entropy per row: `[rows]` losses from logits and targets.
+pub(crate) fn soft_xent_fwd(
+    x: &CudaStorage,
+    lx: &Layout,
+    t: &CudaStorage,
+    lt: &Layout,
+    op: &str,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = x.device();
+    let (n, total) = (last(lx, op)?, lx.shape().elem_count());
+    let rows = total / n;
+    by_dtype!(x.dtype(), op, |T| {
+        let loss = alloc::<T>(dev, rows)?;
+        kernel(
+            dev,
+            Module::Rows,
+            &format!("vlp_soft_xent_fwd_{}", T::SUFFIX),
+        )?
+        .run(
+            rows_cfg(rows, n),
+            &[
+                Arg::Ptr(ptr(dev, x.as_cuda_slice::<T>()?, start(lx, op)?)),
+                Arg::Ptr(ptr(dev, t.as_cuda_slice::<T>()?, start(lt, op)?)),
+                Arg::Ptr(ptr(dev, &loss, 0)),
+                Arg::I32(n as i32),
+            ],
+        )?;
+        Ok((wrap(loss, dev), Shape::from(rows)))
+    })
+}
+
+/// The logits' gradient of [`soft_xent_fwd`] from the rows' gradient `g`.
+pub(crate) fn soft_xent_bwd(
+    x: &CudaStorage,
+    lx: &Layout,
+    t: &CudaStorage,
+    lt: &Layout,
+    g: &CudaStorage,
+    lg: &Layout,
+    op: &str,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = x.device();
+    let (n, total) = (last(lx, op)?, lx.shape().elem_count());
+    by_dtype!(x.dtype(), op, |T| {
+        let dx = alloc::<T>(dev, total)?;
+        kernel(
+            dev,
+            Module::Rows,
+            &format!("vlp_soft_xent_bwd_{}", T::SUFFIX),
+        )?
+        .run(
+            rows_cfg(total / n, n),
+            &[
+                Arg::Ptr(ptr(dev, x.as_cuda_slice::<T>()?, start(lx, op)?)),
+                Arg::Ptr(ptr(dev, t.as_cuda_slice::<T>()?, start(lt, op)?)),
+                Arg::Ptr(ptr(dev, g.as_cuda_slice::<T>()?, start(lg, op)?)),
+                Arg::Ptr(ptr(dev, &dx, 0)),
+                Arg::I32(n as i32),
+            ],
+        )?;
+        Ok((wrap(dx, dev), lx.shape().clone()))
+    })
+}
+
 /// `x * keep(i)`.
 pub(crate) fn dropout(
     s: &CudaStorage,

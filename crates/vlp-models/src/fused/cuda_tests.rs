@@ -269,6 +269,22 @@ fn row_kernels_match_the_cpu() -> Result<()> {
             compare(&format!("log_softmax {rows}x{n}"), dt, &[x()], |t| {
                 nn::log_softmax(&(&t[0] * 4.0)?)
             })?;
+            let targets = || {
+                // Probabilities per row, as the objectives' soft targets are.
+                let (v, d) = data(rows as u64 + 11, &[rows, n], 3.0);
+                let mut p = v.iter().map(|x| x.exp()).collect::<Vec<_>>();
+                for row in p.chunks_mut(n) {
+                    let s: f64 = row.iter().sum();
+                    row.iter_mut().for_each(|x| *x /= s);
+                }
+                (p, d, false)
+            };
+            compare(
+                &format!("soft_cross_entropy {rows}x{n}"),
+                dt,
+                &[x(), targets()],
+                |t| nn::soft_cross_entropy(&(&t[0] * 4.0)?, &t[1]),
+            )?;
             compare(&format!("dropout {rows}x{n}"), dt, &[x()], |t| {
                 let _seed = nn::seed_dropout(5);
                 nn::dropout(&t[0], 0.25)

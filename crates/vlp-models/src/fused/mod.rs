@@ -53,6 +53,7 @@ mod flash_reference;
 pub(crate) mod gemm;
 pub(crate) mod linear;
 pub(crate) mod math;
+pub(crate) mod xent;
 
 /// Per-call state a forward keeps for its backward on the GPU (LayerNorm's row statistics,
 /// the attention's log-sum-exp); taken once by the backward, recomputed if missing.

@@ -183,8 +183,7 @@ impl ObjectiveConfig {
 /// # Shapes
 /// `logits`, `targets`: `[N, C]` -> 0-d.
 pub fn soft_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let per_row = (nn::log_softmax(logits)? * targets)?.sum(D::Minus1)?;
-    Ok(per_row.mean_all()?.neg()?)
+    Ok(nn::soft_cross_entropy(logits, targets)?.mean_all()?)
 }
 
 /// Mean cross-entropy against class indices.
