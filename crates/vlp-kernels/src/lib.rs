@@ -3,7 +3,7 @@
 //!
 //! One module per source file in `cuda/`: [`ATTENTION`] (FlashAttention-2 style forward
 //! and backward), [`ROWS`] (LayerNorm, bias + GELU, broadcast add, column sums, softmax and
-//! log-softmax, dropout, EMA) and [`OPTIM`] (AdamW). Every kernel has an `_f32` and a
+//! log-softmax, soft-target cross-entropy, dropout, EMA) and [`OPTIM`] (AdamW). Every kernel has an `_f32` and a
 //! `_bf16` instance (f32 arithmetic inside); AdamW works on f32 master weights only.
 //! Without the `cuda` feature the crate holds nothing.
 
