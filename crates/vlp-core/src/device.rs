@@ -90,7 +90,9 @@ impl DeviceSpec {
     }
 }
 
-/// GPU `ordinal`, opened once per process: every tensor of a run is on one stream.
+/// GPU `ordinal`, opened once per process. candle's CUDA device issues work on the
+/// calling thread's default stream, so a run's compute is on one stream (its training
+/// thread's); a helper thread that uploads must synchronise before handing data over.
 /// On first use the device's memory pool is told to keep what is freed (instead of
 /// returning it to the driver at every synchronisation) and candle's per-tensor event
 /// tracking is turned off (it only matters with several streams, and costs two events

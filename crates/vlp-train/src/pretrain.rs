@@ -778,7 +778,14 @@ impl Batches {
             if let Some(batch) = self.loader.next_batch()? {
                 let (with_ids, device) = (self.with_image_ids, self.device.clone());
                 let (epoch, after) = (batch.epoch, self.loader.state());
-                let upload = std::thread::spawn(move || step_batch(&batch, with_ids, &device));
+                // candle's CUDA device issues work on the calling thread's own stream:
+                // the upload is complete, and safe to read from the training thread's
+                // stream, once this thread's stream is synchronised.
+                let upload = std::thread::spawn(move || {
+                    let inputs = step_batch(&batch, with_ids, &device)?;
+                    device.synchronize()?;
+                    Ok(inputs)
+                });
                 self.ahead = Some((epoch, after, upload));
             }
         }
