@@ -312,14 +312,12 @@ pub use crate::fused::AdamWStep;
 /// `g`, in place, as one CUDA launch. Returns `false`, touching nothing, where that
 /// kernel does not apply (the CPU, other dtypes, non-contiguous tensors): the caller
 /// then runs its own update.
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 pub fn adamw_update(p: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, h: AdamWStep) -> Result<bool> {
     match dispatch::adamw(p, m, v, g) {
         #[cfg(feature = "cuda")]
         Kernel::Cuda => fused::cuda::adamw(p, m, v, g, h).map(|()| true),
-        _ => {
-            let _ = h;
-            Ok(false)
-        }
+        _ => Ok(false),
     }
 }
 

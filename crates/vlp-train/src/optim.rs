@@ -248,7 +248,7 @@ impl AdamW {
         let bias2 = 1.0 - beta2.powi(t);
         for i in 0..self.params.len() {
             let Some(g) = &grads.grads[i] else { continue };
-            let g = g.to_dtype(DType::F32)?;
+            let g = g.to_dtype(DType::F32)?.contiguous()?;
             let var = &self.params[i].1;
             let decay = if self.decay[i] && weight_decay != 0.0 {
                 1.0 - lr * weight_decay
@@ -264,18 +264,11 @@ impl AdamW {
                 decay,
             };
             if in_place
-                && vlp_models::nn::adamw_update(
-                    var.as_tensor(),
-                    &self.m[i],
-                    &self.v[i],
-                    &g.contiguous()?,
-                    fused,
-                )?
+                && vlp_models::nn::adamw_update(var.as_tensor(), &self.m[i], &self.v[i], &g, fused)?
             {
                 continue;
             }
             if in_place && kernels::applies(var.as_tensor(), &g, &self.m[i], &self.v[i]) {
-                let g = g.contiguous()?;
                 self.m[i].inplace_op2(
                     &g,
                     &kernels::Moment {
@@ -290,19 +283,8 @@ impl AdamW {
                         square: true,
                     },
                 )?;
-                let decay = if self.decay[i] && weight_decay != 0.0 {
-                    Some(1.0 - lr * weight_decay)
-                } else {
-                    None
-                };
-                let update = kernels::Update {
-                    inv_sqrt_bias2: 1.0 / bias2.sqrt(),
-                    eps,
-                    step_size: lr / bias1,
-                    decay,
-                };
                 var.as_tensor()
-                    .inplace_op3(&self.m[i], &self.v[i], &update)?;
+                    .inplace_op3(&self.m[i], &self.v[i], &kernels::Update(fused))?;
                 continue;
             }
             let m = ((&self.m[i] * beta1)? + (&g * (1.0 - beta1))?)?;
@@ -311,8 +293,8 @@ impl AdamW {
             let denom = ((v.sqrt()? / bias2.sqrt())? + eps)?;
             let update = ((&m / &denom)? * (lr / bias1))?;
             let mut p = var.as_tensor().detach();
-            if self.decay[i] && weight_decay != 0.0 {
-                p = (p * (1.0 - lr * weight_decay))?;
+            if decay != 1.0 {
+                p = (p * decay)?;
             }
             var.set(&(p - update)?)?;
             self.m[i] = m;
@@ -660,13 +642,9 @@ mod kernels {
         }
     }
 
-    /// `p = p [* decay] - m / (sqrt(v) * inv_sqrt_bias2 + eps) * step_size`.
-    pub(super) struct Update {
-        pub(super) inv_sqrt_bias2: f64,
-        pub(super) eps: f64,
-        pub(super) step_size: f64,
-        pub(super) decay: Option<f64>,
-    }
+    /// `p = p * decay - m / (sqrt(v) * inv_sqrt_bias2 + eps) * step_size`, with the
+    /// constants the CUDA AdamW takes.
+    pub(super) struct Update(pub(super) vlp_models::nn::AdamWStep);
 
     impl InplaceOp3 for Update {
         fn name(&self) -> &'static str {
@@ -691,23 +669,17 @@ mod kernels {
             let CpuStorage::F32(p) = s1 else {
                 bail!("{op}: f32 tensors only");
             };
-            let (inv, eps, step) = (
-                self.inv_sqrt_bias2 as f32,
-                self.eps as f32,
-                self.step_size as f32,
-            );
-            let decay = self.decay.map(|d| d as f32);
+            let h = &self.0;
+            let (inv, eps, step) = (h.inv_sqrt_bias2 as f32, h.eps as f32, h.step_size as f32);
+            // Without weight decay the factor is 1 and the product exact.
+            let decay = h.decay as f32;
             p[a..b]
                 .par_chunks_mut(CHUNK)
                 .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
                 .for_each(|(p, (m, v))| {
                     for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
                         let update = m / (v.sqrt() * inv + eps) * step;
-                        let kept = match decay {
-                            Some(d) => *p * d,
-                            None => *p,
-                        };
-                        *p = kept - update;
+                        *p = *p * decay - update;
                     }
                 });
             Ok(())

@@ -494,6 +494,7 @@ mod on_cuda {
     }
 
     impl FusedAttention {
+        /// The shapes, checked as the CPU op checks them.
         fn cuda_dims(
             &self,
             q: [usize; 3],
@@ -501,19 +502,13 @@ mod on_cuda {
             v: [usize; 3],
             op: &str,
         ) -> Result<AttnDims> {
-            let [b, lq, c] = q;
-            if k[0] != b || v[0] != b || k[2] != c || v[2] != c || k[1] != v[1] {
-                bail!("{op}: q {q:?}, k {k:?}, v {v:?} do not fit together");
-            }
-            if self.heads == 0 || c % self.heads != 0 {
-                bail!("{op}: {c} channels do not split into {} heads", self.heads);
-            }
+            let dm = self.dims(q, k, v, op)?;
             Ok(AttnDims {
-                batch: b,
-                heads: self.heads,
-                d: c / self.heads,
-                lq,
-                lk: k[1],
+                batch: q[0],
+                heads: dm.heads,
+                d: dm.d,
+                lq: dm.lq,
+                lk: dm.lk,
             })
         }
 
@@ -578,10 +573,6 @@ mod on_cuda {
             row_stride,
         }
     }
-
-    pub(super) fn tensor(s: CudaStorage, dims: [usize; 3]) -> Tensor {
-        cuda::grad_tensor(s, dims.to_vec())
-    }
 }
 
 /// Views of the `n` equal slices of the last dimension of a `[B, L, n * C]` input (a
@@ -645,7 +636,7 @@ impl CustomOp1 for PackedQkv {
                 outs,
                 self.name(),
             )?;
-            return Ok(Some(on_cuda::tensor(s, [b, rows, 3 * c])));
+            return Ok(Some(super::cuda::grad_tensor(s, (b, rows, 3 * c))));
         }
         let (dq, dk, dv) = self.0.run_bwd(
             [(&st, qv, qd), (&st, kv, kd), (&st, vv, vd)],
@@ -721,7 +712,7 @@ impl CustomOp2 for PackedKv {
                 outs,
                 self.name(),
             )?;
-            let all = on_cuda::tensor(s, [at + b * lk * 2 * c, 1, 1]).flatten_all()?;
+            let all = super::cuda::grad_tensor(s, at + b * lk * 2 * c);
             let dq = all.narrow(0, 0, at)?.reshape((b, lq_, c))?;
             let dkv = all.narrow(0, at, b * lk * 2 * c)?.reshape((b, lk, 2 * c))?;
             return Ok((Some(dq), Some(dkv)));
@@ -804,7 +795,7 @@ impl CustomOp3 for FusedAttention {
                 outs,
                 op,
             )?;
-            let all = on_cuda::tensor(s, [nq + 2 * nk, 1, 1]).flatten_all()?;
+            let all = super::cuda::grad_tensor(s, nq + 2 * nk);
             return Ok((
                 Some(all.narrow(0, 0, nq)?.reshape((b, lq, c))?),
                 Some(all.narrow(0, nq, nk)?.reshape((b, lk, c))?),

@@ -190,12 +190,7 @@ fn wrap<T: Elem>(s: CudaSlice<T>, dev: &CudaDevice) -> CudaStorage {
 
 /// A tensor around a fresh CUDA buffer (no gradient history: backward results).
 fn tensor<T: Elem>(s: CudaSlice<T>, dev: &CudaDevice, shape: &Shape) -> Tensor {
-    Tensor::from_storage(
-        Storage::Cuda(wrap(s, dev)),
-        shape.clone(),
-        BackpropOp::none(),
-        false,
-    )
+    grad_tensor(wrap(s, dev), shape.clone())
 }
 
 fn put(stash: &Stash, v: impl Any + Send) {

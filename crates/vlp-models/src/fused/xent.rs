@@ -114,20 +114,10 @@ impl CustomOp2 for SoftCrossEntropy {
         let g = grad.contiguous()?;
         let dx = x.apply_op3_no_bwd(t, &g, &SoftCrossEntropyBwd)?;
         // Targets rarely need a gradient (ITC's and MLM's come from the momentum twin):
-        // when they do, `-log_softmax(x) * g`, with generic ops.
+        // when they do, `-log_softmax(x) * g`.
         let dt = if t.track_op() {
-            let lse = {
-                let max = x.max_keepdim(candle_core::D::Minus1)?;
-                let s = x
-                    .broadcast_sub(&max)?
-                    .exp()?
-                    .sum_keepdim(candle_core::D::Minus1)?;
-                (s.log()? + max)?
-            };
-            Some(
-                lse.broadcast_sub(x)?
-                    .broadcast_mul(&g.unsqueeze(candle_core::D::Minus1)?)?,
-            )
+            let rows = g.unsqueeze(candle_core::D::Minus1)?;
+            Some(crate::nn::log_softmax(x)?.neg()?.broadcast_mul(&rows)?)
         } else {
             None
         };
