@@ -11,7 +11,9 @@
 #                                     torch_albef_eval.py) are copied along for the timings.
 #   scripts/gpu-check.sh run [DIR]    on a machine with an NVIDIA GPU and driver (no Rust, no
 #                                     network), from the repository root: every check, then
-#                                     one table. JSON results also go to $OUT when it is set.
+#                                     one table, within GPU_CHECK_SECONDS (default 480; each
+#                                     check gets at most what is left). The logs and JSON
+#                                     results also go to $OUT/gpu-check.tgz when $OUT is set.
 #
 # Checks, in order (each under its own time limit; a failure marks the row and goes on):
 #   1. every CUDA kernel test (forward and backward against the CPU ops in f64; masks,
@@ -119,14 +121,17 @@ run() {
   done
   export LD_LIBRARY_PATH="${libs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   local V="$bin/vlp" work
+  local deadline=$((SECONDS + ${GPU_CHECK_SECONDS:-480}))
+  # lim N: N seconds, or what is left of the budget when that is less (at least 5).
+  lim() { local left=$((deadline - SECONDS)); [ "$left" -lt 5 ] && left=5; echo $(( $1 < left ? $1 : left )); }
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   work=$(mktemp -d); cd "$work"
   echo "== 1. CUDA kernel tests"
-  timeout 300 "$bin/test-vlp_models" fused::cuda_tests --test-threads 1 --nocapture \
+  timeout $(lim 120) "$bin/test-vlp_models" fused::cuda_tests --test-threads 1 --nocapture \
     > kernels.log 2>&1 || status=1
   grep -E "^test |test result|forward|grad|panicked" kernels.log | tail -80
   echo "== 2. loss parity on the GPU"
-  timeout 120 "$bin/test-parity" --nocapture > parity.log 2>&1 || status=1
+  timeout $(lim 60) "$bin/test-parity" --nocapture > parity.log 2>&1 || status=1
   grep -E "parity|test result|panicked" parity.log | head -12
   echo "== 3. pretraining: CPU f32, CUDA f32, CUDA bf16"
   cp "$here/recipe.toml" .
@@ -135,31 +140,35 @@ run() {
   "$V" tokenizer train 'train-{000000..000003}.tar' --out tok.json --vocab-size 200 >/dev/null
   for run in cpu:f32 cuda:f32 cuda:bf16; do
     local dev=${run%%:*} dt=${run##*:}
-    timeout 180 "$V" pretrain --recipe recipe.toml --no-progress --device "$dev" \
+    timeout $(lim 60) "$V" pretrain --recipe recipe.toml --no-progress --device "$dev" \
       --set "run.out_dir=\"$dev-$dt\"" --set "run.dtype=\"$dt\"" \
       > "$dev-$dt.eval.md" 2> "$dev-$dt.log" || { status=1; tail -20 "$dev-$dt.log"; }
   done
   local ck=cuda-f32/checkpoints/step-000008
-  timeout 120 "$V" eval retrieval --checkpoint "$ck" --shards val-000000.tar --tokenizer tok.json \
+  timeout $(lim 40) "$V" eval retrieval --checkpoint "$ck" --shards val-000000.tar --tokenizer tok.json \
     --device cuda --k-test 8 --no-progress --out eval.json > /dev/null 2> eval.log || { status=1; tail -5 eval.log; }
   printf 'a red circle\na blue square\n' > texts.txt
-  timeout 60 "$V" embed --checkpoint "$ck" --texts texts.txt --tokenizer tok.json --out e.safetensors \
+  timeout $(lim 30) "$V" embed --checkpoint "$ck" --texts texts.txt --tokenizer tok.json --out e.safetensors \
     --device cuda 2> embed.log || { status=1; tail -5 embed.log; }
-  echo "== 4. timings against the peers"
-  timeout 240 "$V" bench ops --device cuda > ops-vlp.jsonl 2> ops-vlp.log || { status=1; tail -5 ops-vlp.log; }
-  timeout 240 "$V" bench step --full --preset albef-base --batch-size 64 --text-len 30 --dtype bf16 \
+  echo "== 4. timings against the peers (each vlp run, then its peer)"
+  local peers="$here/peers"
+  timeout $(lim 90) "$V" bench ops --device cuda > ops-vlp.jsonl 2> ops-vlp.log || { status=1; tail -5 ops-vlp.log; }
+  [ -d "$peers" ] && { timeout $(lim 90) python3 "$peers/torch_gpu_ops.py" > ops-torch.jsonl 2> ops-torch.log || tail -5 ops-torch.log; }
+  timeout $(lim 120) "$V" bench step --full --preset albef-base --batch-size 64 --text-len 30 --dtype bf16 \
     --warmup 3 --steps 10 --device cuda > step-vlp.json 2> step-vlp.log || { status=1; tail -5 step-vlp.log; }
-  timeout 300 "$V" bench eval --config "$here/albef-base-384.json" --images 100 --captions-per-image 5 \
+  timeout $(lim 120) "$V" bench step --full --preset albef-base --batch-size 64 --text-len 30 --dtype bf16 \
+    --warmup 3 --steps 10 --device cuda --attention generic > step-vlp-generic.json 2> step-vlp-generic.log \
+    || { status=1; tail -5 step-vlp-generic.log; }
+  [ -d "$peers" ] && { timeout $(lim 90) python3 "$peers/torch_albef_step.py" --device cuda --bf16 --batch-size 64 \
+    --warmup 3 --steps 10 > step-torch.json 2> step-torch.log || tail -5 step-torch.log; }
+  timeout $(lim 120) "$V" bench eval --config "$here/albef-base-384.json" --images 128 --captions-per-image 5 \
     --k 128 --no-progress --device cuda > eval-vlp.json 2> eval-vlp.log || { status=1; tail -5 eval-vlp.log; }
-  if [ -d "$here/peers" ]; then
-    timeout 240 python3 "$here/peers/torch_gpu_ops.py" > ops-torch.jsonl 2> ops-torch.log || tail -5 ops-torch.log
-    timeout 240 python3 "$here/peers/torch_albef_step.py" --device cuda --bf16 --batch-size 64 \
-      --warmup 3 --steps 10 > step-torch.json 2> step-torch.log || tail -5 step-torch.log
-    timeout 300 python3 "$here/peers/torch_albef_eval.py" --config "$here/albef-base-384.json" \
-      --images 100 --captions-per-image 5 --k 128 --device cuda > eval-torch.json 2> eval-torch.log \
-      || tail -5 eval-torch.log
+  [ -d "$peers" ] && { timeout $(lim 90) python3 "$peers/torch_albef_eval.py" --config "$here/albef-base-384.json" \
+    --images 128 --captions-per-image 5 --k 128 --device cuda > eval-torch.json 2> eval-torch.log \
+    || tail -5 eval-torch.log; }
+  if [ -n "${OUT:-}" ]; then
+    tar czf "$OUT/gpu-check.tgz" ./*.json ./*.jsonl ./*.log ./*.md ./*/metrics.jsonl 2>/dev/null || true
   fi
-  if [ -n "${OUT:-}" ]; then cp ./*.json ./*.jsonl ./*.log "$OUT/" 2>/dev/null || true; fi
   python3 - <<'EOF' || status=1
 import json, os, re
 
@@ -171,7 +180,10 @@ def row(check, value, good):
     rows.append((check, value, "ok" if good else "FAIL"))
 
 def load(path):
-    return json.load(open(path)) if os.path.exists(path) else None
+    try:
+        return json.load(open(path))
+    except (OSError, ValueError):
+        return None
 
 def lines(path):
     out = []
@@ -223,14 +235,14 @@ row("embed on CUDA", "ran" if os.path.exists("e.safetensors") else "missing", os
 def key(r):
     return tuple(r.get(x) for x in ("op", "dtype", "b", "lq", "lk", "masked", "rows", "cols"))
 
-ours = {key(r): r for r in lines("ops-vlp.jsonl") if "op" in r}
+ours = {key(r) + (r["impl"],): r for r in lines("ops-vlp.jsonl") if "op" in r}
 theirs = {}
 for r in lines("ops-torch.jsonl"):
     if "op" in r:
         theirs.setdefault(key(r), []).append(r)
 for kk, r in ours.items():
-    name = f"{r['op']} {r['dtype']} " + (f"{r['lq']}x{r['lk']}{' masked' if r['masked'] else ''}" if r["op"] == "attention" else (f"{r.get('rows')}x{r.get('cols')}" if "rows" in r else ""))
-    peer = theirs.get(kk, [])
+    name = f"{r['op']} ({r['impl']}) {r['dtype']} " + (f"{r['lq']}x{r['lk']}{' masked' if r['masked'] else ''}" if r["op"] == "attention" else (f"{r.get('rows')}x{r.get('cols')}" if "rows" in r else ""))
+    peer = theirs.get(kk[:-1], [])
     if r["op"] == "vit_b_stack":
         for p in lines("ops-torch.jsonl"):
             if p.get("op") == "vit_b_stack" and p.get("dtype") == r["dtype"]:
@@ -240,20 +252,22 @@ for kk, r in ours.items():
         rows.append((f"{name}: ms vlp / {p['impl']} (speed ratio)", f"{r['fwd_bwd_ms']} / {p['fwd_bwd_ms']} ({p['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}x)", ""))
     else:
         rows.append((f"{name}: ms vlp", str(r["fwd_bwd_ms"]), ""))
-s, t = load("step-vlp.json"), load("step-torch.json")
-if s:
-    v = f"{s['samples_per_s']} samples/s, GPU mem in use {s.get('gpu_memory_in_use_gib')} GiB"
-    if t and t.get("samples_per_s"):
-        v += f"; torch {t['samples_per_s']} samples/s, peak {t.get('peak_gpu_mem_mb')} MB ({s['samples_per_s'] / t['samples_per_s']:.2f}x)"
-    rows.append(("ALBEF-base full step, bf16, batch 64", v, ""))
-else:
-    row("ALBEF-base full step", "missing", False)
+t = load("step-torch.json")
+for f, what in (("step-vlp.json", "fused attention"), ("step-vlp-generic.json", "generic attention")):
+    s = load(f)
+    if s:
+        v = f"{s['samples_per_s']} samples/s, GPU mem in use {s.get('gpu_memory_in_use_gib')} GiB"
+        if t and t.get("samples_per_s"):
+            v += f"; torch {t['samples_per_s']} samples/s, peak {t.get('peak_gpu_mem_mb')} MB ({s['samples_per_s'] / t['samples_per_s']:.2f}x)"
+        rows.append((f"ALBEF-base full step, bf16, batch 64, {what}", v, ""))
+    else:
+        row(f"ALBEF-base full step, {what}", "missing", False)
 e, t = load("eval-vlp.json"), load("eval-torch.json")
 if e:
     v = f"{e['fused_pairs_per_s']} fused pairs/s"
     if t and t.get("fused_pairs_per_s"):
         v += f"; torch {t['fused_pairs_per_s']} ({e['fused_pairs_per_s'] / t['fused_pairs_per_s']:.2f}x)"
-    rows.append(("ALBEF-base eval, 384 px, k 128, 100 images", v, ""))
+    rows.append(("ALBEF-base eval, 384 px, k 128, 128 images", v, ""))
 else:
     row("ALBEF-base eval", "missing", False)
 print("\n| check | value | |\n|---|---|---|")

@@ -3,12 +3,16 @@
 //! cases, shapes and JSON lines as the PyTorch operator peer (`torch_gpu_ops.py`), so the
 //! two outputs line up row by row (`impl` is `vlp`).
 //!
-//! Each case times `sum(out * G)`'s backward after the forward, with the device
+//! Each case times the forward, then the backward from the upstream gradient `G` (as the
+//! peer's `out.backward(G)`: nothing else is computed, see [`GradSeed`]), with the device
 //! synchronised around every iteration; the median of `--iters` runs after `--warmup`.
+//! Attention is timed with vlp's fused kernel (`impl: vlp`) and with the generic
+//! composition on cuBLAS matmuls and vlp's softmax (`impl: vlp-generic`).
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use vlp_core::device::DeviceSpec;
 use vlp_models::attention::{self, AttentionBackend};
@@ -85,8 +89,51 @@ fn randn_var(dims: &[usize], dt: DType, dev: &Device) -> anyhow::Result<Var> {
     )?)
 }
 
+/// A 0-d zero whose backward hands its input the gradient `G`: `seed(out).backward()` is
+/// PyTorch's `out.backward(G)`. (A loss such as `sum(out * G)` would add a product and a
+/// reduction, and candle reduces a whole tensor in one thread block.)
+struct GradSeed(Tensor);
+
+impl CustomOp1 for GradSeed {
+    fn name(&self) -> &'static str {
+        "grad-seed"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, _l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let zero = Tensor::zeros((), s.dtype(), &Device::Cpu)?;
+        let (storage, _) = zero.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cpu(c) => Ok((c.clone(), Shape::from(()))),
+            _ => unreachable!("a CPU tensor"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        _l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::{BackendDevice, BackendStorage};
+        let zeros = s.device().zeros_impl(&Shape::from(()), s.dtype())?;
+        Ok((zeros, Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        _grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(self.0.clone()))
+    }
+}
+
 fn backward_with(out: &Tensor, go: &Tensor) -> anyhow::Result<()> {
-    drop((out * go)?.sum_all()?.backward()?);
+    drop(
+        out.apply_op1_arc(std::sync::Arc::new(Box::new(GradSeed(go.clone()))))?
+            .backward()?,
+    );
     Ok(())
 }
 
@@ -134,24 +181,29 @@ pub fn run(args: OpsArgs) -> anyhow::Result<()> {
                     None
                 };
                 let kept: usize = if masked { lens.iter().sum() } else { lk * b };
-                let ms = timed(&dev, it, wu, || {
-                    let o = attention::multi_head_attention(
-                        q.as_tensor(),
-                        k.as_tensor(),
-                        v.as_tensor(),
-                        h,
-                        mask.as_ref(),
-                        0.0,
-                        AttentionBackend::Fused,
-                    )?;
-                    backward_with(&o, &go)
-                })?;
-                let flops = 3.5 * 4.0 * (h * lq * kept * d) as f64;
-                emit(
-                    serde_json::json!({"op": "attention", "impl": "vlp", "dtype": name, "b": b, "h": h,
+                for (backend, name_impl) in [
+                    (AttentionBackend::Fused, "vlp"),
+                    (AttentionBackend::Generic, "vlp-generic"),
+                ] {
+                    let ms = timed(&dev, it, wu, || {
+                        let o = attention::multi_head_attention(
+                            q.as_tensor(),
+                            k.as_tensor(),
+                            v.as_tensor(),
+                            h,
+                            mask.as_ref(),
+                            0.0,
+                            backend,
+                        )?;
+                        backward_with(&o, &go)
+                    })?;
+                    let flops = 3.5 * 4.0 * (h * lq * kept * d) as f64;
+                    emit(
+                        serde_json::json!({"op": "attention", "impl": name_impl, "dtype": name, "b": b, "h": h,
                     "lq": lq, "lk": lk, "d": d, "masked": masked, "fwd_bwd_ms": round(ms, 4),
                     "tflops": round(flops / ms / 1e9, 1)}),
-                );
+                    );
+                }
             }
         }
         let rows = b * 257;

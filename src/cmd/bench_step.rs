@@ -63,6 +63,10 @@ pub struct StepArgs {
     /// `model.grad_checkpoint`, else off].
     #[arg(long)]
     pub grad_checkpoint: bool,
+    /// Attention implementation: `fused` (vlp's kernels) or `generic` (candle ops; matmuls
+    /// on cuBLAS).
+    #[arg(long, default_value = "fused", value_parser = ["fused", "generic"])]
+    pub attention: String,
 }
 
 fn parse_dtype(s: &str) -> Result<ComputeDtype, String> {
@@ -120,7 +124,11 @@ pub fn run(args: StepArgs) -> anyhow::Result<()> {
         .with_compute_dtype(dtype.dtype())
         .with_grad_checkpoint(
             args.grad_checkpoint || recipe.as_ref().is_some_and(|r| r.model.grad_checkpoint),
-        );
+        )
+        .with_attention(match args.attention.as_str() {
+            "generic" => vlp_models::attention::AttentionBackend::Generic,
+            _ => vlp_models::attention::AttentionBackend::Fused,
+        });
     model.copy_params_to_momentum()?;
     let params: usize = model
         .trainable_vars()?
@@ -214,6 +222,7 @@ pub fn run(args: StepArgs) -> anyhow::Result<()> {
         "dtype": format!("{:?}", dtype.dtype()).to_lowercase(),
         "gpu_memory_in_use_gib": crate::cmd::bench_ops::gpu_memory_in_use_gib(&dev),
         "step": if full { "full" } else { "model-only" },
+        "attention": args.attention,
         "batch_size": b,
         "text_len": text_len,
         "image_size": s,

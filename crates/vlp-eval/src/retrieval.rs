@@ -233,7 +233,13 @@ pub fn evaluate(
                 if text_mb + mb <= budget {
                     // Reserved once: growing by doubling would briefly hold it twice.
                     kept.reserve_exact(all.saturating_sub(kept.len()));
-                    kept.extend(tokens.flatten_all()?.to_vec1::<f32>()?);
+                    // Kept in f32 whatever the model computes in (bf16 under mixed precision).
+                    kept.extend(
+                        tokens
+                            .to_dtype(DType::F32)?
+                            .flatten_all()?
+                            .to_vec1::<f32>()?,
+                    );
                 } else {
                     tracing::info!(
                         "eval: image token states exceed the {budget} MB budget with the text \
@@ -496,7 +502,7 @@ fn encode_texts(
                 // Reserved once: growing by doubling would briefly hold it twice.
                 states.reserve_exact(m * max_len * hidden);
             }
-            states.extend(s.flatten_all()?.to_vec1::<f32>()?);
+            states.extend(s.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
         }
         pb.inc(n as u64);
     }

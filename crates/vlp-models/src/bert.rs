@@ -415,10 +415,15 @@ impl BertModel {
     /// # Shapes
     /// `input_ids`: `[B, L]` -> `[B, L, H]`.
     pub fn embed(&self, input_ids: &Tensor, train: bool) -> Result<Tensor> {
-        let x = self.embeddings.forward(input_ids, train)?;
+        self.in_compute(&self.embeddings.forward(input_ids, train)?)
+    }
+
+    /// `x` in the dtype activations are computed in (inputs kept elsewhere in f32, such
+    /// as an evaluation's stored states, enter a mixed-precision model this way).
+    fn in_compute(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self.compute {
-            Some(dtype) => x.to_dtype(dtype)?,
-            None => x,
+            Some(dtype) if x.dtype() != dtype => x.to_dtype(dtype)?,
+            _ => x.clone(),
         })
     }
 
@@ -453,6 +458,7 @@ impl BertModel {
         image_states: &Tensor,
         train: bool,
     ) -> Result<Tensor> {
+        let image_states = &self.in_compute(image_states)?;
         let (x, start, mask) = self.fusion_input(text, attention_mask, image_states, train)?;
         self.run_layers(x, &mask, start..self.cfg.layers, Some(image_states), train)
     }
@@ -466,7 +472,7 @@ impl BertModel {
         train: bool,
     ) -> Result<(Tensor, usize, Tensor)> {
         let (x, start) = match text {
-            FusionText::States(s) => (s.clone(), self.cfg.fusion_start()),
+            FusionText::States(s) => (self.in_compute(s)?, self.cfg.fusion_start()),
             FusionText::Ids(ids) => (self.embed(ids, train)?, 0),
         };
         let (b, _, _) = x.dims3()?;
@@ -490,6 +496,7 @@ impl BertModel {
         image_states: &Tensor,
         train: bool,
     ) -> Result<Tensor> {
+        let image_states = &self.in_compute(image_states)?;
         let (x, start, mask) = self.fusion_input(text, attention_mask, image_states, train)?;
         let last = self.cfg.layers;
         if start >= last {

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Tensor, Var, D};
 use serde::{Deserialize, Serialize};
 
 use crate::collective::Collective;
@@ -80,11 +80,13 @@ impl Gradients {
             .iter()
             .flatten()
             .map(|g| {
-                g.to_dtype(DType::F32)?
-                    .sqr()?
-                    .sum_all()?
-                    .to_dtype(DType::F64)?
-                    .reshape(1)
+                let g = g.to_dtype(DType::F32)?;
+                // Rows first: on a GPU candle reduces a whole tensor in one thread block.
+                let sum = match g.rank() {
+                    0 | 1 => g.sqr()?.sum_all()?,
+                    r => g.flatten_to(r - 2)?.sqr()?.sum(D::Minus1)?.sum_all()?,
+                };
+                sum.to_dtype(DType::F64)?.reshape(1)
             })
             .collect::<candle_core::Result<_>>()?;
         if sums.is_empty() {
