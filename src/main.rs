@@ -45,6 +45,9 @@ enum Command {
     Finetune(cmd::pretrain::PretrainArgs),
     /// Pretrain (ITC + ITM + MLM) from a recipe; `--resume` continues a run exactly.
     Pretrain(cmd::pretrain::PretrainArgs),
+    /// Start the processes of a data-parallel run on this machine (one per GPU), as
+    /// torchrun does: `vlp launch --nproc-per-node 8 -- pretrain --recipe X.toml`.
+    Launch(cmd::launch::LaunchArgs),
     /// Draw the loss parts and the learning rate of a run to RUN_DIR/curves.png.
     Plot(cmd::plot::PlotArgs),
 }
@@ -144,6 +147,7 @@ fn main() -> std::process::ExitCode {
         Command::Eval(EvalCommand::Retrieval(a)) => cmd::eval::run(a),
         Command::Convert(a) => cmd::convert::run(a),
         Command::Pretrain(a) => return exit(cmd::pretrain::run(a)),
+        Command::Launch(a) => return exit(cmd::launch::run(a)),
         Command::Finetune(a) => return exit(cmd::pretrain::run_finetune(a)),
         Command::Embed(a) => cmd::embed::run_embed(a),
         Command::Score(a) => cmd::embed::run_score(a),

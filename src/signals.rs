@@ -11,12 +11,18 @@ pub fn stop_at_step_boundary() {
             unsafe { libc::_exit(128 + signal) };
         }
     }
+    on_sigint_and_sigterm(on_signal);
+}
+
+/// Installs `handler` for SIGINT and SIGTERM. The handler must do async-signal-safe work
+/// only (atomics, `_exit`).
+pub fn on_sigint_and_sigterm(handler: extern "C" fn(libc::c_int)) {
     for signal in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: a plain handler that only does async-signal-safe work (an atomic
-        // compare-and-swap, `_exit`); the sigaction struct is zeroed then filled in.
+        // SAFETY: the caller's handler is async-signal-safe; the sigaction struct is
+        // zeroed, then filled in.
         unsafe {
             let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
+            action.sa_sigaction = handler as usize;
             libc::sigemptyset(&mut action.sa_mask);
             action.sa_flags = libc::SA_RESTART;
             libc::sigaction(signal, &action, std::ptr::null_mut());

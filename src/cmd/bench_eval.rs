@@ -150,7 +150,16 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         Ok(())
     };
     let t0 = std::time::Instant::now();
-    let out = evaluate(&model, &mut pass, n, &ids, &mask, &text_image, &eval_cfg)?;
+    let out = evaluate(
+        &model,
+        &mut pass,
+        n,
+        &ids,
+        &mask,
+        &text_image,
+        &eval_cfg,
+        &vlp_dist::SingleProcess,
+    )?;
     let total = t0.elapsed().as_secs_f64();
     let rerank = out.phase("rerank");
     let round = |x: f64| (x * 1000.0).round() / 1000.0;

@@ -83,7 +83,9 @@ pub fn load_checkpoint(
 
 pub fn run(args: RetrievalArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.k_test >= 1, "--k-test must be at least 1");
-    let device = args.device.resolve()?;
+    // Under `vlp launch` (torchrun, srun) the re-ranking is split over the processes.
+    let joined = crate::cmd::world::join(args.device)?;
+    let device = joined.device.clone();
     let (cfg, model) = load_checkpoint(&args.checkpoint, args.image_size, &device)?;
     let tokenizer = load_tokenizer(&args.tokenizer, args.max_tokens, &cfg)?;
     let set = EvalSet::open(&args.shards, cfg.vision.image_size as u32, args.max_words)?;
@@ -94,17 +96,21 @@ pub fn run(args: RetrievalArgs) -> anyhow::Result<()> {
         text_batch: args.text_batch,
         pair_batch: args.pair_batch,
         state_budget_mb: args.state_budget_mb,
-        progress: !args.no_progress,
+        progress: !args.no_progress && joined.is_main(),
         device,
     };
-    let (outcome, texts) = evaluate_set(&model, &tokenizer, &set, &eval_cfg)?;
+    let (outcome, texts) = evaluate_set(&model, &tokenizer, &set, &eval_cfg, &*joined.collective)?;
+    if !joined.is_main() {
+        return Ok(()); // rank 0 reports
+    }
     let name = args.name.clone().unwrap_or_else(|| args.shards.clone());
     let table = markdown_table(&name, &outcome);
     eprint!("{table}");
     let mut report = json_report(&name, &outcome, &eval_cfg);
     report["checkpoint"] = serde_json::json!(args.checkpoint.display().to_string());
     report["skipped_samples"] = serde_json::json!(texts.skipped);
-    report["device"] = serde_json::json!(args.device.to_string());
+    report["device"] = serde_json::json!(joined.spec.to_string());
+    report["processes"] = serde_json::json!(joined.world.world_size);
     report["peak_rss_mb"] = serde_json::json!(crate::cmd::bench::peak_rss_mb());
     if let Some(path) = &args.out {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)

@@ -7,7 +7,7 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Map, Value};
 use vlp_core::device::DeviceSpec;
-use vlp_train::pretrain::{pretrain, Progress};
+use vlp_train::pretrain::{pretrain_with, Progress};
 use vlp_train::recipe::Recipe;
 
 #[derive(clap::Args)]
@@ -37,8 +37,18 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
         recipe.run.device = device;
     }
     crate::signals::stop_at_step_boundary();
-    let mut bar = Bar::new(!args.no_progress);
-    let summary = pretrain(recipe, args.resume, &mut bar)?;
+    // One process, or one of those `vlp launch` (torchrun, srun) started.
+    let joined = crate::cmd::world::join(recipe.run.device)?;
+    recipe.run.device = joined.spec;
+    let mut bar = Bar::new(!args.no_progress && joined.is_main());
+    let summary = pretrain_with(recipe, args.resume, &*joined.collective, &mut bar)?;
+    if !joined.is_main() {
+        // Rank 0 reports; the others share its exit status.
+        return Ok(match summary.interrupted {
+            Some(signal) => ExitCode::from((128 + signal).clamp(0, 255) as u8),
+            None => ExitCode::SUCCESS,
+        });
+    }
     for (name, outcome) in &summary.eval {
         print!("{}", vlp_eval::report::markdown_table(name, outcome));
     }

@@ -3,6 +3,7 @@
 mod cli;
 mod common;
 mod convert;
+mod distributed;
 mod eval;
 mod pretrain;
 mod shards_write;

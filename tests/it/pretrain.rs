@@ -9,13 +9,13 @@ use std::time::{Duration, Instant};
 use crate::common::{path_str, vlp_bin};
 
 /// Synthetic shards (train and held-out), a tokenizer and a smaller-than-tiny model config.
-struct Fixture {
+pub(crate) struct Fixture {
     _dir: tempfile::TempDir,
-    root: PathBuf,
+    pub(crate) root: PathBuf,
 }
 
 impl Fixture {
-    fn new(train: usize) -> Self {
+    pub(crate) fn new(train: usize) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().to_path_buf();
         let run = |args: &[&str]| {
@@ -131,18 +131,18 @@ k_test = 8
         self.command(sets, resume).output().unwrap()
     }
 
-    fn path(&self, rel: &str) -> PathBuf {
+    pub(crate) fn path(&self, rel: &str) -> PathBuf {
         self.root.join(rel)
     }
 }
 
-fn ok(out: &Output) -> String {
+pub(crate) fn ok(out: &Output) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "vlp pretrain failed:\n{stderr}");
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
-fn final_weights(run: &Path, step: u64) -> Vec<u8> {
+pub(crate) fn final_weights(run: &Path, step: u64) -> Vec<u8> {
     std::fs::read(run.join(format!("checkpoints/step-{step:06}/model.safetensors"))).unwrap()
 }
 

@@ -18,6 +18,9 @@ pub enum EvalError {
     Model(#[from] vlp_models::ModelError),
     #[error(transparent)]
     Data(#[from] vlp_data::error::DataError),
+    /// The ranks of a parallel evaluation could not exchange their scores.
+    #[error(transparent)]
+    Dist(#[from] vlp_dist::DistError),
 }
 
 impl EvalError {

@@ -23,6 +23,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, D};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
+use vlp_dist::Collective;
 use vlp_models::{AlbefModel, FusionInput};
 
 use crate::error::{EvalError, Result};
@@ -176,6 +177,12 @@ struct Texts {
 /// Evaluates retrieval over images from `images` (their count: `n_images`) and captions
 /// `input_ids`/`attention_mask` (`[M, L]`), `text_image[t]` being the image of caption
 /// `t`. The model runs in eval mode (no dropout).
+///
+/// Every rank of `ranks` calls this with the same model and data (as ALBEF's evaluation
+/// does): each encodes everything and computes the same candidates, re-scores the pairs of
+/// its own block of images, and the scores are gathered; every rank returns the same
+/// outcome. One process: [`vlp_dist::SingleProcess`].
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     model: &AlbefModel,
     images: &mut ImagePass,
@@ -184,6 +191,7 @@ pub fn evaluate(
     attention_mask: &Tensor,
     text_image: &[usize],
     cfg: &EvalConfig,
+    ranks: &dyn Collective,
 ) -> Result<EvalOutcome> {
     let (m, max_len) = input_ids.dims2()?;
     if m != text_image.len() || m == 0 || n_images == 0 {
@@ -323,9 +331,20 @@ pub fn evaluate(
     let fused_pairs: usize = pairs.iter().map(Vec::len).sum();
     phases.push(("sims_topk".to_string(), t0.elapsed().as_secs_f64()));
 
-    // Re-ranking: ITM logits of every distinct pair, one image against batches of texts.
+    // Re-ranking: ITM logits of every distinct pair, one image against batches of texts;
+    // this rank scores the images of its block.
     let t0 = Instant::now();
-    let pb = bar(cfg.progress, fused_pairs, "pairs");
+    let (rank, world) = (ranks.rank(), ranks.world_size());
+    let block = |r: usize| r * n_images / world..(r + 1) * n_images / world;
+    let mine = block(rank);
+    if world > 1 {
+        check_same_pairs(&pairs, ranks)?;
+    }
+    let pb = bar(
+        cfg.progress,
+        pairs[mine.clone()].iter().map(Vec::len).sum(),
+        "pairs",
+    );
     let mut itm: Vec<Vec<f32>> = vec![Vec::new(); n_images];
     let (li, hv) = image_state_shape;
     let image_states_kept = image_states.is_some();
@@ -337,7 +356,7 @@ pub fn evaluate(
     match &image_states {
         Some(kept) => {
             let per = li * hv;
-            for j in 0..n_images {
+            for j in mine.clone() {
                 let image = Tensor::from_slice(&kept[j * per..(j + 1) * per], (1, li, hv), dev)?;
                 score_image(j, &image)?;
             }
@@ -345,17 +364,26 @@ pub fn evaluate(
         None => {
             let mut next = 0usize;
             images(&mut |batch: &Tensor| {
-                let (tokens, _) = model.encode_image(&batch.to_device(dev)?, false)?;
-                let tokens = tokens.detach();
-                for r in 0..tokens.dim(0)? {
-                    score_image(next, &tokens.narrow(0, r, 1)?)?;
-                    next += 1;
+                let n = batch.dim(0)?;
+                // Only the rows of this rank's block are encoded again.
+                let (from, to) = (mine.start.max(next), mine.end.min(next + n));
+                if from < to {
+                    let rows = batch.narrow(0, from - next, to - from)?;
+                    let (tokens, _) = model.encode_image(&rows.to_device(dev)?, false)?;
+                    let tokens = tokens.detach();
+                    for r in 0..to - from {
+                        score_image(from + r, &tokens.narrow(0, r, 1)?)?;
+                    }
                 }
+                next += n;
                 Ok(())
             })?;
         }
     }
     pb.finish_and_clear();
+    if world > 1 {
+        gather_scores(&mut itm, &pairs, ranks, block)?;
+    }
     phases.push(("rerank".to_string(), t0.elapsed().as_secs_f64()));
 
     // Final rankings and metrics.
@@ -525,6 +553,66 @@ fn encode_texts(
     })
 }
 
+/// Errors unless every rank found the same candidate pairs (same weights, same data):
+/// otherwise the gathered scores would belong to other pairs.
+fn check_same_pairs(pairs: &[Vec<usize>], ranks: &dyn Collective) -> Result<()> {
+    let mut bytes = Vec::new();
+    for p in pairs {
+        bytes.extend_from_slice(&(p.len() as u64).to_le_bytes());
+        for &t in p {
+            bytes.extend_from_slice(&(t as u64).to_le_bytes());
+        }
+    }
+    let all = ranks.all_gather_u64(vlp_core::hash::fnv1a64(&bytes))?;
+    if all.iter().any(|&h| h != all[0]) {
+        return Err(EvalError::input(
+            "parallel evaluation",
+            "the ranks found different ITC candidates (different weights or data on some \
+             rank?)",
+        ));
+    }
+    Ok(())
+}
+
+/// Every rank's ITM scores into `itm`: rank `r` scored the images of `block(r)`.
+fn gather_scores(
+    itm: &mut [Vec<f32>],
+    pairs: &[Vec<usize>],
+    ranks: &dyn Collective,
+    block: impl Fn(usize) -> std::ops::Range<usize>,
+) -> Result<()> {
+    let mine: Vec<u8> = block(ranks.rank())
+        .flat_map(|j| {
+            itm[j]
+                .iter()
+                .flat_map(|s| s.to_le_bytes())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    for (r, bytes) in ranks.all_gather_bytes(&mine)?.into_iter().enumerate() {
+        let want: usize = block(r).map(|j| pairs[j].len() * 4).sum();
+        if bytes.len() != want {
+            return Err(EvalError::input(
+                "parallel evaluation",
+                format!(
+                    "rank {r} sent {} bytes of scores, {want} expected",
+                    bytes.len()
+                ),
+            ));
+        }
+        let mut at = 0;
+        for j in block(r) {
+            let n = pairs[j].len();
+            itm[j] = bytes[at..at + n * 4]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect();
+            at += n * 4;
+        }
+    }
+    Ok(())
+}
+
 /// See [`itm_scores`]: the shortest caption of a fusion batch keeps at least this share
 /// of the longest one's length.
 const PAD_KEEP: f64 = 0.7;
@@ -686,6 +774,26 @@ mod tests {
         text_image: &[usize],
         cfg: &EvalConfig,
     ) -> EvalOutcome {
+        run_on(
+            model,
+            images,
+            ids,
+            mask,
+            text_image,
+            cfg,
+            &vlp_dist::SingleProcess,
+        )
+    }
+
+    fn run_on(
+        model: &AlbefModel,
+        images: &Tensor,
+        ids: &Tensor,
+        mask: &Tensor,
+        text_image: &[usize],
+        cfg: &EvalConfig,
+        ranks: &dyn Collective,
+    ) -> EvalOutcome {
         let n = images.dim(0).unwrap();
         let mut pass = |f: &mut dyn FnMut(&Tensor) -> Result<()>| -> Result<()> {
             for start in (0..n).step_by(cfg.image_batch) {
@@ -693,7 +801,67 @@ mod tests {
             }
             Ok(())
         };
-        evaluate(model, &mut pass, n, ids, mask, text_image, cfg).unwrap()
+        evaluate(model, &mut pass, n, ids, mask, text_image, cfg, ranks).unwrap()
+    }
+
+    #[test]
+    fn three_ranks_split_the_reranking_and_agree_with_one_process() {
+        let (model, images, ids, mask, text_image) = setup(7, 2);
+        for budget in [4096, 0] {
+            // Kept image states, and states recomputed while re-ranking.
+            let cfg = EvalConfig {
+                k_test: 3,
+                image_batch: 3,
+                pair_batch: 4,
+                state_budget_mb: budget,
+                ..EvalConfig::default()
+            };
+            let one = run(&model, &images, &ids, &mask, &text_image, &cfg);
+            let port = 43000 + (std::process::id() % 500) as u16 * 4 + (budget == 0) as u16 * 2;
+            let handles: Vec<_> = (0..3)
+                .map(|rank| {
+                    let (model, images, ids, mask, text_image, cfg) = (
+                        model.clone(),
+                        images.clone(),
+                        ids.clone(),
+                        mask.clone(),
+                        text_image.clone(),
+                        cfg.clone(),
+                    );
+                    std::thread::spawn(move || {
+                        let world = vlp_dist::World {
+                            rank,
+                            world_size: 3,
+                            local_rank: rank,
+                            local_world_size: 3,
+                            master_addr: "127.0.0.1".into(),
+                            master_port: port - 1,
+                            store_port: port,
+                            source: "test",
+                        };
+                        let ranks = vlp_dist::tcp::TcpCollective::connect(
+                            &world,
+                            std::time::Duration::from_secs(20),
+                            std::time::Duration::from_secs(60),
+                        )
+                        .unwrap();
+                        run_on(&model, &images, &ids, &mask, &text_image, &cfg, &ranks)
+                    })
+                })
+                .collect();
+            for h in handles {
+                let out = h.join().unwrap();
+                assert_eq!(out.fused_pairs, one.fused_pairs);
+                assert_eq!(
+                    serde_json::to_value(out.reranked).unwrap(),
+                    serde_json::to_value(&one.reranked).unwrap()
+                );
+                assert_eq!(
+                    serde_json::to_value(out.itc).unwrap(),
+                    serde_json::to_value(&one.itc).unwrap()
+                );
+            }
+        }
     }
 
     #[test]

@@ -220,12 +220,13 @@ fn warn_skip(shard: &str, key: &str, why: &str) {
 
 /// Evaluates `model` on a shard set: captions tokenised with `tokenizer`, images streamed
 /// (once, or twice when their states do not fit the budget), all on `cfg.device`, the
-/// model's device.
+/// model's device; the re-ranking split over `ranks` (see [`crate::retrieval::evaluate`]).
 pub fn evaluate_set(
     model: &vlp_models::AlbefModel,
     tokenizer: &vlp_data::tokenize::TextTokenizer,
     set: &EvalSet,
     cfg: &crate::retrieval::EvalConfig,
+    ranks: &dyn vlp_dist::Collective,
 ) -> Result<(crate::retrieval::EvalOutcome, EvalTexts)> {
     let texts = set.texts()?;
     let (ids, mask) = tokenizer
@@ -241,6 +242,7 @@ pub fn evaluate_set(
         &mask,
         &texts.text_image,
         cfg,
+        ranks,
     )?;
     Ok((outcome, texts))
 }

@@ -128,12 +128,17 @@ pub fn list(run_dir: &Path) -> Result<Vec<u64>> {
     Ok(steps)
 }
 
+/// The folder of the checkpoint of `step` in `run_dir`.
+pub fn dir_of(run_dir: &Path, step: u64) -> PathBuf {
+    run_dir.join(CHECKPOINTS).join(dir_name(step))
+}
+
 /// The newest checkpoint folder of a run that [`verify`] accepts, if any. Newer ones it
 /// refuses (a model file cut short by a full disk, a tensor that is not finite) are passed
 /// over with a warning naming them and why.
 pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
     for step in list(run_dir)?.into_iter().rev() {
-        let dir = run_dir.join(CHECKPOINTS).join(dir_name(step));
+        let dir = dir_of(run_dir, step);
         match verify(&dir) {
             Ok(()) => return Ok(Some(dir)),
             Err(e) => tracing::warn!("passing over {}: {e}", dir.display()),

@@ -28,6 +28,10 @@ pub enum TrainError {
     #[error(transparent)]
     Data(#[from] vlp_data::DataError),
 
+    /// The processes of a data-parallel run could not meet or exchange.
+    #[error(transparent)]
+    Dist(#[from] vlp_dist::DistError),
+
     /// The retrieval evaluation failed.
     #[error(transparent)]
     Eval(#[from] vlp_eval::EvalError),

@@ -4,7 +4,6 @@
 //! batch and returns the total loss with its named parts.
 
 pub mod checkpoint;
-pub mod collective;
 pub mod error;
 pub mod interrupt;
 pub mod metrics;
@@ -21,3 +20,5 @@ pub use error::{Result, TrainError};
 pub use objectives::ObjectiveConfig;
 pub use step::{pretrain_losses, Draws, HostTokens, QueueEntry, StepBatch, StepLosses, StepStats};
 pub use train_step::{train_step, StepReport, StepSettings};
+/// The processes of a run and their exchanges (`vlp-dist`).
+pub use vlp_dist as dist;

@@ -9,8 +9,8 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var, D};
 use serde::{Deserialize, Serialize};
 
-use crate::collective::Collective;
 use crate::error::TrainError;
+use vlp_dist::Collective;
 
 type Result<T> = std::result::Result<T, TrainError>;
 

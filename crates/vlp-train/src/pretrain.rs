@@ -16,7 +16,6 @@ use vlp_data::tokenize::TextTokenizer;
 use vlp_models::{AlbefConfig, AlbefModel};
 
 use crate::checkpoint::{self, BestSoFar, TrainState};
-use crate::collective::{Collective, SingleProcess};
 use crate::error::TrainError;
 use crate::interrupt;
 use crate::metrics::MetricsLog;
@@ -26,6 +25,7 @@ use crate::recipe::{OnNonFinite, Recipe};
 use crate::run_lock::RunLock;
 use crate::step::{read_parts, StepBatch};
 use crate::train_step::{train_step, StepReport, StepSettings};
+use vlp_dist::{Collective, SingleProcess};
 use vlp_eval::report::json_report;
 use vlp_eval::set::{evaluate_set, EvalSet};
 use vlp_eval::{EvalConfig, EvalOutcome, ScoreMode};
@@ -118,13 +118,17 @@ impl<'c> Run<'c> {
     fn setup(recipe: Recipe, resume: bool, collective: &'c dyn Collective) -> Result<Self> {
         let device = recipe.run.device.resolve()?;
         let run_dir = recipe.run.out_dir.clone();
-        if recipe.data.world_size != collective.world_size() {
-            return Err(TrainError::Recipe(format!(
-                "data.world_size = {} but {} process(es) train: they must agree (the loader \
-                 splits the shards by both)",
-                recipe.data.world_size,
-                collective.world_size()
-            )));
+        let world = collective.world_size();
+        let mut recipe = recipe;
+        match recipe.data.world_size {
+            Some(n) if n != world => {
+                return Err(TrainError::Recipe(format!(
+                    "data.world_size = {n} but {world} process(es) were started: launch {n} \
+                     (vlp launch --nproc-per-node {n} -- ...), or set data.world_size = {world} \
+                     (the global batch changes with it)"
+                )))
+            }
+            _ => recipe.data.world_size = Some(world),
         }
         let main = collective.is_main();
         let lock = if main {
@@ -135,7 +139,24 @@ impl<'c> Run<'c> {
 
         // Where to start: a checkpoint (resume) or nothing.
         let resume_from = if resume {
-            let dir = checkpoint::latest(&run_dir)?;
+            // Rank 0 chooses the checkpoint; the others take the same folder (rank 0 may
+            // set newer ones aside while they look).
+            let dir = if main {
+                checkpoint::latest(&run_dir)?
+            } else {
+                None
+            };
+            let dir = if world > 1 {
+                let step = dir
+                    .as_deref()
+                    .and_then(|d| checkpoint::parse_dir_name(&d.file_name()?.to_string_lossy()));
+                match collective.all_gather_u64(step.unwrap_or(u64::MAX))?[0] {
+                    u64::MAX => None,
+                    step => Some(checkpoint::dir_of(&run_dir, step)),
+                }
+            } else {
+                dir
+            };
             if main {
                 // Newer checkpoints `latest` passed over must not outrank the ones this
                 // run writes (pruning keeps the newest steps): they are set aside.
@@ -335,7 +356,7 @@ impl<'c> Run<'c> {
             if self.state.step >= self.state.total_steps {
                 break Ended::Done;
             }
-            if let Some(signal) = interrupt::requested() {
+            if let Some(signal) = self.agreed_stop()? {
                 tracing::warn!(
                     "signal {signal}: stopping after step {}, with a checkpoint",
                     self.state.step
@@ -355,7 +376,9 @@ impl<'c> Run<'c> {
             let Some(first) = self.batches.next()? else {
                 break Ended::DataEnded;
             };
-            if first.0 > self.state.epoch && step > 0 {
+            // A new epoch by rank 0's data (the ranks' epochs end at different steps).
+            let new_epoch = first.0 > self.state.epoch && step > 0;
+            if self.validates() && self.rank0_says(new_epoch)? {
                 self.validate()?;
             }
             let settings = StepSettings {
@@ -391,7 +414,9 @@ impl<'c> Run<'c> {
             let Some(report) = report else {
                 break Ended::DataEnded;
             };
-            self.state.samples_seen += report.samples;
+            // Samples of every rank (equal batches: the loader drops short ones).
+            let samples = report.samples * self.collective.world_size() as u64;
+            self.state.samples_seen += samples;
             if let Some(what) = &report.nonfinite {
                 match self.recipe.run.on_nonfinite {
                     OnNonFinite::Stop => {
@@ -410,12 +435,12 @@ impl<'c> Run<'c> {
                     }
                     OnNonFinite::Skip => {
                         tracing::warn!("step {}: non-finite {what}; update skipped", step + 1);
-                        self.state.skipped_samples += report.samples;
+                        self.state.skipped_samples += samples;
                     }
                 }
             }
             self.state.step += 1;
-            window.1 += report.samples;
+            window.1 += samples;
             progress.step(self.state.step);
 
             let last = self.state.step == self.state.total_steps;
@@ -517,11 +542,12 @@ impl<'c> Run<'c> {
             Ended::Done | Ended::DataEnded => None,
         };
         let mut eval = Vec::new();
-        if interrupted.is_none() && self.collective.is_main() {
+        if interrupted.is_none() {
             // The last epoch's validation, unless it already ran at this step.
             if self.state.validated_at != Some(self.state.step) && self.state.step > 0 {
                 self.validate()?;
             }
+            // Every rank evaluates (the re-ranking is split); the main process writes.
             eval = self.evaluate()?;
             // A signal during the evaluations cut them short: the status says so.
             interrupted = interrupt::requested();
@@ -544,23 +570,26 @@ impl<'c> Run<'c> {
         let Some(sets) = &self.recipe.eval else {
             return Ok(eval);
         };
-        if let Some(best) = &self.state.best {
+        // The main process knows whether validation kept a best checkpoint.
+        if self.rank0_says(self.state.best.is_some())? {
             let path = self
                 .run_dir
                 .join(checkpoint::BEST_DIR)
                 .join(checkpoint::MODEL_FILE);
             vlp_models::load_into_varmap(&self.varmap, &path, self.cfg.vision.grid())?;
-            tracing::info!(
-                "evaluating the best checkpoint: step {}, epoch {}, validation r_mean {:.2}",
-                best.step,
-                best.epoch,
-                best.r_mean
-            );
+            if let Some(best) = &self.state.best {
+                tracing::info!(
+                    "evaluating the best checkpoint: step {}, epoch {}, validation r_mean {:.2}",
+                    best.step,
+                    best.epoch,
+                    best.r_mean
+                );
+            }
         }
-        let eval_cfg = eval_config(sets, &self.device)?;
+        let eval_cfg = self.eval_config(sets)?;
         let mut json = Map::new();
         for set in &sets.sets {
-            if interrupt::requested().is_some() {
+            if self.agreed_stop()?.is_some() {
                 tracing::warn!("signal: evaluation of {} and later sets skipped", set.name);
                 break;
             }
@@ -569,7 +598,13 @@ impl<'c> Run<'c> {
                 self.cfg.vision.image_size as u32,
                 self.recipe.data.max_words,
             )?;
-            let (outcome, _) = evaluate_set(&self.model, &self.tokenizer, &data, &eval_cfg)?;
+            let (outcome, _) = evaluate_set(
+                &self.model,
+                &self.tokenizer,
+                &data,
+                &eval_cfg,
+                self.collective,
+            )?;
             let mut report = json_report(&set.name, &outcome, &eval_cfg);
             if let Some(best) = &self.state.best {
                 report["best"] = serde_json::to_value(best).expect("JSON");
@@ -577,22 +612,61 @@ impl<'c> Run<'c> {
             json.insert(set.name.clone(), report);
             eval.push((set.name.clone(), outcome));
         }
-        write_atomically(
-            &self.run_dir.join(EVAL_FILE),
-            serde_json::to_string_pretty(&json)
-                .expect("JSON")
-                .as_bytes(),
-        )?;
+        if self.collective.is_main() {
+            write_atomically(
+                &self.run_dir.join(EVAL_FILE),
+                serde_json::to_string_pretty(&json)
+                    .expect("JSON")
+                    .as_bytes(),
+            )?;
+        }
         Ok(eval)
+    }
+
+    /// The retrieval evaluation settings of a recipe's `[eval]` section (progress bars on
+    /// the main process only).
+    fn eval_config(&self, sets: &crate::recipe::EvalSection) -> Result<EvalConfig> {
+        Ok(EvalConfig {
+            device: self.device.clone(),
+            k_test: sets.k_test,
+            score: sets.score.parse::<ScoreMode>()?,
+            image_batch: sets.batch_size,
+            text_batch: sets.batch_size.max(1) * 4,
+            progress: self.collective.is_main(),
+            ..EvalConfig::default()
+        })
+    }
+
+    /// A stop request (a signal) any rank received: every rank stops after the same step.
+    fn agreed_stop(&self) -> Result<Option<i32>> {
+        let mine = interrupt::requested();
+        if self.collective.world_size() == 1 {
+            return Ok(mine);
+        }
+        let all = self.collective.all_gather_u64(mine.unwrap_or(0) as u64)?;
+        Ok(all.into_iter().find(|&s| s != 0).map(|s| s as i32))
+    }
+
+    /// Rank 0's `mine` on every rank (decisions that must not differ between ranks).
+    fn rank0_says(&self, mine: bool) -> Result<bool> {
+        if self.collective.world_size() == 1 {
+            return Ok(mine);
+        }
+        Ok(self.collective.all_gather_u64(mine as u64)?[0] != 0)
+    }
+
+    /// Whether the recipe validates after each epoch (`eval.validate`).
+    fn validates(&self) -> bool {
+        self.recipe
+            .eval
+            .as_ref()
+            .is_some_and(|e| e.validate.is_some())
     }
 
     /// After an epoch (fine-tuning, `eval.validate` set): evaluates the validation set,
     /// logs `val_*` metrics, and keeps the weights in `RUN_DIR/best` when the mean recall
     /// beats the best so far. No-op without `eval.validate`.
     fn validate(&mut self) -> Result<()> {
-        let Some(metrics) = self.metrics.as_mut() else {
-            return Ok(()); // not the main process
-        };
         let Some(sets) = &self.recipe.eval else {
             return Ok(());
         };
@@ -614,8 +688,12 @@ impl<'c> Run<'c> {
             &self.model,
             &self.tokenizer,
             &data,
-            &eval_config(sets, &self.device)?,
+            &self.eval_config(sets)?,
+            self.collective,
         )?;
+        let Some(metrics) = self.metrics.as_mut() else {
+            return Ok(()); // the main process records and keeps the best
+        };
         let m = outcome.main();
         let mut record = Map::new();
         record.insert("step".into(), json!(self.state.step));
@@ -838,17 +916,4 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, bytes).map_err(|e| TrainError::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
-}
-
-/// The retrieval evaluation settings of a recipe's `[eval]` section.
-fn eval_config(sets: &crate::recipe::EvalSection, device: &Device) -> Result<EvalConfig> {
-    Ok(EvalConfig {
-        device: device.clone(),
-        k_test: sets.k_test,
-        score: sets.score.parse::<ScoreMode>()?,
-        image_batch: sets.batch_size,
-        text_batch: sets.batch_size.max(1) * 4,
-        progress: true,
-        ..EvalConfig::default()
-    })
 }

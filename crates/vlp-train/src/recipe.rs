@@ -79,10 +79,11 @@ pub struct DataSection {
     pub tokenizer: PathBuf,
     /// Samples per step on each process (per GPU).
     pub batch_size: usize,
-    /// Processes taking part (the global batch is `batch_size * world_size`). Single-process
-    /// runs use 1; the field is final so recipes for 8 GPUs can say so now.
-    #[serde(default = "one")]
-    pub world_size: usize,
+    /// Processes taking part (the global batch is `batch_size * world_size`): when given,
+    /// the launch must start exactly this many (`vlp launch`, torchrun, srun); left out,
+    /// the launch decides. The resolved recipe and checkpoints record the number that ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub world_size: Option<usize>,
     #[serde(default = "two")]
     pub workers: usize,
     /// Image side; the model's `vision.image_size` when left out.
@@ -300,12 +301,8 @@ impl Recipe {
         if self.data.batch_size == 0 {
             return bad("data.batch_size", "must be at least 1");
         }
-        if self.data.world_size != 1 {
-            return bad(
-                "data.world_size",
-                "this build trains in one process: set data.world_size = 1 (recipes for \
-                 several GPUs keep batch_size per GPU)",
-            );
+        if self.data.world_size == Some(0) {
+            return bad("data.world_size", "must be at least 1");
         }
         if self.optim.accumulate == 0 {
             return bad("optim.accumulate", "must be at least 1");
@@ -388,7 +385,7 @@ impl Recipe {
         LoaderConfig {
             batch_size: d.batch_size,
             workers: d.workers,
-            world_size: d.world_size,
+            world_size: d.world_size.unwrap_or(1),
             rank,
             seed: self.run.seed,
             mode: d.mode,

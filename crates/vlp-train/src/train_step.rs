@@ -1,5 +1,5 @@
 //! One optimizer step, in order: micro-batches (forward, backward, gradients summed) ->
-//! gradients averaged over the ranks -> their global norm, clipped -> the non-finite
+//! gradients (and the loss parts) averaged over the ranks -> their global norm, clipped -> the non-finite
 //! policy -> AdamW -> the momentum update -> the enqueue. The step reads back one small
 //! tensor (the gradient norm with the total loss), which the non-finite policy needs,
 //! besides the batch's similarities that ITM's hard-negative sampling draws from on the
@@ -13,11 +13,11 @@ use candle_core::{DType, Tensor};
 use vlp_core::rng::derive_seed;
 use vlp_models::AlbefModel;
 
-use crate::collective::Collective;
 use crate::error::Result;
 use crate::objectives::ObjectiveConfig;
 use crate::optim::{AdamW, Gradients};
 use crate::step::{pretrain_losses, read_parts, Draws, QueueEntry, StepBatch};
+use vlp_dist::Collective;
 
 /// What one step does, besides its batches.
 #[derive(Debug, Clone, Copy)]
@@ -101,6 +101,15 @@ pub fn train_step(
     let t0 = std::time::Instant::now();
     let mut grads = grads.expect("accumulate >= 1 micro-batch");
     grads.all_reduce_mean(collective)?;
+    // The loss parts as means over the ranks, like the gradients: what is logged, and what
+    // the non-finite policy sees, is the same on every rank.
+    if collective.world_size() > 1 {
+        let mut values: Vec<Tensor> = parts.iter().map(|(_, t)| t.clone()).collect();
+        collective.all_reduce_mean(&mut values)?;
+        for ((_, t), v) in parts.iter_mut().zip(values) {
+            *t = v;
+        }
+    }
 
     // The one read of the step: the gradient norm and the total loss together.
     let total = &parts
