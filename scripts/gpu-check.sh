@@ -21,7 +21,10 @@
 #   2. the loss-parity test on the GPU in f32 (losses within 1e-4 of the PyTorch reference);
 #   3. the same tiny pretraining run on the CPU and on CUDA in f32 (losses agree to f32
 #      noise) and on CUDA in bf16 (agrees with f32 to bf16 noise); eval, embed on CUDA;
-#   4. timings side by side with the peers on this GPU: the operators (`vlp bench ops` vs
+#   4. NCCL on this one GPU (world size 1, forced with VLP_DIST_BACKEND=nccl): the
+#      communicator starts, the CUDA f32 run through it equals the single-process run bit
+#      for bit, and ALBEF-base's gradient all-reduce is timed (`vlp bench allreduce`);
+#   5. timings side by side with the peers on this GPU: the operators (`vlp bench ops` vs
 #      torch_gpu_ops.py), the full ALBEF-base step in bf16 at batch 64, and ALBEF-base
 #      retrieval evaluation at 384 px with k = 128.
 set -euo pipefail
@@ -31,9 +34,10 @@ DIR=${2:-gpu-carry}
 pack() {
   : "${CUDA_COMPUTE_CAP:=90}"
   export CUDA_COMPUTE_CAP
-  cargo build --release --features cuda
+  local features=${FEATURES:-cuda,nccl}
+  cargo build --release --features "$features"
   local tests
-  tests=$(cargo test --release --features cuda --no-run --message-format=json \
+  tests=$(cargo test --release --features "$features" --no-run --message-format=json \
       -p vlp-models --lib -p vlp-train --test parity 2>/dev/null | python3 -c '
 import json, sys
 for line in sys.stdin:
@@ -150,7 +154,13 @@ run() {
   printf 'a red circle\na blue square\n' > texts.txt
   timeout $(lim 30) "$V" embed --checkpoint "$ck" --texts texts.txt --tokenizer tok.json --out e.safetensors \
     --device cuda 2> embed.log || { status=1; tail -5 embed.log; }
-  echo "== 4. timings against the peers (each vlp run, then its peer)"
+  echo "== 4. NCCL at world size 1"
+  timeout $(lim 60) env VLP_DIST_BACKEND=nccl "$V" pretrain --recipe recipe.toml --no-progress \
+    --device cuda --set 'run.out_dir="cuda-nccl"' > cuda-nccl.eval.md 2> cuda-nccl.log \
+    || { status=1; tail -20 cuda-nccl.log; }
+  timeout $(lim 60) env VLP_DIST_BACKEND=nccl "$V" bench allreduce --device cuda --preset albef-base \
+    > allreduce.json 2> allreduce.log || { status=1; tail -20 allreduce.log; }
+  echo "== 5. timings against the peers (each vlp run, then its peer)"
   local peers="$here/peers"
   timeout $(lim 90) "$V" bench ops --device cuda > ops-vlp.jsonl 2> ops-vlp.log || { status=1; tail -5 ops-vlp.log; }
   [ -d "$peers" ] && { timeout $(lim 90) python3 "$peers/torch_gpu_ops.py" > ops-torch.jsonl 2> ops-torch.log || tail -5 ops-torch.log; }
@@ -228,6 +238,12 @@ if b and len(b) == len(c):
     rows.append(("  bf16 total loss by step", " ".join(f"{x['loss_total']:.3f}" for x in c), ""))
 else:
     row("pretrain CUDA bf16", f"{len(c)} logged steps", False)
+n = losses("cuda-nccl")
+same = n == b and len(b) > 0
+w = lambda d: open(f"{d}/checkpoints/step-000008/model.safetensors", "rb").read() if os.path.exists(f"{d}/checkpoints/step-000008/model.safetensors") else None
+row("NCCL world size 1: losses and weights equal to the single-process CUDA run", "equal" if same and w("cuda-nccl") == w("cuda-f32") and w("cuda-f32") else f"{len(n)} steps; differ", same and w("cuda-nccl") == w("cuda-f32") and w("cuda-f32") is not None)
+a_r = load("allreduce.json")
+row("NCCL all-reduce of ALBEF-base's f32 gradients (world size 1)", f"{a_r['bytes'] / 1e6:.0f} MB in {a_r['median_ms']} ms, {a_r['algbw_gbps']} GB/s" if a_r else "missing", a_r is not None)
 r = load("eval.json")
 row("eval retrieval on CUDA", "ran" if r else "missing", r is not None)
 row("embed on CUDA", "ran" if os.path.exists("e.safetensors") else "missing", os.path.exists("e.safetensors"))

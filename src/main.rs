@@ -87,6 +87,9 @@ enum BenchCommand {
     /// ViT-B stack at ALBEF-base shapes, one JSON line each (the PyTorch operator peer's
     /// format).
     Ops(cmd::bench_ops::OpsArgs),
+    /// The gradient all-reduce of a step alone: a model's gradient bytes averaged over the
+    /// processes (run under `vlp launch`), median time and bandwidth.
+    Allreduce(cmd::bench_comm::AllReduceArgs),
 }
 
 /// Keeps freed batch buffers in the process for reuse.
@@ -144,6 +147,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(BenchCommand::Step(a)) => cmd::bench_step::run(a),
         Command::Bench(BenchCommand::Eval(a)) => cmd::bench_eval::run(a),
         Command::Bench(BenchCommand::Ops(a)) => cmd::bench_ops::run(a),
+        Command::Bench(BenchCommand::Allreduce(a)) => cmd::bench_comm::run(a),
         Command::Eval(EvalCommand::Retrieval(a)) => cmd::eval::run(a),
         Command::Convert(a) => cmd::convert::run(a),
         Command::Pretrain(a) => return exit(cmd::pretrain::run(a)),

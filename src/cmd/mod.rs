@@ -1,6 +1,7 @@
 //! One module per subcommand: its arguments and its `run`.
 
 pub mod bench;
+pub mod bench_comm;
 pub mod bench_eval;
 pub mod bench_ops;
 pub mod bench_step;

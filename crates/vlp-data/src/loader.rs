@@ -342,6 +342,19 @@ impl Loader {
             });
         }
         let slots = cfg.world_size * cfg.workers;
+        if cfg.mode == Mode::Epochs && urls.len() < cfg.world_size {
+            // A rank without a shard has no batch: the others would wait for it.
+            return Err(DataError::config(
+                "world_size",
+                format!(
+                    "{} shard(s) for {} processes: each process reads whole shards, so it \
+                     needs at least one; write more, smaller shards (`vlp shards write \
+                     --per-shard`), or sample with replacement (data.mode = \"resampled\")",
+                    urls.len(),
+                    cfg.world_size
+                ),
+            ));
+        }
         if cfg.mode == Mode::Epochs && urls.len() < slots {
             tracing::warn!(
                 shards = urls.len(),

@@ -54,6 +54,28 @@ fn every_sample_exactly_once_per_epoch_across_ranks_and_workers() {
 }
 
 #[test]
+fn fewer_shards_than_processes_is_an_error_unless_resampled() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_dataset(dir.path(), 2, 4);
+    let cfg = LoaderConfig {
+        rank: 2,
+        world_size: 3,
+        ..small_cfg()
+    };
+    let err = Loader::new(&spec, cfg.clone(), tokenizer(16))
+        .err()
+        .expect("rank 2 would have no shard")
+        .to_string();
+    assert!(err.contains("2 shard(s) for 3 processes"), "{err}");
+    let resampled = LoaderConfig {
+        mode: vlp_data::loader::Mode::Resampled,
+        ..cfg
+    };
+    let mut loader = Loader::new(&spec, resampled, tokenizer(16)).unwrap();
+    assert!(loader.next_batch().unwrap().is_some());
+}
+
+#[test]
 fn shuffling_is_determined_by_the_seed() {
     let dir = tempfile::tempdir().unwrap();
     let spec = write_dataset(dir.path(), 4, 10);

@@ -158,15 +158,42 @@ fn secs_from_env(var: &str, default: u64) -> Duration {
 /// [`SingleProcess`]; GPUs with the `nccl` feature -> NCCL (its id exchanged over the
 /// TCP rendezvous); otherwise the TCP backend (tensors on a GPU then travel through host
 /// memory, with a warning). The one place a backend is chosen.
+///
+/// `VLP_DIST_BACKEND` = `tcp` or `nccl` forces a backend, even for one process (checks of
+/// the backend itself); `auto` or unset chooses as above.
 pub fn open(world: &World, device: &Device) -> Result<Box<dyn Collective>> {
-    if !world.is_distributed() {
+    let forced = std::env::var("VLP_DIST_BACKEND").unwrap_or_default();
+    let forced = match forced.trim() {
+        "" | "auto" => None,
+        b @ ("tcp" | "nccl") => Some(b.to_string()),
+        other => {
+            return Err(DistError::env(
+                "VLP_DIST_BACKEND",
+                format!("`{other}`: expected auto, tcp or nccl"),
+            ))
+        }
+    };
+    if !world.is_distributed() && forced.is_none() {
         return Ok(Box::new(SingleProcess));
     }
     let tcp = tcp::TcpCollective::connect(world, rendezvous_timeout(), collective_timeout())?;
-    if device.is_cuda() {
+    if forced.as_deref() == Some("nccl") && !device.is_cuda() {
+        return Err(DistError::env(
+            "VLP_DIST_BACKEND",
+            "nccl needs a GPU device (--device cuda)",
+        ));
+    }
+    if device.is_cuda() && forced.as_deref() != Some("tcp") {
         #[cfg(feature = "nccl")]
         {
             return Ok(Box::new(nccl::NcclCollective::new(tcp, device)?));
+        }
+        #[cfg(not(feature = "nccl"))]
+        if forced.is_some() {
+            return Err(DistError::env(
+                "VLP_DIST_BACKEND",
+                "nccl: this vlp was built without NCCL (`--features cuda,nccl`)",
+            ));
         }
         #[cfg(not(feature = "nccl"))]
         tracing::warn!(
