@@ -590,6 +590,7 @@ mod tests {
             master_port: port - 1,
             store_port: port,
             source: "test",
+            visible_gpus: None,
         }
     }
 

@@ -30,6 +30,9 @@ pub struct World {
     pub store_port: u16,
     /// Which convention the values came from (`torchrun` for `vlp launch` too, `SLURM`).
     pub source: &'static str,
+    /// GPUs this process sees, when `CUDA_VISIBLE_DEVICES` says (`srun --gpus-per-task=1`
+    /// leaves each process exactly one, which is then its `cuda:0`).
+    pub visible_gpus: Option<usize>,
 }
 
 impl World {
@@ -44,6 +47,7 @@ impl World {
             master_port: DEFAULT_MASTER_PORT,
             store_port: DEFAULT_MASTER_PORT + 1,
             source: "single process",
+            visible_gpus: None,
         }
     }
 
@@ -88,6 +92,8 @@ impl World {
             } else {
                 return Ok(Self::single());
             };
+        let visible_gpus = get("CUDA_VISIBLE_DEVICES")
+            .map(|v| v.split(',').filter(|d| !d.trim().is_empty()).count());
         if world_size == 0 {
             return Err(DistError::env("WORLD_SIZE", "0 processes"));
         }
@@ -165,6 +171,7 @@ impl World {
             master_port,
             store_port,
             source,
+            visible_gpus,
         })
     }
 
@@ -174,10 +181,12 @@ impl World {
     }
 
     /// The device this process computes on: a GPU request becomes this process's own GPU,
-    /// `cuda:LOCAL_RANK` (one process per GPU, as torchrun and `srun --gpus-per-task`
-    /// arrange); the CPU stays the CPU.
+    /// `cuda:LOCAL_RANK` (one process per GPU, as torchrun arranges), or `cuda:0` when
+    /// `CUDA_VISIBLE_DEVICES` leaves the process one GPU (`srun --gpus-per-task=1`); the
+    /// CPU stays the CPU.
     pub fn device(&self, asked: DeviceSpec) -> DeviceSpec {
         match asked {
+            DeviceSpec::Cuda(_) if self.visible_gpus == Some(1) => DeviceSpec::Cuda(0),
             DeviceSpec::Cuda(n) if self.local_world_size > 1 || self.is_distributed() => {
                 if n != 0 && n != self.local_rank {
                     tracing::warn!(
@@ -312,8 +321,19 @@ mod tests {
             (6, 8, 2, 4)
         );
         assert_eq!(w.master_addr, "gpu07");
+        assert_eq!(w.device(DeviceSpec::Cuda(0)), DeviceSpec::Cuda(2));
         assert_eq!(w.master_port, 20000 + (123456 % 20000) as u16);
         assert_eq!(w.source, "SLURM");
+        // One GPU per task: it is the process's cuda:0.
+        let w = world(&[
+            ("SLURM_PROCID", "3"),
+            ("SLURM_NTASKS", "4"),
+            ("SLURM_LOCALID", "3"),
+            ("SLURM_TASKS_PER_NODE", "4"),
+            ("CUDA_VISIBLE_DEVICES", "3"),
+        ])
+        .unwrap();
+        assert_eq!(w.device(DeviceSpec::Cuda(0)), DeviceSpec::Cuda(0));
         // torchrun's variables win when both are present (torchrun inside an allocation).
         let w = world(&[
             ("SLURM_PROCID", "0"),

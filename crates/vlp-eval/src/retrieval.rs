@@ -838,6 +838,7 @@ mod tests {
                             master_port: port - 1,
                             store_port: port,
                             source: "test",
+                            visible_gpus: None,
                         };
                         let ranks = vlp_dist::tcp::TcpCollective::connect(
                             &world,

@@ -181,7 +181,8 @@ fn generic_attention(
     let q = (q * (1.0 / (d as f64).sqrt()))?;
     let scores = q.matmul(&k.t()?)?;
     let scores = match mask {
-        Some(m) => scores.broadcast_add(m)?,
+        // A mask made in another dtype (f32 under bf16 compute) is cast, not refused.
+        Some(m) => scores.broadcast_add(&m.to_dtype(scores.dtype())?)?,
         None => scores,
     };
     let probs = nn::dropout(&nn::softmax(&scores)?, dropout_p)?;
