@@ -130,6 +130,7 @@ pub fn run(args: StepArgs) -> anyhow::Result<()> {
             _ => vlp_models::attention::AttentionBackend::Fused,
         });
     model.copy_params_to_momentum()?;
+    let one: std::sync::Arc<dyn vlp_dist::Collective> = std::sync::Arc::new(SingleProcess);
     let params: usize = model
         .trainable_vars()?
         .iter()
@@ -169,7 +170,7 @@ pub fn run(args: StepArgs) -> anyhow::Result<()> {
                 alpha: objectives.alpha,
                 seed: args.seed ^ step_index,
             };
-            let report = train_step(&model, &mut optim, &SingleProcess, &settings, &mut |_| {
+            let report = train_step(&model, &mut optim, &one, &settings, &mut |_| {
                 Ok(Some(batch.clone()))
             })?
             .expect("the batch source never ends");

@@ -41,7 +41,7 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
     let joined = crate::cmd::world::join(recipe.run.device)?;
     recipe.run.device = joined.spec;
     let mut bar = Bar::new(!args.no_progress && joined.is_main());
-    let summary = pretrain_with(recipe, args.resume, &*joined.collective, &mut bar)?;
+    let summary = pretrain_with(recipe, args.resume, joined.collective.clone(), &mut bar)?;
     if !joined.is_main() {
         // Rank 0 reports; the others share its exit status.
         return Ok(match summary.interrupted {

@@ -2,6 +2,8 @@
 //! `torchrun` or `srun` started (`vlp_dist::World` reads their variables) — its device
 //! (`cuda` becomes `cuda:LOCAL_RANK`) and its collective (chosen by `vlp_dist::open`).
 
+use std::sync::Arc;
+
 use candle_core::Device;
 use vlp_core::device::DeviceSpec;
 use vlp_dist::{Collective, World};
@@ -12,7 +14,7 @@ pub struct Joined {
     /// The device asked for, made this process's own.
     pub spec: DeviceSpec,
     pub device: Device,
-    pub collective: Box<dyn Collective>,
+    pub collective: Arc<dyn Collective>,
 }
 
 impl Joined {
@@ -30,7 +32,7 @@ pub fn join(asked: DeviceSpec) -> anyhow::Result<Joined> {
     if world.is_distributed() {
         tracing::info!("{world} on {spec}");
     }
-    let collective = vlp_dist::open(&world, &device)?;
+    let collective = Arc::from(vlp_dist::open(&world, &device)?);
     Ok(Joined {
         world,
         spec,

@@ -352,3 +352,36 @@ fn launch_errors_name_the_cause() {
         "{stderr}"
     );
 }
+
+#[test]
+fn negative_all_rank_draws_across_processes_and_is_local_alone() {
+    let fx = Fixture::new(128);
+    let run = |dir: &str, all: bool, procs: u16| {
+        let out_dir = format!("run.out_dir=\"{dir}\"");
+        let flag = format!("objectives.itm.negative_all_rank={all}");
+        let sets = [
+            "eval.sets=[]",
+            "optim.total_steps=2",
+            "run.save_every=2",
+            &out_dir,
+            &flag,
+        ];
+        match procs {
+            1 => ok(&fx.pretrain(&sets, false)),
+            _ => ok(&launch(&fx, port(7 + all as u16), &sets, false)
+                .output()
+                .unwrap()),
+        };
+        final_weights(&fx.path(dir), 2)
+    };
+    // One process: nothing to gather, the same step.
+    assert_eq!(run("one-local", false, 1), run("one-all", true, 1));
+    // Two processes: negatives from the other rank change the step.
+    let local = run("two-local", false, 2);
+    let all = run("two-all", true, 2);
+    assert_ne!(local, all, "negative_all_rank had no effect");
+    for r in vlp_train::metrics::read(&fx.path("two-all")).unwrap() {
+        let itm = r["loss_itm"].as_f64().unwrap();
+        assert!(itm.is_finite() && itm > 0.0, "{r}");
+    }
+}

@@ -127,7 +127,7 @@ k_test = 8
         cmd
     }
 
-    fn pretrain(&self, sets: &[&str], resume: bool) -> Output {
+    pub(crate) fn pretrain(&self, sets: &[&str], resume: bool) -> Output {
         self.command(sets, resume).output().unwrap()
     }
 

@@ -11,6 +11,7 @@
 
 mod bucket;
 pub mod error;
+mod grad;
 mod host;
 #[cfg(feature = "nccl")]
 pub mod nccl;
@@ -22,6 +23,7 @@ use std::time::Duration;
 use candle_core::{Device, Tensor};
 
 pub use error::{DistError, Result};
+pub use grad::all_gather_with_grad;
 pub use world::World;
 
 /// How the values of the ranks are combined.

@@ -581,17 +581,7 @@ mod tests {
     }
 
     fn world(rank: usize, n: usize, port: u16) -> World {
-        World {
-            rank,
-            world_size: n,
-            local_rank: rank,
-            local_world_size: n,
-            master_addr: "127.0.0.1".into(),
-            master_port: port - 1,
-            store_port: port,
-            source: "test",
-            visible_gpus: None,
-        }
+        World::on_localhost(rank, n, port)
     }
 
     /// Runs `f` on `n` ranks, one thread each, and returns their results by rank.

@@ -51,6 +51,22 @@ impl World {
         }
     }
 
+    /// Rank `rank` of `world_size` processes on this machine meeting at `store_port`
+    /// (processes or threads started by a program itself, such as tests).
+    pub fn on_localhost(rank: usize, world_size: usize, store_port: u16) -> Self {
+        World {
+            rank,
+            world_size,
+            local_rank: rank,
+            local_world_size: world_size,
+            master_addr: "127.0.0.1".into(),
+            master_port: store_port.saturating_sub(1),
+            store_port,
+            source: "this program",
+            visible_gpus: None,
+        }
+    }
+
     /// This process's world from its environment.
     pub fn from_env() -> Result<Self> {
         Self::from_vars(|k| std::env::var(k).ok())

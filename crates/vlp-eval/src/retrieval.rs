@@ -829,17 +829,7 @@ mod tests {
                         cfg.clone(),
                     );
                     std::thread::spawn(move || {
-                        let world = vlp_dist::World {
-                            rank,
-                            world_size: 3,
-                            local_rank: rank,
-                            local_world_size: 3,
-                            master_addr: "127.0.0.1".into(),
-                            master_port: port - 1,
-                            store_port: port,
-                            source: "test",
-                            visible_gpus: None,
-                        };
+                        let world = vlp_dist::World::on_localhost(rank, 3, port);
                         let ranks = vlp_dist::tcp::TcpCollective::connect(
                             &world,
                             std::time::Duration::from_secs(20),

@@ -5,6 +5,7 @@
 //! (the last checkpoint, validation and the zero-shot evaluations of the recipe).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -67,7 +68,7 @@ pub struct Summary {
 /// architecture win over the given ones, the given device is used) exactly as the
 /// uninterrupted run would have gone on.
 pub fn pretrain(recipe: Recipe, resume: bool, progress: &mut dyn Progress) -> Result<Summary> {
-    pretrain_with(recipe, resume, &SingleProcess, progress)
+    pretrain_with(recipe, resume, Arc::new(SingleProcess), progress)
 }
 
 /// [`pretrain`] as one of `collective.world_size()` data-parallel processes: every rank
@@ -75,7 +76,7 @@ pub fn pretrain(recipe: Recipe, resume: bool, progress: &mut dyn Progress) -> Re
 pub fn pretrain_with(
     recipe: Recipe,
     resume: bool,
-    collective: &dyn Collective,
+    collective: Arc<dyn Collective>,
     progress: &mut dyn Progress,
 ) -> Result<Summary> {
     let mut run = Run::setup(recipe, resume, collective)?;
@@ -94,7 +95,7 @@ enum Ended {
 }
 
 /// Everything a run holds between its steps.
-struct Run<'c> {
+struct Run {
     recipe: Recipe,
     cfg: AlbefConfig,
     device: Device,
@@ -108,14 +109,14 @@ struct Run<'c> {
     /// `metrics.jsonl`, on the main process only.
     metrics: Option<MetricsLog>,
     last_checkpoint: Option<PathBuf>,
-    collective: &'c dyn Collective,
+    collective: Arc<dyn Collective>,
     /// The run folder's lock, held by the main process for the whole run.
     _lock: Option<RunLock>,
 }
 
-impl<'c> Run<'c> {
+impl Run {
     /// The model, the data, the optimizer and where training stands, fresh or resumed.
-    fn setup(recipe: Recipe, resume: bool, collective: &'c dyn Collective) -> Result<Self> {
+    fn setup(recipe: Recipe, resume: bool, collective: Arc<dyn Collective>) -> Result<Self> {
         let device = recipe.run.device.resolve()?;
         let run_dir = recipe.run.out_dir.clone();
         let world = collective.world_size();
@@ -302,7 +303,7 @@ impl<'c> Run<'c> {
             },
         };
         // Every rank starts from rank 0's weights, momentum weights and queues.
-        broadcast_vars(&varmap, collective)?;
+        broadcast_vars(&varmap, &*collective)?;
 
         let params: usize = optim.decay_groups().0.len() + optim.decay_groups().1.len();
         tracing::info!(
@@ -407,7 +408,7 @@ impl<'c> Run<'c> {
             let report = train_step(
                 &self.model,
                 &mut self.optim,
-                self.collective,
+                &self.collective,
                 &settings,
                 &mut next,
             )?;
@@ -603,7 +604,7 @@ impl<'c> Run<'c> {
                 &self.tokenizer,
                 &data,
                 &eval_cfg,
-                self.collective,
+                &*self.collective,
             )?;
             let mut report = json_report(&set.name, &outcome, &eval_cfg);
             if let Some(best) = &self.state.best {
@@ -689,7 +690,7 @@ impl<'c> Run<'c> {
             &self.tokenizer,
             &data,
             &self.eval_config(sets)?,
-            self.collective,
+            &*self.collective,
         )?;
         let Some(metrics) = self.metrics.as_mut() else {
             return Ok(()); // the main process records and keeps the best

@@ -11,10 +11,15 @@ use vlp_models::{nn, AlbefModel};
 
 use crate::error::{Result, TrainError};
 use crate::objectives::itc::{itc_loss, ImageIds, ItcInputs};
-use crate::objectives::itm::{itm_loss, positive_pairs, sample_negatives, Negatives};
+use std::sync::Arc;
+
+use crate::objectives::itm::{
+    all_rank_candidates, itm_loss, itm_loss_at, positive_pairs, sample_negatives, Negatives,
+};
 use crate::objectives::mlm::{mask_tokens, mlm_loss};
 use crate::objectives::vsepp::vsepp_loss;
 use crate::objectives::ObjectiveConfig;
+use vlp_dist::Collective;
 
 /// Streams derived from a step seed, one per consumer, so switching one objective off
 /// does not shift the draws of another.
@@ -185,6 +190,20 @@ pub fn pretrain_losses(
     alpha: f64,
     draws: Draws,
 ) -> Result<StepLosses> {
+    let one: Arc<dyn Collective> = Arc::new(vlp_dist::SingleProcess);
+    pretrain_losses_across(model, batch, cfg, alpha, draws, &one)
+}
+
+/// [`pretrain_losses`] as one of the processes of `ranks`: what differs is ITM with
+/// `itm.negative_all_rank`, whose negatives come from every rank's batch.
+pub fn pretrain_losses_across(
+    model: &AlbefModel,
+    batch: &StepBatch,
+    cfg: &ObjectiveConfig,
+    alpha: f64,
+    draws: Draws,
+    ranks: &Arc<dyn Collective>,
+) -> Result<StepLosses> {
     cfg.validate()?;
     let (itc_on, vsepp_on, itm_on, mlm_on) =
         (cfg.itc_on(), cfg.vsepp_on(), cfg.itm_on(), cfg.mlm_on());
@@ -329,8 +348,39 @@ pub fn pretrain_losses(
     }
 
     let mut stats = StepStats::default();
-    // 7. ITM with hard negatives from the online in-batch similarities.
-    if itm_on {
+    // 7. ITM with hard negatives from the online in-batch similarities (or, BLIP's
+    // negative_all_rank, from every rank's batch).
+    let all_ranks = cfg.itm.negative_all_rank && ranks.world_size() > 1;
+    if let (true, true, Draws::Seeded(seed)) = (itm_on, all_ranks, &draws) {
+        let ids = if cfg.image_id_positives {
+            batch.host.image_ids.as_deref()
+        } else {
+            None
+        };
+        let mut rng = Rng::new(derive_seed(&[*seed, ITM_STREAM]));
+        let c = all_rank_candidates(
+            ranks,
+            &image_feat,
+            &text_feat,
+            temp,
+            ids,
+            &text_states,
+            &batch.attention_mask,
+            &image_tokens,
+            &mut rng,
+        )?;
+        stats.itm_fallbacks = c.negatives.fallbacks;
+        let loss = itm_loss_at(
+            model,
+            &c.text_states,
+            &c.attention_mask,
+            &c.image_tokens,
+            &c.negatives,
+            c.own,
+            train,
+        )?;
+        add("itm", &loss, cfg.itm.weight)?;
+    } else if itm_on {
         let negatives = match &draws {
             Draws::Seeded(seed) => {
                 let (sim_i2t, sim_t2i) = match local_sims.take() {

@@ -9,6 +9,8 @@
 //! puts it): no weight changes in between, so the momentum forward sees the same weights,
 //! and a step the non-finite policy skips leaves the twin and the queues untouched.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Tensor};
 use vlp_core::rng::derive_seed;
 use vlp_models::AlbefModel;
@@ -16,7 +18,7 @@ use vlp_models::AlbefModel;
 use crate::error::Result;
 use crate::objectives::ObjectiveConfig;
 use crate::optim::{AdamW, Gradients};
-use crate::step::{pretrain_losses, read_parts, Draws, QueueEntry, StepBatch};
+use crate::step::{pretrain_losses_across, read_parts, Draws, QueueEntry, StepBatch};
 use vlp_dist::Collective;
 
 /// What one step does, besides its batches.
@@ -57,7 +59,7 @@ pub struct StepReport {
 pub fn train_step(
     model: &AlbefModel,
     optim: &mut AdamW,
-    collective: &dyn Collective,
+    collective: &Arc<dyn Collective>,
     settings: &StepSettings,
     next_batch: &mut dyn FnMut(u64) -> Result<Option<StepBatch>>,
 ) -> Result<Option<StepReport>> {
@@ -75,12 +77,13 @@ pub fn train_step(
         samples += batch.input_ids.dim(0)? as u64;
         let t0 = std::time::Instant::now();
         let seed = derive_seed(&[settings.seed, collective.rank() as u64, micro]);
-        let losses = pretrain_losses(
+        let losses = pretrain_losses_across(
             model,
             &batch,
             settings.objectives,
             settings.alpha,
             Draws::Seeded(seed),
+            collective,
         )?;
         let t1 = std::time::Instant::now();
         // With the parameters of checkpointed blocks (`model.grad_checkpoint`).
@@ -100,7 +103,7 @@ pub fn train_step(
     }
     let t0 = std::time::Instant::now();
     let mut grads = grads.expect("accumulate >= 1 micro-batch");
-    grads.all_reduce_mean(collective)?;
+    grads.all_reduce_mean(&**collective)?;
     // The loss parts as means over the ranks, like the gradients: what is logged, and what
     // the non-finite policy sees, is the same on every rank.
     if collective.world_size() > 1 {
@@ -164,7 +167,7 @@ pub fn train_step(
 
 /// Puts a micro-batch's momentum features into the queues, gathered from every rank
 /// first (rank-major, as ALBEF's `concat_all_gather`).
-fn enqueue(model: &AlbefModel, collective: &dyn Collective, entry: &QueueEntry) -> Result<()> {
+fn enqueue(model: &AlbefModel, collective: &Arc<dyn Collective>, entry: &QueueEntry) -> Result<()> {
     let image = collective.all_gather(&entry.image_feat_m)?;
     let text = collective.all_gather(&entry.text_feat_m)?;
     let ids = entry

@@ -140,6 +140,125 @@ pub fn sample_negatives(
     })
 }
 
+/// Every rank's ITM candidates (BLIP's `negative_all_rank`): the token states of all
+/// ranks' texts and images, gathered with their gradients, and this rank's hard negatives
+/// drawn from all of them.
+pub struct AllRankCandidates {
+    /// `[W*B, Lmax, H]`: the ranks' text states, padded to the longest rank's length.
+    pub text_states: Tensor,
+    /// `[W*B, Lmax]`.
+    pub attention_mask: Tensor,
+    /// `[W*B, 1 + N, Dv]`.
+    pub image_tokens: Tensor,
+    /// This rank's first row: `rank * B`.
+    pub own: usize,
+    /// Indices into the rows above.
+    pub negatives: Negatives,
+}
+
+/// Gathers every rank's candidates and draws this rank's hard negatives among them: for
+/// each local text an image of any rank, for each local image a text of any rank, in
+/// proportion to the softmax of the online similarities (local features against every
+/// rank's), positives excluded (the same image id when `image_ids` are given, else the
+/// pair itself). Every rank calls this at the same point (collective calls).
+#[allow(clippy::too_many_arguments)]
+pub fn all_rank_candidates(
+    ranks: &std::sync::Arc<dyn vlp_dist::Collective>,
+    image_feat: &Tensor,
+    text_feat: &Tensor,
+    temp: &Tensor,
+    image_ids: Option<&[i64]>,
+    text_states: &Tensor,
+    attention_mask: &Tensor,
+    image_tokens: &Tensor,
+    rng: &mut Rng,
+) -> Result<AllRankCandidates> {
+    let (b, rank) = (image_feat.dim(0)?, ranks.rank());
+    let own = rank * b;
+    let image_world = ranks.all_gather(&image_feat.detach())?;
+    let text_world = ranks.all_gather(&text_feat.detach())?;
+    let n = image_world.dim(0)?;
+    if n != b * ranks.world_size() {
+        return Err(TrainError::input(
+            "itm.negative_all_rank",
+            format!(
+                "{n} candidates for {} ranks of batch {b}: batches must be equal",
+                ranks.world_size()
+            ),
+        ));
+    }
+    let rows = |a: &Tensor, m: &Tensor| -> Result<Vec<Vec<f64>>> {
+        Ok(a.detach()
+            .matmul(&m.t()?)?
+            .broadcast_div(temp)?
+            .to_dtype(DType::F64)?
+            .to_vec2::<f64>()?)
+    };
+    let (i2t, t2i) = (
+        rows(image_feat, &text_world)?,
+        rows(text_feat, &image_world)?,
+    );
+    let ids_world: Option<Vec<i64>> = match image_ids {
+        Some(ids) => {
+            let bytes: Vec<u8> = ids.iter().flat_map(|i| i.to_le_bytes()).collect();
+            Some(
+                ranks
+                    .all_gather_bytes(&bytes)?
+                    .concat()
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+                    .collect(),
+            )
+        }
+        None => None,
+    };
+    // Row k's positives among the n candidates: its own pair, or every same-id one.
+    let positive = |k: usize| -> Vec<bool> {
+        (0..n)
+            .map(|j| match (image_ids, &ids_world) {
+                (Some(ids), Some(world)) => ids[k] == world[j],
+                _ => j == own + k,
+            })
+            .collect()
+    };
+    let mut fallbacks = 0;
+    let mut pick = |row: &[f64], positive: &[bool], rng: &mut Rng| {
+        let choice = draw(&hard_negative_weights(row, positive), rng);
+        fallbacks += usize::from(choice.is_none());
+        choice
+    };
+    let image_for_text: Vec<Option<usize>> =
+        (0..b).map(|t| pick(&t2i[t], &positive(t), rng)).collect();
+    let text_for_image: Vec<Option<usize>> =
+        (0..b).map(|i| pick(&i2t[i], &positive(i), rng)).collect();
+    // Texts padded to the longest rank's length (the mask hides the padding).
+    let len = text_states.dim(1)?;
+    let longest = ranks
+        .all_gather_u64(len as u64)?
+        .into_iter()
+        .max()
+        .unwrap_or(0) as usize;
+    let (states, mask) = if longest > len {
+        (
+            text_states.pad_with_zeros(1, 0, longest - len)?,
+            attention_mask.pad_with_zeros(1, 0, longest - len)?,
+        )
+    } else {
+        (text_states.clone(), attention_mask.clone())
+    };
+    Ok(AllRankCandidates {
+        text_states: vlp_dist::all_gather_with_grad(ranks, &states)?,
+        attention_mask: ranks.all_gather(&mask)?,
+        image_tokens: vlp_dist::all_gather_with_grad(ranks, image_tokens)?,
+        own,
+        negatives: Negatives {
+            image_for_text,
+            text_for_image,
+            fallbacks,
+        },
+    })
+}
+
 /// The ITM loss: the fusion encoder on [positives (B); (text b, its negative image);
 /// (image b's negative text, image b)], skipped negatives left out, labels 1 for the
 /// positives and 0 for the rest, cross-entropy of the ITM head on the fused [CLS].
@@ -155,20 +274,42 @@ pub fn itm_loss(
     negatives: &Negatives,
     train: bool,
 ) -> Result<Tensor> {
-    let b = text_states.dim(0)?;
+    itm_loss_at(
+        model,
+        text_states,
+        attention_mask,
+        image_tokens,
+        negatives,
+        0,
+        train,
+    )
+}
+
+/// [`itm_loss`] over candidates of which this batch's pairs are rows `own..own + B` (every
+/// rank's rows, with [`all_rank_candidates`]); the negatives index all rows.
+pub fn itm_loss_at(
+    model: &AlbefModel,
+    text_states: &Tensor,
+    attention_mask: &Tensor,
+    image_tokens: &Tensor,
+    negatives: &Negatives,
+    own: usize,
+    train: bool,
+) -> Result<Tensor> {
+    let b = negatives.image_for_text.len();
     let dev = text_states.device();
-    let mut text_rows: Vec<u32> = (0..b as u32).collect();
-    let mut image_rows: Vec<u32> = (0..b as u32).collect();
+    let mut text_rows: Vec<u32> = (own as u32..(own + b) as u32).collect();
+    let mut image_rows: Vec<u32> = (own as u32..(own + b) as u32).collect();
     for (t, neg) in negatives.image_for_text.iter().enumerate() {
         if let Some(i) = neg {
-            text_rows.push(t as u32);
+            text_rows.push((own + t) as u32);
             image_rows.push(*i as u32);
         }
     }
     for (i, neg) in negatives.text_for_image.iter().enumerate() {
         if let Some(t) = neg {
             text_rows.push(*t as u32);
-            image_rows.push(i as u32);
+            image_rows.push((own + i) as u32);
         }
     }
     let n = text_rows.len();
@@ -247,6 +388,85 @@ mod tests {
             .enumerate()
             .all(|(t, i)| *i != Some(t)));
         Ok(())
+    }
+
+    /// Two ranks (threads over TCP): every rank's candidates, texts padded to the longest
+    /// rank's length, negatives drawn across ranks and never a positive.
+    #[test]
+    fn all_rank_candidates_span_the_ranks_and_skip_positives() {
+        use std::sync::Arc;
+        let port = 46000 + (std::process::id() % 1000) as u16 * 2;
+        let handles: Vec<_> = (0..2usize)
+            .map(|rank| {
+                std::thread::spawn(move || {
+                    let world = vlp_dist::World::on_localhost(rank, 2, port);
+                    let ranks: Arc<dyn vlp_dist::Collective> = Arc::new(
+                        vlp_dist::tcp::TcpCollective::connect(
+                            &world,
+                            std::time::Duration::from_secs(20),
+                            std::time::Duration::from_secs(20),
+                        )
+                        .unwrap(),
+                    );
+                    let dev = Device::Cpu;
+                    let b = 3;
+                    // Features: text k of rank r is most like image k of the other rank.
+                    let e = |k: usize| {
+                        let mut v = vec![0f32; 8];
+                        v[k] = 1.0;
+                        v
+                    };
+                    let other = 1 - rank;
+                    let image: Vec<f32> = (0..b).flat_map(|k| e(rank * b + k)).collect();
+                    let text: Vec<f32> = (0..b).flat_map(|k| e(other * b + k)).collect();
+                    let image_feat = Tensor::from_vec(image, (b, 8), &dev).unwrap();
+                    let text_feat = Tensor::from_vec(text, (b, 8), &dev).unwrap();
+                    let temp = Tensor::new(0.05f32, &dev).unwrap();
+                    let len = 4 + rank; // rank 1's texts are longer
+                    let states = Tensor::ones((b, len, 2), DType::F32, &dev).unwrap();
+                    let mask = Tensor::ones((b, len), DType::U32, &dev).unwrap();
+                    let tokens = Tensor::ones((b, 5, 2), DType::F32, &dev).unwrap();
+                    let mut rng = Rng::new(rank as u64);
+                    let c = all_rank_candidates(
+                        &ranks,
+                        &image_feat,
+                        &text_feat,
+                        &temp,
+                        None,
+                        &states,
+                        &mask,
+                        &tokens,
+                        &mut rng,
+                    )
+                    .unwrap();
+                    (
+                        c.own,
+                        c.text_states.dims().to_vec(),
+                        c.attention_mask.sum(1).unwrap().to_vec1::<u32>().unwrap(),
+                        c.image_tokens.dims().to_vec(),
+                        c.negatives,
+                    )
+                })
+            })
+            .collect();
+        for (rank, h) in handles.into_iter().enumerate() {
+            let (own, states, mask_lens, tokens, neg) = h.join().unwrap();
+            assert_eq!(own, rank * 3);
+            assert_eq!(states, vec![6, 5, 2]);
+            assert_eq!(mask_lens, vec![4, 4, 4, 5, 5, 5]);
+            assert_eq!(tokens, vec![6, 5, 2]);
+            assert_eq!(neg.fallbacks, 0);
+            // The hardest negatives live on the other rank: the draws go there.
+            let other = (1 - rank) * 3..(2 - rank) * 3;
+            for (k, i) in neg.image_for_text.iter().enumerate() {
+                let i = i.unwrap();
+                assert_ne!(i, own + k);
+                assert!(other.contains(&i), "text {k} of rank {rank} got image {i}");
+            }
+            for (k, t) in neg.text_for_image.iter().enumerate() {
+                assert_ne!(t.unwrap(), own + k);
+            }
+        }
     }
 
     #[test]

@@ -58,6 +58,10 @@ impl Default for ContrastiveConfig {
 pub struct ItmConfig {
     pub enabled: bool,
     pub weight: f64,
+    /// Draw each hard negative from every rank's batch (BLIP's `negative_all_rank`; the
+    /// negatives' token states are gathered with their gradients) instead of the local
+    /// batch (ALBEF). The same as local with one process.
+    pub negative_all_rank: bool,
 }
 
 impl Default for ItmConfig {
@@ -65,6 +69,7 @@ impl Default for ItmConfig {
         ItmConfig {
             enabled: true,
             weight: 1.0,
+            negative_all_rank: false,
         }
     }
 }
