@@ -162,6 +162,12 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
     };
     write_converted(&args.out, &imported)
         .with_context(|| format!("writing the converted model to {}", args.out.display()))?;
+    let tokenizer_note = match imported.report.format {
+        Format::HfBert | Format::HfBlip | Format::AlbefPth => {
+            copy_tokenizer(&args.input, &args.out, &imported.config)?
+        }
+        Format::HfVit | Format::TimmVit => None,
+    };
     if args.json {
         println!("{}", serde_json::to_string(&imported.report)?);
     } else {
@@ -173,5 +179,72 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
             args.out.join("config.json").display()
         );
     }
+    if let Some(note) = tokenizer_note {
+        eprintln!("{note}");
+    }
     Ok(())
+}
+
+/// Tokenizer files an HF checkpoint folder may hold, copied as they are.
+const TOKENIZER_FILES: [&str; 4] = [
+    "tokenizer.json",
+    "vocab.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+];
+
+/// Copies the tokenizer found beside `input` (its folder, or the folder above) into `out`,
+/// so that a recipe can name `OUT/tokenizer.json`: `tokenizer.json` as it is, or one made
+/// from `vocab.txt` (lower-casing as `tokenizer_config.json`'s `do_lower_case` says,
+/// default on). Checked against the model's vocabulary. Returns what to tell the user.
+fn copy_tokenizer(input: &Path, out: &Path, cfg: &AlbefConfig) -> anyhow::Result<Option<String>> {
+    let beside = input.parent().map(Path::to_path_buf).unwrap_or_default();
+    let dirs = [
+        beside.clone(),
+        beside.parent().map(Path::to_path_buf).unwrap_or_default(),
+    ];
+    let Some(dir) = dirs
+        .iter()
+        .find(|d| d.join("tokenizer.json").is_file() || d.join("vocab.txt").is_file())
+    else {
+        return Ok(Some(format!(
+            "no tokenizer.json or vocab.txt beside {}: give recipes the model's tokenizer \
+             (data.tokenizer)",
+            input.display()
+        )));
+    };
+    let mut copied = Vec::new();
+    for name in TOKENIZER_FILES {
+        let from = dir.join(name);
+        if from.is_file() {
+            std::fs::copy(&from, out.join(name))
+                .with_context(|| format!("copying {} to {}", from.display(), out.display()))?;
+            copied.push(name);
+        }
+    }
+    let target = out.join("tokenizer.json");
+    if !copied.contains(&"tokenizer.json") {
+        let lowercase = std::fs::read_to_string(dir.join("tokenizer_config.json"))
+            .ok()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+            .and_then(|v| v.get("do_lower_case").and_then(serde_json::Value::as_bool))
+            .unwrap_or(true);
+        let tokenizer =
+            vlp_data::tokenize::wordpiece_from_vocab(&dir.join("vocab.txt"), lowercase)?;
+        tokenizer
+            .save(&target, true)
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", target.display()))?;
+        copied.push("tokenizer.json (made from vocab.txt)");
+    }
+    let tokenizer = vlp_data::tokenize::TextTokenizer::from_file(&target, 32)?;
+    let fits = vlp_eval::check_tokenizer(&tokenizer, &cfg.text, &target);
+    let mut note = format!(
+        "copied the tokenizer from {}: {}",
+        dir.display(),
+        copied.join(", ")
+    );
+    if let Err(e) = fits {
+        note.push_str(&format!("; warning: {e}"));
+    }
+    Ok(Some(note))
 }

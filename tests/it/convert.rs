@@ -504,3 +504,87 @@ fn convert_refuses_to_replace_a_model_without_force_and_a_training_checkpoint_ev
         b"training"
     );
 }
+
+/// An HF BERT folder's tokenizer comes along: `vocab.txt` (+ `tokenizer_config.json`)
+/// becomes a `tokenizer.json` in the output, a `tokenizer.json` is copied as it is, and a
+/// vocabulary that does not fit the model is reported.
+#[test]
+fn convert_brings_the_tokenizer_beside_a_text_encoder() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_hf_fixture_config(dir.path());
+    let src = dir.path().join("minilm");
+    std::fs::create_dir_all(&src).unwrap();
+    for f in ["model.safetensors", "config.json"] {
+        std::fs::copy(fixtures().join("hf/hf_bert").join(f), src.join(f)).unwrap();
+    }
+    // The fixture config's ids: [PAD] 0, [CLS] 1, [SEP] 2, [MASK] 3; 200 tokens in all.
+    let mut vocab: Vec<String> = [
+        "[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]", "hello", "world",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    while vocab.len() < 200 {
+        vocab.push(format!("w{}", vocab.len()));
+    }
+    std::fs::write(src.join("vocab.txt"), vocab.join("\n") + "\n").unwrap();
+    std::fs::write(
+        src.join("tokenizer_config.json"),
+        r#"{"do_lower_case": true}"#,
+    )
+    .unwrap();
+    let out = dir.path().join("init");
+    let args = |out: &Path| {
+        vec![
+            "--from".to_string(),
+            "hf-bert".into(),
+            src.join("model.safetensors").display().to_string(),
+            "--config".into(),
+            config.display().to_string(),
+            "--out".into(),
+            out.display().to_string(),
+        ]
+    };
+    let run = |out: &Path| {
+        let a = args(out);
+        let out = convert(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let said = run(&out);
+    assert!(
+        said.contains("tokenizer.json (made from vocab.txt)"),
+        "{said}"
+    );
+    assert!(!said.contains("warning"), "{said}");
+    assert!(out.join("vocab.txt").is_file() && out.join("tokenizer_config.json").is_file());
+    let tok = vlp_data::tokenize::TextTokenizer::from_file(out.join("tokenizer.json"), 16).unwrap();
+    assert_eq!(tok.encode("Hello WORLD").unwrap(), vec![1, 5, 6, 2]);
+    assert_eq!(tok.encode("unseen").unwrap(), vec![1, 4, 2]);
+
+    // A tokenizer.json beside the model is copied byte for byte.
+    std::fs::copy(out.join("tokenizer.json"), src.join("tokenizer.json")).unwrap();
+    let again = dir.path().join("init2");
+    let said = run(&again);
+    assert!(
+        said.contains("copied the tokenizer") && !said.contains("made from"),
+        "{said}"
+    );
+    assert_eq!(
+        std::fs::read(src.join("tokenizer.json")).unwrap(),
+        std::fs::read(again.join("tokenizer.json")).unwrap()
+    );
+
+    // A vocabulary larger than the model's is copied, with a warning naming the sizes.
+    std::fs::remove_file(src.join("tokenizer.json")).unwrap();
+    while vocab.len() < 250 {
+        vocab.push(format!("w{}", vocab.len()));
+    }
+    std::fs::write(src.join("vocab.txt"), vocab.join("\n") + "\n").unwrap();
+    let said = run(&dir.path().join("init3"));
+    assert!(said.contains("warning") && said.contains("250"), "{said}");
+}

@@ -194,28 +194,64 @@ where
         )
         .build()
         .into();
-    let mut tokenizer = Tokenizer::new(WordPiece::default());
-    tokenizer
-        .with_normalizer(Some(BertNormalizer::new(true, true, None, true)))
-        .map_err(|e| fail(e.to_string()))?;
-    tokenizer.with_pre_tokenizer(Some(BertPreTokenizer));
-    tokenizer.with_decoder(Some(tokenizers::decoders::wordpiece::WordPiece::default()));
+    let mut tokenizer = bert_pipeline(WordPiece::default(), true).map_err(fail)?;
     tokenizer
         .train(&mut trainer, texts)
         .map_err(|e| fail(e.to_string()))?;
+    with_bert_template(tokenizer).map_err(fail)
+}
+
+/// A BERT tokenizer (`tokenizer.json`'s content) from a WordPiece vocabulary file
+/// (`vocab.txt`, one token per line, as HF BERT checkpoints ship it): BERT's normaliser
+/// (lower-casing and accent stripping when `lowercase`), pre-tokeniser and `[CLS] $A
+/// [SEP]` template, `[UNK]` for unknown words.
+pub fn wordpiece_from_vocab(vocab: &Path, lowercase: bool) -> Result<Tokenizer> {
+    let fail = |reason: String| DataError::Tokenizer {
+        path: vocab.display().to_string(),
+        reason,
+    };
+    let model = WordPiece::from_file(&vocab.to_string_lossy())
+        .unk_token("[UNK]".into())
+        .build()
+        .map_err(|e| fail(e.to_string()))?;
+    let mut tokenizer = bert_pipeline(model, lowercase).map_err(fail)?;
+    let specials: Vec<AddedToken> = SPECIAL_TOKENS
+        .iter()
+        .filter(|t| tokenizer.token_to_id(t).is_some())
+        .map(|t| AddedToken::from(*t, true))
+        .collect();
+    tokenizer
+        .add_special_tokens(specials)
+        .map_err(|e| fail(e.to_string()))?;
+    with_bert_template(tokenizer).map_err(fail)
+}
+
+/// BERT's normaliser, pre-tokeniser and decoder around a WordPiece model.
+fn bert_pipeline(model: WordPiece, lowercase: bool) -> std::result::Result<Tokenizer, String> {
+    let mut tokenizer = Tokenizer::new(model);
+    tokenizer
+        .with_normalizer(Some(BertNormalizer::new(true, true, None, lowercase)))
+        .map_err(|e| e.to_string())?;
+    tokenizer.with_pre_tokenizer(Some(BertPreTokenizer));
+    tokenizer.with_decoder(Some(tokenizers::decoders::wordpiece::WordPiece::default()));
+    Ok(tokenizer)
+}
+
+/// The `[CLS] $A [SEP]` (and pair) template, with the vocabulary's ids.
+fn with_bert_template(mut tokenizer: Tokenizer) -> std::result::Result<Tokenizer, String> {
     let id = |t: &str| {
         tokenizer
             .token_to_id(t)
-            .ok_or_else(|| fail(format!("trained vocabulary lacks {t}")))
+            .ok_or_else(|| format!("the vocabulary lacks {t}"))
     };
     let (cls, sep) = (id("[CLS]")?, id("[SEP]")?);
     let template = TemplateProcessing::builder()
         .try_single("[CLS] $A [SEP]")
         .and_then(|b| b.try_pair("[CLS] $A [SEP] $B:1 [SEP]:1"))
-        .map_err(|e| fail(e.to_string()))?
+        .map_err(|e| e.to_string())?
         .special_tokens(vec![("[CLS]", cls), ("[SEP]", sep)])
         .build()
-        .map_err(|e| fail(e.to_string()))?;
+        .map_err(|e| e.to_string())?;
     tokenizer.with_post_processor(Some(template));
     Ok(tokenizer)
 }
