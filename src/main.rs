@@ -48,7 +48,7 @@ enum Command {
     /// Start the processes of a data-parallel run on this machine (one per GPU), as
     /// torchrun does: `vlp launch --nproc-per-node 8 -- pretrain --recipe X.toml`.
     Launch(cmd::launch::LaunchArgs),
-    /// Draw the loss parts and the learning rate of a run to RUN_DIR/curves.png.
+    /// Draw the curves of a run (or several, overlaid) to RUN_DIR/curves.png.
     Plot(cmd::plot::PlotArgs),
 }
 

@@ -211,6 +211,34 @@ fn pretrain_writes_metrics_checkpoints_resolved_recipe_and_eval() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(run.join("curves.png").is_file());
+    // Text is drawn: the first panel's title row holds dark pixels (the embedded font).
+    let img = image::open(run.join("curves.png")).unwrap().to_luma8();
+    let title_dark = (0..30)
+        .flat_map(|y| (0..img.width() / 2).map(move |x| (x, y)))
+        .filter(|&(x, y)| img.get_pixel(x, y)[0] < 100)
+        .count();
+    assert!(
+        title_dark > 20,
+        "no title text drawn ({title_dark} dark pixels)"
+    );
+    // Two runs overlaid into another file.
+    let both = run.parent().unwrap().join("both.png");
+    let out = Command::new(vlp_bin())
+        .args([
+            "plot",
+            &path_str(&run),
+            &path_str(&run),
+            "--out",
+            &path_str(&both),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(both.is_file());
     // A second fresh run into the same folder is refused.
     let again = fx.pretrain(&[], false);
     assert!(!again.status.success());
