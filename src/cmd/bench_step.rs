@@ -163,6 +163,7 @@ pub fn run(args: StepArgs) -> anyhow::Result<()> {
             // update, enqueue) on the same batch every time.
             step_index += 1;
             let settings = StepSettings {
+                teacher: None,
                 objectives: &objectives,
                 accumulate: 1,
                 clip_grad_norm,

@@ -245,6 +245,45 @@ fn pretrain_writes_metrics_checkpoints_resolved_recipe_and_eval() {
     assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"));
 }
 
+/// `objectives.distill` end to end: the model teaching itself, then a frozen checkpoint
+/// teaching a fresh run; the loss is logged and finite.
+#[test]
+fn distillation_runs_with_the_model_or_a_frozen_teacher() {
+    let fx = Fixture::new(64);
+    let common = ["eval.sets=[]", "optim.total_steps=2", "run.save_every=2"];
+    let with = |dir: &str, extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = common.iter().map(|s| s.to_string()).collect();
+        v.push(format!("run.out_dir=\"{dir}\""));
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let run = |sets: Vec<String>| {
+        let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+        ok(&fx.pretrain(&sets, false));
+    };
+    run(with(
+        "self",
+        &[
+            "objectives.distill.enabled=true",
+            "objectives.distill.kind=\"margin-mse\"",
+        ],
+    ));
+    let teacher = format!(
+        "objectives.distill.teacher=\"{}\"",
+        path_str(&fx.path("self/checkpoints/step-000002"))
+    );
+    run(with(
+        "taught",
+        &["objectives.distill.enabled=true", &teacher],
+    ));
+    for dir in ["self", "taught"] {
+        for r in vlp_train::metrics::read(&fx.path(dir)).unwrap() {
+            let d = r["loss_distill"].as_f64().unwrap();
+            assert!(d.is_finite() && d >= 0.0, "{dir}: {r}");
+        }
+    }
+}
+
 #[test]
 fn pretrain_rejects_unknown_and_ill_typed_set_keys() {
     let fx = Fixture::new(64);

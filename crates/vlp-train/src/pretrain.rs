@@ -110,6 +110,8 @@ struct Run {
     metrics: Option<MetricsLog>,
     last_checkpoint: Option<PathBuf>,
     collective: Arc<dyn Collective>,
+    /// The frozen model of `objectives.distill.teacher`, if any.
+    teacher: Option<AlbefModel>,
     /// The run folder's lock, held by the main process for the whole run.
     _lock: Option<RunLock>,
 }
@@ -324,6 +326,31 @@ impl Run {
             None
         };
         let batches = Batches::new(loader, recipe.objectives.image_id_positives, device.clone());
+        let teacher = match (
+            &recipe.objectives.distill.teacher,
+            recipe.objectives.distill_on(),
+        ) {
+            (Some(dir), true) => {
+                let loaded = vlp_models::load_model(
+                    dir,
+                    Some(cfg.vision.image_size),
+                    &device,
+                    vlp_models::LoadMode::Frozen,
+                )?;
+                let vocab = loaded.model.config().text.vocab_size;
+                if vocab != cfg.text.vocab_size {
+                    return Err(TrainError::Recipe(format!(
+                        "objectives.distill.teacher {}: its vocabulary has {vocab} tokens, the \
+                         model's {}; the teacher must read the same token ids",
+                        dir.display(),
+                        cfg.text.vocab_size
+                    )));
+                }
+                tracing::info!("distilling from the frozen teacher {}", dir.display());
+                Some(loaded.model)
+            }
+            _ => None,
+        };
         Ok(Run {
             recipe,
             cfg,
@@ -338,6 +365,7 @@ impl Run {
             metrics,
             last_checkpoint: resume_from,
             collective,
+            teacher,
             _lock: lock,
         })
     }
@@ -389,6 +417,7 @@ impl Run {
                 lr,
                 alpha,
                 seed,
+                teacher: self.teacher.as_ref(),
             };
             let mut first = Some(first);
             let mut next = |_micro: u64| -> Result<Option<StepBatch>> {

@@ -13,6 +13,7 @@ use crate::error::{Result, TrainError};
 use crate::objectives::itc::{itc_loss, ImageIds, ItcInputs};
 use std::sync::Arc;
 
+use crate::objectives::distill::{distill, DistillInputs};
 use crate::objectives::itm::{
     all_rank_candidates, itm_loss, itm_loss_at, positive_pairs, sample_negatives, Negatives,
 };
@@ -191,11 +192,12 @@ pub fn pretrain_losses(
     draws: Draws,
 ) -> Result<StepLosses> {
     let one: Arc<dyn Collective> = Arc::new(vlp_dist::SingleProcess);
-    pretrain_losses_across(model, batch, cfg, alpha, draws, &one)
+    pretrain_losses_across(model, batch, cfg, alpha, draws, &one, None)
 }
 
 /// [`pretrain_losses`] as one of the processes of `ranks`: what differs is ITM with
-/// `itm.negative_all_rank`, whose negatives come from every rank's batch.
+/// `itm.negative_all_rank`, whose negatives come from every rank's batch. `teacher`: a
+/// frozen model teaching `distill` (none: the model's own fusion encoder).
 pub fn pretrain_losses_across(
     model: &AlbefModel,
     batch: &StepBatch,
@@ -203,11 +205,12 @@ pub fn pretrain_losses_across(
     alpha: f64,
     draws: Draws,
     ranks: &Arc<dyn Collective>,
+    teacher: Option<&AlbefModel>,
 ) -> Result<StepLosses> {
     cfg.validate()?;
     let (itc_on, vsepp_on, itm_on, mlm_on) =
         (cfg.itc_on(), cfg.vsepp_on(), cfg.itm_on(), cfg.mlm_on());
-    if !(itc_on || vsepp_on || itm_on || mlm_on) {
+    if !(itc_on || vsepp_on || itm_on || mlm_on || cfg.distill_on()) {
         return Err(TrainError::config("objectives", "every objective is off"));
     }
     if (itm_on || mlm_on) && !matches!(model.config().text.layout, Layout::Albef { .. }) {
@@ -421,6 +424,32 @@ pub fn pretrain_losses_across(
         add("itm", &loss, cfg.itm.weight)?;
     }
 
+    // 7b. The cross-encoder's scores distilled into the ITC similarities.
+    if cfg.distill_on() {
+        let (t_model, t_states, t_tokens) = match teacher {
+            Some(t) => (
+                t,
+                t.encode_text(&batch.input_ids, &batch.attention_mask, false)?
+                    .0,
+                t.encode_image(&batch.images, false)?.0,
+            ),
+            None => (model, text_states.clone(), image_tokens.clone()),
+        };
+        let loss = distill(
+            &cfg.distill,
+            &DistillInputs {
+                image_feat: &image_feat,
+                text_feat: &text_feat,
+                temp,
+                teacher: t_model,
+                teacher_text_states: &t_states,
+                teacher_image_tokens: &t_tokens,
+                attention_mask: &batch.attention_mask,
+            },
+        )?;
+        add("distill", &loss, cfg.distill.weight)?;
+    }
+
     // 8. MLM with distillation from the momentum model.
     if let (true, Some((image_tokens_m, _))) = (mlm_on, &image_m) {
         let dev = batch.input_ids.device();
@@ -541,6 +570,51 @@ mod tests {
             image_ids,
             &dev,
         )
+    }
+
+    /// Distillation alone: its gradient reaches the dual encoders and their projections,
+    /// never the teacher's fusion layers or ITM head (the teacher is the model itself).
+    #[test]
+    fn distillation_teaches_the_dual_encoders_only() -> Result<()> {
+        let (_, model) = build(&micro())?;
+        for kind in ["kl", "mse", "margin-mse"] {
+            let mut o = ObjectiveConfig::default();
+            o.contrastive.enabled = false;
+            o.itm.enabled = false;
+            o.mlm.enabled = false;
+            o.distill.enabled = true;
+            o.distill.candidates = 3;
+            o.distill.kind = serde_json::from_value(serde_json::json!(kind)).unwrap();
+            let l = pretrain_losses(&model, &batch(4, None)?, &o, 0.4, Draws::Seeded(0))?;
+            assert_eq!(
+                l.parts.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+                ["distill", "total"]
+            );
+            let grads = l.total.backward()?;
+            let got = |needle: &str| {
+                model.trainable_vars().unwrap().into_iter().any(|(n, v)| {
+                    n.contains(needle)
+                        && grads.get(v.as_tensor()).is_some_and(|g| {
+                            g.abs()
+                                .unwrap()
+                                .sum_all()
+                                .unwrap()
+                                .to_scalar::<f32>()
+                                .unwrap()
+                                > 0.0
+                        })
+                })
+            };
+            assert!(
+                got("vision_proj") && got("text_proj") && got("visual_encoder"),
+                "{kind}: the student learns"
+            );
+            assert!(
+                !got("itm_head") && !got("crossattention"),
+                "{kind}: the teacher got a gradient"
+            );
+        }
+        Ok(())
     }
 
     /// What `train_step` does with a finite step's queue entry.

@@ -33,6 +33,8 @@ pub struct StepSettings<'a> {
     pub alpha: f64,
     /// The step's seed; each micro-batch's draws come from (seed, rank, micro-batch).
     pub seed: u64,
+    /// A frozen model that teaches `objectives.distill` (none: the model itself).
+    pub teacher: Option<&'a AlbefModel>,
 }
 
 /// What a step did. The update was applied unless `nonfinite` says why not.
@@ -84,6 +86,7 @@ pub fn train_step(
             settings.alpha,
             Draws::Seeded(seed),
             collective,
+            settings.teacher,
         )?;
         let t1 = std::time::Instant::now();
         // With the parameters of checkpointed blocks (`model.grad_checkpoint`).

@@ -5,6 +5,7 @@
 //! its named loss; [`crate::step`] runs them in the reference order. The model exposes
 //! encoders and heads only.
 
+pub mod distill;
 pub mod itc;
 pub mod itm;
 pub mod mlm;
@@ -112,6 +113,8 @@ pub struct ObjectiveConfig {
     /// Treat every pair with the same image id as a positive (fine-tuning on datasets with
     /// several captions per image); the batch must then carry image ids.
     pub image_id_positives: bool,
+    /// ITM's scores distilled into the ITC similarities ([`distill`]).
+    pub distill: distill::DistillConfig,
 }
 
 impl Default for ObjectiveConfig {
@@ -124,6 +127,7 @@ impl Default for ObjectiveConfig {
             alpha_ramp_steps: 0,
             momentum: 0.995,
             image_id_positives: false,
+            distill: distill::DistillConfig::default(),
         }
     }
 }
@@ -149,6 +153,10 @@ impl ObjectiveConfig {
         self.mlm.enabled && self.mlm.weight != 0.0
     }
 
+    pub fn distill_on(&self) -> bool {
+        self.distill.enabled && self.distill.weight != 0.0
+    }
+
     /// Checks ranges, naming the offending key.
     pub fn validate(&self) -> Result<()> {
         let unit = |field: &str, v: f64| {
@@ -171,6 +179,7 @@ impl ObjectiveConfig {
             ("contrastive.weight", self.contrastive.weight),
             ("itm.weight", self.itm.weight),
             ("mlm.weight", self.mlm.weight),
+            ("distill.weight", self.distill.weight),
         ] {
             if !w.is_finite() || w < 0.0 {
                 return Err(TrainError::config(
@@ -178,6 +187,24 @@ impl ObjectiveConfig {
                     format!("{w} is not a weight >= 0"),
                 ));
             }
+        }
+        let d = &self.distill;
+        if !(d.temperature.is_finite() && d.temperature > 0.0) {
+            return Err(TrainError::config(
+                "distill.temperature",
+                format!("{} is not > 0", d.temperature),
+            ));
+        }
+        let least = if d.kind == distill::DistillKind::MarginMse {
+            2
+        } else {
+            1
+        };
+        if d.candidates < least {
+            return Err(TrainError::config(
+                "distill.candidates",
+                format!("{} (at least {least} for {:?})", d.candidates, d.kind),
+            ));
         }
         Ok(())
     }
