@@ -36,9 +36,10 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
     if let Some(device) = args.device {
         recipe.run.device = device;
     }
-    crate::signals::stop_at_step_boundary();
-    // One process, or one of those `vlp launch` (torchrun, srun) started.
+    // One process, or one of those `vlp launch` (torchrun, srun) started. A signal during
+    // the rendezvous ends the process at once; from here on, at a step boundary.
     let joined = crate::cmd::world::join(recipe.run.device)?;
+    crate::signals::stop_at_step_boundary();
     recipe.run.device = joined.spec;
     let mut bar = Bar::new(!args.no_progress && joined.is_main());
     let summary = pretrain_with(recipe, args.resume, joined.collective.clone(), &mut bar)?;
