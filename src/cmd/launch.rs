@@ -115,7 +115,16 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<ExitCode> {
          pretrain --recipe r.toml`"
     );
     let exe = std::env::current_exe().context("finding the vlp executable")?;
-    let world = args.nproc_per_node * args.nnodes;
+    let world = args
+        .nproc_per_node
+        .checked_mul(args.nnodes)
+        .filter(|&n| n <= vlp_dist::world::MAX_WORLD_SIZE)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "--nproc-per-node x --nnodes is over {} processes",
+                vlp_dist::world::MAX_WORLD_SIZE
+            )
+        })?;
     install_forwarding();
     let mut workers = Vec::new();
     for local in 0..args.nproc_per_node {
@@ -209,8 +218,21 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        if let Some(i) = failed {
+        if let Some(first) = failed {
             if deadline.is_none() {
+                // The others notice a dead peer within milliseconds and fail too: look a
+                // moment longer and blame the one killed by a signal, if any.
+                std::thread::sleep(Duration::from_millis(300));
+                for w in workers.iter_mut().filter(|w| w.status.is_none()) {
+                    if let Some(status) = w.child.try_wait().context("waiting for a process")? {
+                        w.status = Some(status);
+                    }
+                }
+                let i = workers
+                    .iter()
+                    .position(|w| w.status.is_some_and(|s| s.signal().is_some()))
+                    .unwrap_or(first);
+                failed = Some(i);
                 eprintln!(
                     "vlp launch: rank {} {}; stopping the others",
                     workers[i].rank,

@@ -146,13 +146,15 @@ pub fn collective_timeout() -> Duration {
 }
 
 fn secs_from_env(var: &str, default: u64) -> Duration {
-    let secs = std::env::var(var)
-        .ok()
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s > 0.0);
-    match secs {
-        Some(s) => Duration::from_secs_f64(s),
-        None => Duration::from_secs(default),
+    let Ok(value) = std::env::var(var) else {
+        return Duration::from_secs(default);
+    };
+    match value.trim().parse::<f64>() {
+        Ok(s) if s.is_finite() && s > 0.0 && s < 1e9 => Duration::from_secs_f64(s),
+        _ => {
+            tracing::warn!("{var}=`{value}` is not a number of seconds > 0: using {default}");
+            Duration::from_secs(default)
+        }
     }
 }
 

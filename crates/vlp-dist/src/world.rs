@@ -13,6 +13,9 @@ use crate::error::{DistError, Result};
 /// rendezvous uses `MASTER_PORT + 1`: torchrun's own agent holds `MASTER_PORT`).
 pub const DEFAULT_MASTER_PORT: u16 = 29500;
 
+/// The most processes a run may have (a larger `WORLD_SIZE` is refused as a typo).
+pub const MAX_WORLD_SIZE: usize = 1 << 16;
+
 /// One process's place in a data-parallel run.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct World {
@@ -110,8 +113,11 @@ impl World {
             };
         let visible_gpus = get("CUDA_VISIBLE_DEVICES")
             .map(|v| v.split(',').filter(|d| !d.trim().is_empty()).count());
-        if world_size == 0 {
-            return Err(DistError::env("WORLD_SIZE", "0 processes"));
+        if world_size == 0 || world_size > MAX_WORLD_SIZE {
+            return Err(DistError::env(
+                "WORLD_SIZE",
+                format!("{world_size} processes (1 to {MAX_WORLD_SIZE})"),
+            ));
         }
         if rank >= world_size {
             return Err(DistError::env(
@@ -376,6 +382,10 @@ mod tests {
                 "RANK",
             ),
             (vec![("RANK", "0"), ("WORLD_SIZE", "x")], "WORLD_SIZE"),
+            (
+                vec![("RANK", "0"), ("WORLD_SIZE", "18446744073709551615")],
+                "WORLD_SIZE",
+            ),
             (vec![("RANK", "0")], "WORLD_SIZE"),
             (
                 vec![("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "1")],

@@ -252,6 +252,16 @@ impl Run {
         let steps_per_epoch = loader
             .samples_in_epoch(0)
             .map(|n| n / batch_size as u64 / accumulate);
+        // The ranks' shares of an epoch differ when shards do not divide evenly: the run's
+        // length and alpha ramp follow rank 0's, so every rank plans the same steps.
+        let steps_per_epoch = if world > 1 {
+            match collective.all_gather_u64(steps_per_epoch.unwrap_or(u64::MAX))?[0] {
+                u64::MAX => None,
+                n => Some(n),
+            }
+        } else {
+            steps_per_epoch
+        };
         let state = match saved {
             Some(mut state) => {
                 let dir = resume_from.as_deref().expect("saved state has a folder");
