@@ -476,7 +476,9 @@ fn refuse(stream: &mut TcpStream, why: &str) -> std::io::Result<()> {
 fn read_hello(stream: &mut TcpStream, world_size: usize) -> std::result::Result<usize, String> {
     stream
         .set_nonblocking(false)
-        .and_then(|_| stream.set_read_timeout(Some(Duration::from_secs(10))))
+        // Short: connections are read one at a time, and a silent one must not hold up the
+        // ranks queued behind it for long.
+        .and_then(|_| stream.set_read_timeout(Some(Duration::from_secs(2))))
         .and_then(|_| stream.set_nodelay(true))
         .map_err(|e| e.to_string())?;
     let mut buf = [0u8; 28];
