@@ -114,7 +114,7 @@ impl CustomOp1 for GradSeed {
         s: &candle_core::CudaStorage,
         _l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::{BackendDevice, BackendStorage};
+        use candle_core::backend::BackendDevice;
         let zeros = s.device().zeros_impl(&Shape::from(()), s.dtype())?;
         Ok((zeros, Shape::from(())))
     }
