@@ -239,8 +239,12 @@ impl Run {
         let mut loader = Loader::new(&recipe.data.shards, loader_cfg, tokenizer.clone())?;
 
         // The optimizer.
+        let mut trainable = model.trainable_vars()?;
+        if !recipe.objectives.learn_temp {
+            trainable.retain(|(name, _)| name != "temp");
+        }
         let mut optim = AdamW::new(
-            model.trainable_vars()?,
+            trainable,
             AdamWConfig {
                 weight_decay: recipe.optim.weight_decay,
                 ..AdamWConfig::default()
@@ -420,8 +424,9 @@ impl Run {
             if self.validates() && self.rank0_says(new_epoch)? {
                 self.validate()?;
             }
+            let objectives = self.recipe.objectives.at_step(step);
             let settings = StepSettings {
-                objectives: &self.recipe.objectives,
+                objectives: &objectives,
                 accumulate: self.recipe.optim.accumulate as u64,
                 clip_grad_norm: self.recipe.optim.clip_grad_norm,
                 lr,

@@ -10,7 +10,7 @@ use vlp_models::config::Layout;
 use vlp_models::{nn, AlbefModel};
 
 use crate::error::{Result, TrainError};
-use crate::objectives::itc::{itc_loss, ImageIds, ItcInputs};
+use crate::objectives::itc::{clip_loss, itc_loss, ImageIds, ItcInputs};
 use std::sync::Arc;
 
 use crate::objectives::distill::{distill, DistillInputs};
@@ -123,7 +123,7 @@ pub struct StepStats {
 pub struct StepLosses {
     /// The weighted sum of the enabled objectives, 0-d, with its graph: call `backward`.
     pub total: Tensor,
-    /// Each enabled objective's unweighted value (`itc` or `vsepp`, `itm`, `mlm`), then the
+    /// Each enabled objective's unweighted value (`itc`, `clip` or `vsepp`, `itm`, `mlm`), then the
     /// weighted `total`; 0-d, detached.
     pub parts: Vec<(&'static str, Tensor)>,
     /// The temperature after clamping, 0-d.
@@ -210,7 +210,7 @@ pub fn pretrain_losses_across(
     cfg.validate()?;
     let (itc_on, vsepp_on, itm_on, mlm_on) =
         (cfg.itc_on(), cfg.vsepp_on(), cfg.itm_on(), cfg.mlm_on());
-    if !(itc_on || vsepp_on || itm_on || mlm_on || cfg.distill_on()) {
+    if !(itc_on || vsepp_on || cfg.clip_on() || itm_on || mlm_on || cfg.distill_on()) {
         return Err(TrainError::config("objectives", "every objective is off"));
     }
     if (itm_on || mlm_on) && !matches!(model.config().text.layout, Layout::Albef { .. }) {
@@ -337,6 +337,11 @@ pub fn pretrain_losses_across(
             text_feat_m: text_feat_m.detach(),
             image_ids: image_ids.clone(),
         });
+    }
+    if cfg.clip_on() {
+        let out = clip_loss(&image_feat, &text_feat, temp, positive_ids)?;
+        add("clip", &out.loss, cfg.contrastive.weight)?;
+        local_sims = Some((out.sim_i2t.detach(), out.sim_t2i.detach()));
     }
     if vsepp_on {
         let c = &cfg.contrastive;

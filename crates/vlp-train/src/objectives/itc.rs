@@ -144,10 +144,82 @@ pub fn itc_loss(inp: &ItcInputs) -> Result<ItcOutput> {
     })
 }
 
+/// CLIP's contrastive loss (Radford et al. 2021; open_clip's `ClipLoss`): symmetric
+/// InfoNCE over the batch with the online features on both sides, no queue and no
+/// momentum targets, so both encoders get gradients from both directions. With image ids
+/// every pair of the same id is a positive (targets normalised per row). Returns the loss
+/// and the `[B, B]` similarities over temperature (image-to-text, text-to-image).
+///
+/// # Shapes
+/// `image_feat`, `text_feat`: `[B, E]`, L2-normalised; `image_ids`: `[B]` -> 0-d.
+pub fn clip_loss(
+    image_feat: &Tensor,
+    text_feat: &Tensor,
+    temp: &Tensor,
+    image_ids: Option<&Tensor>,
+) -> Result<ItcOutput> {
+    let (b, _) = image_feat.dims2()?;
+    if text_feat.dim(0)? != b {
+        return Err(TrainError::input(
+            "clip",
+            format!("{b} images for {} texts", text_feat.dim(0)?),
+        ));
+    }
+    let targets = match image_ids {
+        None => Tensor::eye(b, image_feat.dtype(), image_feat.device())?,
+        Some(ids) => {
+            let pos = same_id_mask(ids, ids)?.to_dtype(image_feat.dtype())?;
+            pos.broadcast_div(&pos.sum_keepdim(D::Minus1)?)?
+        }
+    };
+    let sim_i2t = image_feat.matmul(&text_feat.t()?)?.broadcast_div(temp)?;
+    let sim_t2i = sim_i2t.t()?;
+    // The id mask is symmetric and each row's count is its column's: one target matrix.
+    let loss = ((soft_cross_entropy(&sim_i2t, &targets)?
+        + soft_cross_entropy(&sim_t2i, &targets)?)?
+        * 0.5)?;
+    Ok(ItcOutput {
+        loss,
+        sim_i2t,
+        sim_t2i: sim_t2i.contiguous()?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::{DType, Device};
+
+    /// Two images, two texts, temp 0.5: each direction's cross-entropy by hand; the
+    /// gradient reaches both encoders' features.
+    #[test]
+    fn clip_loss_has_the_hand_computed_value_and_trains_both_sides() -> Result<()> {
+        let dev = Device::Cpu;
+        let img = candle_core::Var::new(&[[1.0f64, 0.0], [0.6, 0.8]], &dev)?;
+        let txt = candle_core::Var::new(&[[0.8f64, 0.6], [0.0, 1.0]], &dev)?;
+        let temp = Tensor::new(0.5f64, &dev)?;
+        let out = clip_loss(img.as_tensor(), txt.as_tensor(), &temp, None)?;
+        // s[i][j] = <img_i, txt_j> / 0.5
+        let s = [[1.6, 0.0], [2.4, 1.6]];
+        let ce = |l: [f64; 2], k: usize| (l[0].exp() + l[1].exp()).ln() - l[k];
+        let i2t = (ce(s[0], 0) + ce(s[1], 1)) / 2.0;
+        let t2i = (ce([s[0][0], s[1][0]], 0) + ce([s[0][1], s[1][1]], 1)) / 2.0;
+        let got = out.loss.to_scalar::<f64>()?;
+        assert!((got - (i2t + t2i) / 2.0).abs() < 1e-12, "{got}");
+        let grads = out.loss.backward()?;
+        for v in [&img, &txt] {
+            let g = grads.get(v).expect("a gradient");
+            assert!(g.abs()?.sum_all()?.to_scalar::<f64>()? > 1e-3);
+        }
+        // Same image id on both rows: every pair is a positive, targets 1/2 each.
+        let ids = Tensor::new(&[4i64, 4], &dev)?;
+        let both = clip_loss(img.as_tensor(), txt.as_tensor(), &temp, Some(&ids))?;
+        let half = |l: [f64; 2]| (l[0].exp() + l[1].exp()).ln() - (l[0] + l[1]) / 2.0;
+        let want = (half(s[0]) + half(s[1]) + half([1.6, 2.4]) + half([0.0, 1.6])) / 4.0;
+        let got = both.loss.to_scalar::<f64>()?;
+        assert!((got - want).abs() < 1e-12, "{got} vs {want}");
+        Ok(())
+    }
 
     fn t(rows: &[&[f64]]) -> Tensor {
         let v: Vec<Vec<f64>> = rows.iter().map(|r| r.to_vec()).collect();

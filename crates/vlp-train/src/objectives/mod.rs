@@ -25,6 +25,10 @@ pub enum ContrastiveKind {
     Itc,
     /// VSE++ (Faghri et al. 2018): triplet loss on in-batch cosine similarities.
     Vsepp,
+    /// CLIP's loss: InfoNCE over the batch with online features on both sides, no queue
+    /// and no momentum distillation (robust in short runs, where the momentum twin still
+    /// lags the online model).
+    Clip,
 }
 
 /// The contrastive objective (ITC or VSE++).
@@ -63,6 +67,10 @@ pub struct ItmConfig {
     /// negatives' token states are gathered with their gradients) instead of the local
     /// batch (ALBEF). The same as local with one process.
     pub negative_all_rank: bool,
+    /// The optimizer step at which ITM joins the loss (0: from the start). Its hard
+    /// negatives are drawn by the contrastive similarities, which are noise until the
+    /// contrastive objective has learnt something.
+    pub start_step: u64,
 }
 
 impl Default for ItmConfig {
@@ -71,6 +79,7 @@ impl Default for ItmConfig {
             enabled: true,
             weight: 1.0,
             negative_all_rank: false,
+            start_step: 0,
         }
     }
 }
@@ -83,6 +92,8 @@ pub struct MlmConfig {
     pub weight: f64,
     /// Probability that a maskable token is masked (BERT, ALBEF: 0.15).
     pub probability: f64,
+    /// The optimizer step at which MLM joins the loss (0: from the start).
+    pub start_step: u64,
 }
 
 impl Default for MlmConfig {
@@ -91,6 +102,7 @@ impl Default for MlmConfig {
             enabled: true,
             weight: 1.0,
             probability: 0.15,
+            start_step: 0,
         }
     }
 }
@@ -115,6 +127,11 @@ pub struct ObjectiveConfig {
     pub image_id_positives: bool,
     /// ITM's scores distilled into the ITC similarities ([`distill`]).
     pub distill: distill::DistillConfig,
+    /// Whether the ITC temperature is learned (ALBEF, BLIP) or kept at the model's initial
+    /// value. AdamW moves a parameter by about the learning rate per step whatever its
+    /// gradient's scale, so a short run at a high learning rate can drive the raw
+    /// temperature to its floor within a hundred steps.
+    pub learn_temp: bool,
 }
 
 impl Default for ObjectiveConfig {
@@ -128,11 +145,21 @@ impl Default for ObjectiveConfig {
             momentum: 0.995,
             image_id_positives: false,
             distill: distill::DistillConfig::default(),
+            learn_temp: true,
         }
     }
 }
 
 impl ObjectiveConfig {
+    /// The objectives in effect at optimizer step `step` (0-based): ITM and MLM are off
+    /// before their `start_step`.
+    pub fn at_step(&self, step: u64) -> ObjectiveConfig {
+        let mut now = self.clone();
+        now.itm.enabled &= step >= self.itm.start_step;
+        now.mlm.enabled &= step >= self.mlm.start_step;
+        now
+    }
+
     /// Whether ITC runs (on, weight non-zero, kind ITC).
     pub fn itc_on(&self) -> bool {
         let c = &self.contrastive;
@@ -143,6 +170,12 @@ impl ObjectiveConfig {
     pub fn vsepp_on(&self) -> bool {
         let c = &self.contrastive;
         c.enabled && c.weight != 0.0 && c.kind == ContrastiveKind::Vsepp
+    }
+
+    /// Whether CLIP's in-batch contrastive loss runs.
+    pub fn clip_on(&self) -> bool {
+        let c = &self.contrastive;
+        c.enabled && c.weight != 0.0 && c.kind == ContrastiveKind::Clip
     }
 
     pub fn itm_on(&self) -> bool {
@@ -268,5 +301,32 @@ mod tests {
             ..Default::default()
         };
         assert!(bad.validate().unwrap_err().to_string().contains("alpha"));
+    }
+
+    #[test]
+    fn itm_and_mlm_join_at_their_start_steps_and_clip_is_a_kind() {
+        let cfg: ObjectiveConfig = serde_json::from_str(
+            r#"{"contrastive": {"kind": "clip"}, "itm": {"start_step": 10},
+                "mlm": {"start_step": 20}, "learn_temp": false}"#,
+        )
+        .unwrap();
+        assert!(cfg.clip_on() && !cfg.itc_on() && !cfg.vsepp_on() && !cfg.learn_temp);
+        let on = |step| {
+            let now = cfg.at_step(step);
+            (now.itm_on(), now.mlm_on(), now.clip_on())
+        };
+        assert_eq!(on(0), (false, false, true));
+        assert_eq!(on(9), (false, false, true));
+        assert_eq!(on(10), (true, false, true));
+        assert_eq!(on(20), (true, true, true));
+        // A disabled objective stays off after its start.
+        let off = ObjectiveConfig {
+            itm: ItmConfig {
+                enabled: false,
+                ..Default::default()
+            },
+            ..cfg.clone()
+        };
+        assert!(!off.at_step(100).itm_on());
     }
 }
