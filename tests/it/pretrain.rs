@@ -536,6 +536,54 @@ fn pretrain_learns_itc_retrieval_on_synthetic_shapes() {
     assert!(ir1 > 8.0 && tr1 > 5.0 && mean > 25.0, "{eval}");
 }
 
+/// The quickstart's recipe learns concepts, not one artist's pixels: a shortened run (4 of
+/// its 16 epochs) on the embedded emoji retrieves the held-out
+/// Twitter style far above chance. The full run reaches a mean R@10 over 20%
+/// (docs/training.md); this guards against a regression, not a tuned figure. Slow:
+/// `VLP_SLOW_TESTS=1`.
+#[test]
+fn quickstart_recipe_learns_the_held_out_emoji_style() {
+    if std::env::var("VLP_SLOW_TESTS").ok().as_deref() != Some("1") {
+        eprintln!("skipped: set VLP_SLOW_TESTS=1 to run (a few minutes on 2 cores)");
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let twitter = root.join("shards/emoji-twitter-{000000..000003}.tar");
+    let sets = [
+        format!("run.out_dir={}", toml_str(&run)),
+        "optim.epochs=4".to_string(),
+        "run.save_every=0".to_string(),
+        format!(
+            "eval.sets=[{{ name = \"twitter\", shards = {} }}]",
+            toml_str(&twitter)
+        ),
+    ];
+    let mut cmd = Command::new(vlp_bin());
+    // The recipe's paths are relative to the repository root.
+    cmd.current_dir(root)
+        .args(["pretrain", "--recipe", "recipes/quickstart.toml", "--no-progress"]);
+    for s in &sets {
+        cmd.args(["--set", s]);
+    }
+    let stdout = ok(&cmd.output().unwrap());
+    eprintln!("{stdout}");
+    let eval: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("eval.json")).unwrap()).unwrap();
+    let itc = &eval["twitter"]["itc"];
+    let r10 = (itc["tr10"].as_f64().unwrap() + itc["ir10"].as_f64().unwrap()) / 2.0;
+    let r1 = (itc["tr1"].as_f64().unwrap() + itc["ir1"].as_f64().unwrap()) / 2.0;
+    eprintln!("held-out Twitter style: mean R@10 {r10:.2}, mean R@1 {r1:.2} (chance 0.54, 0.05)");
+    // Chance over 1857 emoji: R@10 0.54%, R@1 0.05%.
+    assert!(r10 > 2.5 && r1 > 0.25, "{eval}");
+}
+
+/// A path as a TOML string value (a JSON string is a TOML basic string for a path).
+fn toml_str(p: &Path) -> String {
+    serde_json::to_string(&p.to_string_lossy()).unwrap()
+}
+
 /// `vlp finetune` from a pretraining checkpoint at a larger image size (position
 /// embeddings interpolated), validating every epoch and keeping the best checkpoint; then
 /// `vlp eval retrieval` on that checkpoint, with both reports checked.

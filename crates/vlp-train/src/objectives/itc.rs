@@ -200,7 +200,7 @@ mod tests {
         let temp = Tensor::new(0.5f64, &dev)?;
         let out = clip_loss(img.as_tensor(), txt.as_tensor(), &temp, None)?;
         // s[i][j] = <img_i, txt_j> / 0.5
-        let s = [[1.6, 0.0], [2.4, 1.6]];
+        let s = [[1.6, 0.0], [1.92, 1.6]];
         let ce = |l: [f64; 2], k: usize| (l[0].exp() + l[1].exp()).ln() - l[k];
         let i2t = (ce(s[0], 0) + ce(s[1], 1)) / 2.0;
         let t2i = (ce([s[0][0], s[1][0]], 0) + ce([s[0][1], s[1][1]], 1)) / 2.0;
@@ -215,7 +215,7 @@ mod tests {
         let ids = Tensor::new(&[4i64, 4], &dev)?;
         let both = clip_loss(img.as_tensor(), txt.as_tensor(), &temp, Some(&ids))?;
         let half = |l: [f64; 2]| (l[0].exp() + l[1].exp()).ln() - (l[0] + l[1]) / 2.0;
-        let want = (half(s[0]) + half(s[1]) + half([1.6, 2.4]) + half([0.0, 1.6])) / 4.0;
+        let want = (half(s[0]) + half(s[1]) + half([1.6, 1.92]) + half([0.0, 1.6])) / 4.0;
         let got = both.loss.to_scalar::<f64>()?;
         assert!((got - want).abs() < 1e-12, "{got} vs {want}");
         Ok(())
