@@ -140,7 +140,12 @@ pub fn run(args: StepArgs) -> anyhow::Result<()> {
     let (b, s) = (batch_size, cfg.vision.image_size);
     let images = Tensor::randn(0f32, 1.0, (b, 3, s, s), &dev)?;
     let (ids, mask) = random_captions(&cfg, b, text_len, args.seed)?;
-    let batch = StepBatch::new(&images, &ids, &mask, None, &dev)?;
+    // A recipe with image-id positives needs ids on its batches: every image its own.
+    let image_ids = recipe
+        .as_ref()
+        .filter(|r| r.objectives.image_id_positives)
+        .map(|_| (0..b as i64).collect());
+    let batch = StepBatch::new(&images, &ids, &mask, image_ids, &dev)?;
 
     let mut optim = AdamW::new(
         model.trainable_vars()?,

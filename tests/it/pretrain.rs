@@ -562,8 +562,12 @@ fn quickstart_recipe_learns_the_held_out_emoji_style() {
     ];
     let mut cmd = Command::new(vlp_bin());
     // The recipe's paths are relative to the repository root.
-    cmd.current_dir(root)
-        .args(["pretrain", "--recipe", "recipes/quickstart.toml", "--no-progress"]);
+    cmd.current_dir(root).args([
+        "pretrain",
+        "--recipe",
+        "recipes/quickstart.toml",
+        "--no-progress",
+    ]);
     for s in &sets {
         cmd.args(["--set", s]);
     }
