@@ -140,23 +140,24 @@ pub fn run(args: StepArgs) -> anyhow::Result<()> {
     let (b, s) = (batch_size, cfg.vision.image_size);
     let images = Tensor::randn(0f32, 1.0, (b, 3, s, s), &dev)?;
     let (ids, mask) = random_captions(&cfg, b, text_len, args.seed)?;
-    // A recipe with image-id positives needs ids on its batches: every image its own.
-    let image_ids = recipe
+    let objectives = recipe
         .as_ref()
-        .filter(|r| r.objectives.image_id_positives)
-        .map(|_| (0..b as i64).collect());
+        .map_or_else(ObjectiveConfig::default, |r| r.objectives.clone());
+    // Image-id positives need ids on the batches: every image its own.
+    let image_ids = objectives
+        .image_id_positives
+        .then(|| (0..b as i64).collect());
     let batch = StepBatch::new(&images, &ids, &mask, image_ids, &dev)?;
 
+    let mut trainable = model.trainable_vars()?;
+    trainable.retain(|(name, _)| objectives.trains(name));
     let mut optim = AdamW::new(
-        model.trainable_vars()?,
+        trainable,
         AdamWConfig {
             weight_decay: recipe.as_ref().map_or(0.02, |r| r.optim.weight_decay),
             ..AdamWConfig::default()
         },
     )?;
-    let objectives = recipe
-        .as_ref()
-        .map_or_else(ObjectiveConfig::default, |r| r.objectives.clone());
     let clip_grad_norm = recipe.as_ref().and_then(|r| r.optim.clip_grad_norm);
     let mut step_index = 0u64;
     // Per step: [forward (losses), backward, optimizer, total] in seconds.

@@ -240,9 +240,7 @@ impl Run {
 
         // The optimizer.
         let mut trainable = model.trainable_vars()?;
-        if !recipe.objectives.learn_temp {
-            trainable.retain(|(name, _)| name != "temp");
-        }
+        trainable.retain(|(name, _)| recipe.objectives.trains(name));
         let mut optim = AdamW::new(
             trainable,
             AdamWConfig {

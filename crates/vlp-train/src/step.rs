@@ -208,9 +208,14 @@ pub fn pretrain_losses_across(
     teacher: Option<&AlbefModel>,
 ) -> Result<StepLosses> {
     cfg.validate()?;
-    let (itc_on, vsepp_on, itm_on, mlm_on) =
-        (cfg.itc_on(), cfg.vsepp_on(), cfg.itm_on(), cfg.mlm_on());
-    if !(itc_on || vsepp_on || cfg.clip_on() || itm_on || mlm_on || cfg.distill_on()) {
+    let (itc_on, clip_on, vsepp_on, itm_on, mlm_on) = (
+        cfg.itc_on(),
+        cfg.clip_on(),
+        cfg.vsepp_on(),
+        cfg.itm_on(),
+        cfg.mlm_on(),
+    );
+    if !(itc_on || clip_on || vsepp_on || itm_on || mlm_on || cfg.distill_on()) {
         return Err(TrainError::config("objectives", "every objective is off"));
     }
     if (itm_on || mlm_on) && !matches!(model.config().text.layout, Layout::Albef { .. }) {
@@ -338,7 +343,7 @@ pub fn pretrain_losses_across(
             image_ids: image_ids.clone(),
         });
     }
-    if cfg.clip_on() {
+    if clip_on {
         let out = clip_loss(&image_feat, &text_feat, temp, positive_ids)?;
         add("clip", &out.loss, cfg.contrastive.weight)?;
         local_sims = Some((out.sim_i2t.detach(), out.sim_t2i.detach()));

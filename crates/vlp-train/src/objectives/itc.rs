@@ -5,7 +5,7 @@
 use candle_core::{Tensor, D};
 use vlp_models::nn;
 
-use super::{same_id_mask, soft_cross_entropy};
+use super::{paired_batch, same_id_mask, soft_cross_entropy};
 use crate::error::{Result, TrainError};
 
 /// Alpha at `step`: ramped linearly from 0 to `alpha` over `ramp_steps` steps (ALBEF
@@ -158,13 +158,7 @@ pub fn clip_loss(
     temp: &Tensor,
     image_ids: Option<&Tensor>,
 ) -> Result<ItcOutput> {
-    let (b, _) = image_feat.dims2()?;
-    if text_feat.dim(0)? != b {
-        return Err(TrainError::input(
-            "clip",
-            format!("{b} images for {} texts", text_feat.dim(0)?),
-        ));
-    }
+    let b = paired_batch("clip", image_feat, text_feat)?;
     let targets = match image_ids {
         None => Tensor::eye(b, image_feat.dtype(), image_feat.device())?,
         Some(ids) => {

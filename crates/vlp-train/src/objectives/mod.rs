@@ -172,6 +172,12 @@ impl ObjectiveConfig {
         c.enabled && c.weight != 0.0 && c.kind == ContrastiveKind::Vsepp
     }
 
+    /// Whether the optimizer updates the parameter `name` (the temperature only when
+    /// `learn_temp`); the one rule every optimizer of a recipe's model follows.
+    pub fn trains(&self, name: &str) -> bool {
+        self.learn_temp || name != "temp"
+    }
+
     /// Whether CLIP's in-batch contrastive loss runs.
     pub fn clip_on(&self) -> bool {
         let c = &self.contrastive;
@@ -260,6 +266,19 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let labels = labels.to_dtype(DType::U32)?.reshape((n, 1))?;
     let picked = nn::log_softmax(logits)?.gather(&labels, D::Minus1)?;
     Ok(picked.mean_all()?.neg()?)
+}
+
+/// The batch size of paired `[B, E]` image and text features; an error naming `what` when
+/// the two counts differ.
+pub fn paired_batch(what: &str, image_feat: &Tensor, text_feat: &Tensor) -> Result<usize> {
+    let (b, _) = image_feat.dims2()?;
+    if text_feat.dim(0)? != b {
+        return Err(TrainError::input(
+            what,
+            format!("{b} images for {} texts", text_feat.dim(0)?),
+        ));
+    }
+    Ok(b)
 }
 
 /// `[rows, cols]` 0/1 (f32 on `ids`' device) of `row_ids[r] == col_ids[c]`.

@@ -4,8 +4,8 @@
 
 use candle_core::{Tensor, D};
 
-use super::same_id_mask;
-use crate::error::{Result, TrainError};
+use super::{paired_batch, same_id_mask};
+use crate::error::Result;
 
 /// VSE++ over the batch: for image `i` and text `j != i`,
 /// `cost_t[i, j] = [margin + s(i, j) - s(i, i)]_+` (negative texts for each image) and
@@ -23,13 +23,7 @@ pub fn vsepp_loss(
     max_violation: bool,
     image_ids: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let (b, _) = image_feat.dims2()?;
-    if text_feat.dim(0)? != b {
-        return Err(TrainError::input(
-            "vsepp",
-            format!("{b} images for {} texts", text_feat.dim(0)?),
-        ));
-    }
+    let b = paired_batch("vsepp", image_feat, text_feat)?;
     let dtype = image_feat.dtype();
     let scores = image_feat.matmul(&text_feat.t()?)?; // [B images, B texts]
     let diagonal = scores
