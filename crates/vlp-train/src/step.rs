@@ -380,6 +380,7 @@ pub fn pretrain_losses_across(
             &text_states,
             &batch.attention_mask,
             &image_tokens,
+            cfg.itm.hardness,
             &mut rng,
         )?;
         stats.itm_fallbacks = c.negatives.fallbacks;
@@ -414,7 +415,7 @@ pub fn pretrain_losses_across(
                 };
                 let positives = positive_pairs(b, ids);
                 let mut rng = Rng::new(derive_seed(&[*seed, ITM_STREAM]));
-                sample_negatives(&sim_i2t, &sim_t2i, &positives, &mut rng)?
+                sample_negatives(&sim_i2t, &sim_t2i, &positives, cfg.itm.hardness, &mut rng)?
             }
             Draws::Replay {
                 neg_image_for_text,

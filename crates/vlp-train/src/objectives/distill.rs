@@ -13,7 +13,6 @@
 
 use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
-use vlp_models::albef::cls;
 use vlp_models::{AlbefModel, FusionText};
 
 use crate::error::{Result, TrainError};
@@ -137,8 +136,8 @@ fn teacher_scores(
     let states = text_states.detach().index_select(&t, 0)?;
     let mask = attention_mask.index_select(&t, 0)?;
     let images = image_tokens.detach().index_select(&i, 0)?;
-    let fused = teacher.fuse(FusionText::States(&states), &mask, &images, false)?;
-    let logits = teacher.itm_logits(&cls(&fused)?)?.to_dtype(DType::F32)?;
+    let fused_cls = teacher.fuse_cls(FusionText::States(&states), &mask, &images, false)?;
+    let logits = teacher.itm_logits(&fused_cls)?.to_dtype(DType::F32)?;
     Ok((logits.narrow(1, 1, 1)? - logits.narrow(1, 0, 1)?)?
         .squeeze(1)?
         .detach())

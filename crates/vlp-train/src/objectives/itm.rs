@@ -4,7 +4,6 @@
 
 use candle_core::{DType, Tensor};
 use vlp_core::rng::Rng;
-use vlp_models::albef::cls;
 use vlp_models::{AlbefModel, FusionText};
 
 use super::cross_entropy;
@@ -69,11 +68,13 @@ pub fn positive_pairs(b: usize, image_ids: Option<&[i64]>) -> Vec<Vec<bool>> {
         .collect()
 }
 
-/// Sampling weights of one row: `softmax(sim_row) + epsilon` at the admissible columns,
-/// 0 at the positives.
-pub fn hard_negative_weights(sim_row: &[f64], positive: &[bool]) -> Vec<f64> {
-    let max = sim_row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-    let exp: Vec<f64> = sim_row.iter().map(|s| (s - max).exp()).collect();
+/// Sampling weights of one row: `softmax(hardness * sim_row) + epsilon` at the admissible
+/// columns, 0 at the positives. `hardness` 1 is ALBEF's draw, 0 a uniform one (random
+/// negatives); see [`super::ItmConfig::hardness`].
+pub fn hard_negative_weights(sim_row: &[f64], positive: &[bool], hardness: f64) -> Vec<f64> {
+    let row: Vec<f64> = sim_row.iter().map(|s| s * hardness).collect();
+    let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let exp: Vec<f64> = row.iter().map(|s| (s - max).exp()).collect();
     let z: f64 = exp.iter().sum();
     exp.iter()
         .zip(positive)
@@ -111,6 +112,7 @@ pub fn sample_negatives(
     sim_i2t: &Tensor,
     sim_t2i: &Tensor,
     positives: &[Vec<bool>],
+    hardness: f64,
     rng: &mut Rng,
 ) -> Result<Negatives> {
     let b = positives.len();
@@ -120,7 +122,7 @@ pub fn sample_negatives(
     let (i2t, t2i) = (rows(sim_i2t)?, rows(sim_t2i)?);
     let mut fallbacks = 0;
     let mut pick = |row: &[f64], positive: &[bool], rng: &mut Rng| {
-        let choice = draw(&hard_negative_weights(row, positive), rng);
+        let choice = draw(&hard_negative_weights(row, positive, hardness), rng);
         fallbacks += usize::from(choice.is_none());
         choice
     };
@@ -171,6 +173,7 @@ pub fn all_rank_candidates(
     text_states: &Tensor,
     attention_mask: &Tensor,
     image_tokens: &Tensor,
+    hardness: f64,
     rng: &mut Rng,
 ) -> Result<AllRankCandidates> {
     let (b, rank) = (image_feat.dim(0)?, ranks.rank());
@@ -223,7 +226,7 @@ pub fn all_rank_candidates(
     };
     let mut fallbacks = 0;
     let mut pick = |row: &[f64], positive: &[bool], rng: &mut Rng| {
-        let choice = draw(&hard_negative_weights(row, positive), rng);
+        let choice = draw(&hard_negative_weights(row, positive, hardness), rng);
         fallbacks += usize::from(choice.is_none());
         choice
     };
@@ -318,8 +321,9 @@ pub fn itm_loss_at(
     let states = text_states.index_select(&text_rows, 0)?;
     let mask = attention_mask.index_select(&text_rows, 0)?;
     let images = image_tokens.index_select(&image_rows, 0)?;
-    let fused = model.fuse(FusionText::States(&states), &mask, &images, train)?;
-    let logits = model.itm_logits(&cls(&fused)?)?;
+    // Only [CLS] is read: the last fusion layer runs for it alone.
+    let fused_cls = model.fuse_cls(FusionText::States(&states), &mask, &images, train)?;
+    let logits = model.itm_logits(&fused_cls)?;
     let labels: Vec<u32> = (0..n).map(|k| u32::from(k < b)).collect();
     cross_entropy(&logits, &Tensor::new(labels.as_slice(), dev)?)
 }
@@ -346,7 +350,7 @@ mod tests {
         let mut rng = Rng::new(3);
         let mut counts = vec![vec![0usize; b]; b];
         for _ in 0..200 {
-            let neg = sample_negatives(&sim, &sim, &positives, &mut rng)?;
+            let neg = sample_negatives(&sim, &sim, &positives, 1.0, &mut rng)?;
             assert_eq!(neg.fallbacks, 0);
             for (t, i) in neg.image_for_text.iter().enumerate() {
                 let i = i.unwrap();
@@ -360,6 +364,28 @@ mod tests {
         // The hard (high-similarity) admissible negative dominates: text 2's row favours
         // column 3.
         assert!(counts[2][3] > 190, "{:?}", counts[2]);
+        // Hardness 0: uniform over the admissible columns, whatever the similarities. Text 2
+        // has 5 (only itself is its positive): each about 1/5 of 1000 draws.
+        let mut uniform = vec![0usize; b];
+        for _ in 0..1000 {
+            let neg = sample_negatives(&sim, &sim, &positives, 0.0, &mut rng)?;
+            uniform[neg.image_for_text[2].unwrap()] += 1;
+        }
+        assert_eq!(uniform[2], 0);
+        assert!(
+            uniform
+                .iter()
+                .enumerate()
+                .all(|(i, &c)| i == 2 || (150..250).contains(&c)),
+            "{uniform:?}"
+        );
+        // In between, softer: at 0.1 the columns 20 and 0 apart weigh e^2 : 1 (the
+        // epsilon aside), where hardness 1 gives e^20 : 1.
+        let w = hard_negative_weights(&[5.0, 20.0, 0.0], &[true, false, false], 0.1);
+        assert!(
+            w[0] == 0.0 && (w[1] / w[2] - 2f64.exp()).abs() < 1e-3,
+            "{w:?}"
+        );
         Ok(())
     }
 
@@ -368,19 +394,19 @@ mod tests {
         let dev = Device::Cpu;
         let one = Tensor::new(&[[3.0f32]], &dev)?;
         let mut rng = Rng::new(0);
-        let neg = sample_negatives(&one, &one, &positive_pairs(1, None), &mut rng)?;
+        let neg = sample_negatives(&one, &one, &positive_pairs(1, None), 1.0, &mut rng)?;
         assert_eq!(neg.fallbacks, 2);
         assert_eq!(neg.image_for_text, vec![None]);
         let sim = Tensor::zeros((3, 3), DType::F32, &dev)?;
         let same = positive_pairs(3, Some(&[5, 5, 5]));
-        let neg = sample_negatives(&sim, &sim, &same, &mut rng)?;
+        let neg = sample_negatives(&sim, &sim, &same, 1.0, &mut rng)?;
         assert_eq!(neg.fallbacks, 6);
         // An underflowing softmax still samples (the epsilon), never a positive.
         let extreme = Tensor::new(
             &[[1e4f32, -1e4, -1e4], [-1e4, 1e4, -1e4], [-1e4, -1e4, 1e4]],
             &dev,
         )?;
-        let neg = sample_negatives(&extreme, &extreme, &positive_pairs(3, None), &mut rng)?;
+        let neg = sample_negatives(&extreme, &extreme, &positive_pairs(3, None), 1.0, &mut rng)?;
         assert_eq!(neg.fallbacks, 0);
         assert!(neg
             .image_for_text
@@ -436,6 +462,7 @@ mod tests {
                         &states,
                         &mask,
                         &tokens,
+                        1.0,
                         &mut rng,
                     )
                     .unwrap();

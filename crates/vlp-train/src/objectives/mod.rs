@@ -71,6 +71,13 @@ pub struct ItmConfig {
     /// negatives are drawn by the contrastive similarities, which are noise until the
     /// contrastive objective has learnt something.
     pub start_step: u64,
+    /// How hard the negatives are: the similarities (`cos / temp`) they are drawn by are
+    /// scaled by this before the softmax. 1 is ALBEF's draw; 0 draws uniformly among the
+    /// admissible pairs (random negatives); in between, softer. With the `clip` contrastive
+    /// kind the draw reads the model's own current similarities (ALBEF's reads the
+    /// momentum twin's lagging text features), and at 1 a small fusion encoder trained
+    /// from scratch may never leave its prior (docs/training.md).
+    pub hardness: f64,
 }
 
 impl Default for ItmConfig {
@@ -80,6 +87,7 @@ impl Default for ItmConfig {
             weight: 1.0,
             negative_all_rank: false,
             start_step: 0,
+            hardness: 1.0,
         }
     }
 }
@@ -226,6 +234,13 @@ impl ObjectiveConfig {
                     format!("{w} is not a weight >= 0"),
                 ));
             }
+        }
+        let h = self.itm.hardness;
+        if !(h.is_finite() && h >= 0.0) {
+            return Err(TrainError::config(
+                "itm.hardness",
+                format!("{h} is not a finite scale >= 0"),
+            ));
         }
         let d = &self.distill;
         if !(d.temperature.is_finite() && d.temperature > 0.0) {
