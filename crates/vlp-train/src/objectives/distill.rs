@@ -36,8 +36,13 @@ pub struct DistillConfig {
     pub enabled: bool,
     pub kind: DistillKind,
     pub weight: f64,
-    /// Temperature of the KL's softmaxes.
+    /// Temperature of the KL's softmaxes (both sides, as in Hinton's distillation).
     pub temperature: f64,
+    /// The teacher's log-odds are divided by this before any loss, to put them on the
+    /// student's scale: ITM log-odds span a few units, `cos / temp` spans `±1 / temp`
+    /// (±14 at 0.07). At 1 the student is pulled towards the teacher's narrower spread,
+    /// against the contrastive loss.
+    pub teacher_temperature: f64,
     /// Candidates per query, its positive included (at most the batch).
     pub candidates: usize,
     /// A frozen checkpoint folder to teach with; none: the model's own fusion encoder.
@@ -52,6 +57,7 @@ impl Default for DistillConfig {
             kind: DistillKind::Kl,
             weight: 1.0,
             temperature: 1.0,
+            teacher_temperature: 1.0,
             candidates: 16,
             teacher: None,
         }
@@ -190,7 +196,11 @@ pub fn distill(cfg: &DistillConfig, x: &DistillInputs) -> Result<Tensor> {
         .reshape((b, k))
         .map_err(TrainError::from)
     };
-    let (teach_i2t, teach_t2i) = (score(&pairs_i2t)?, score(&pairs_t2i)?);
+    let scale = 1.0 / cfg.teacher_temperature;
+    let (teach_i2t, teach_t2i) = (
+        score(&pairs_i2t)?.affine(scale, 0.0)?,
+        score(&pairs_t2i)?.affine(scale, 0.0)?,
+    );
     let student_i2t = pick(&sims, &c_i2t)?;
     let student_t2i = pick(&sims.t()?, &c_t2i)?;
     let a = distill_loss(cfg.kind, &student_i2t, &teach_i2t, cfg.temperature)?;
@@ -278,6 +288,80 @@ mod tests {
             1.0
         )
         .is_err());
+    }
+
+    /// The whole objective on a micro model equals the losses assembled by hand from the
+    /// candidates and the teacher's log-odds divided by `teacher_temperature`.
+    #[test]
+    fn the_teacher_temperature_rescales_the_teacher_scores() -> Result<()> {
+        use candle_nn::{VarBuilder, VarMap};
+        let dev = Device::Cpu;
+        let cfg = vlp_models::test_support::micro_config();
+        let varmap = VarMap::new();
+        let model = AlbefModel::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev))?;
+        let (b, l) = (4, 5);
+        let images = Tensor::randn(0f32, 1.0, (b, 3, 32, 32), &dev)?;
+        let ids: Vec<u32> = (0..b * l).map(|k| 5 + (k * 7 % 40) as u32).collect();
+        let ids = Tensor::from_vec(ids, (b, l), &dev)?;
+        let mask = Tensor::ones((b, l), DType::U32, &dev)?;
+        let (tokens, image_feat) = model.encode_image(&images, false)?;
+        let (states, text_feat) = model.encode_text(&ids, &mask, false)?;
+        let temp = Tensor::new(0.07f32, &dev)?;
+        let x = DistillInputs {
+            image_feat: &image_feat,
+            text_feat: &text_feat,
+            temp: &temp,
+            teacher: &model,
+            teacher_text_states: &states,
+            teacher_image_tokens: &tokens,
+            attention_mask: &mask,
+        };
+        let k = 3;
+        let sims = image_feat.matmul(&text_feat.t()?)?.broadcast_div(&temp)?;
+        let host = sims.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+        let host_t: Vec<Vec<f64>> = (0..b)
+            .map(|t| (0..b).map(|i| host[i][t]).collect())
+            .collect();
+        let (ci, ct) = (candidates(&host, k), candidates(&host_t, k));
+        let pairs = |c: &[Vec<usize>], i2t: bool| -> Vec<(usize, usize)> {
+            let mut v = Vec::new();
+            for (q, row) in c.iter().enumerate() {
+                v.extend(row.iter().map(|&j| if i2t { (j, q) } else { (q, j) }));
+            }
+            v
+        };
+        for (kind, tt) in [(DistillKind::Mse, 0.5), (DistillKind::Kl, 0.25)] {
+            let dc = DistillConfig {
+                enabled: true,
+                kind,
+                candidates: k,
+                teacher_temperature: tt,
+                ..DistillConfig::default()
+            };
+            let got = distill(&dc, &x)?.to_scalar::<f32>()?;
+            let teach = |p: Vec<(usize, usize)>| -> Result<Tensor> {
+                Ok((teacher_scores(&model, &states, &mask, &tokens, &p)?.reshape((b, k))? / tt)?)
+            };
+            let a = distill_loss(kind, &pick(&sims, &ci)?, &teach(pairs(&ci, true))?, 1.0)?;
+            let c = distill_loss(
+                kind,
+                &pick(&sims.t()?, &ct)?,
+                &teach(pairs(&ct, false))?,
+                1.0,
+            )?;
+            let want = ((a + c)? * 0.5)?.to_scalar::<f32>()?;
+            assert!(
+                (got - want).abs() < 1e-5 * want.abs().max(1.0),
+                "{kind:?}: {got} vs {want}"
+            );
+            // The scale matters: the unscaled teacher gives another value.
+            let plain = DistillConfig {
+                teacher_temperature: 1.0,
+                ..dc
+            };
+            assert!((distill(&plain, &x)?.to_scalar::<f32>()? - got).abs() > 1e-4);
+        }
+        Ok(())
     }
 
     #[test]

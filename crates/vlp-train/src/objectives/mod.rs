@@ -243,11 +243,13 @@ impl ObjectiveConfig {
             ));
         }
         let d = &self.distill;
-        if !(d.temperature.is_finite() && d.temperature > 0.0) {
-            return Err(TrainError::config(
-                "distill.temperature",
-                format!("{} is not > 0", d.temperature),
-            ));
+        for (field, t) in [
+            ("distill.temperature", d.temperature),
+            ("distill.teacher_temperature", d.teacher_temperature),
+        ] {
+            if !(t.is_finite() && t > 0.0) {
+                return Err(TrainError::config(field, format!("{t} is not > 0")));
+            }
         }
         let least = if d.kind == distill::DistillKind::MarginMse {
             2
