@@ -337,6 +337,22 @@ mod tests {
             ..Default::default()
         };
         assert!(bad.validate().unwrap_err().to_string().contains("alpha"));
+        for (hardness, teacher_temperature, field) in [
+            (-0.5, 1.0, "itm.hardness"),
+            (f64::NAN, 1.0, "itm.hardness"),
+            (1.0, 0.0, "distill.teacher_temperature"),
+        ] {
+            let mut bad = ObjectiveConfig::default();
+            bad.itm.hardness = hardness;
+            bad.distill.teacher_temperature = teacher_temperature;
+            let err = bad.validate().unwrap_err().to_string();
+            assert!(err.contains(field), "{err}");
+        }
+        let parsed: ObjectiveConfig = serde_json::from_str(r#"{"itm": {"hardness": 0}}"#).unwrap();
+        assert_eq!(
+            (parsed.itm.hardness, ObjectiveConfig::default().itm.hardness),
+            (0.0, 1.0)
+        );
     }
 
     #[test]
