@@ -193,14 +193,11 @@ pub fn distill(cfg: &DistillConfig, x: &DistillInputs) -> Result<Tensor> {
             x.teacher_image_tokens,
             pairs,
         )?
-        .reshape((b, k))
+        .reshape((b, k))?
+        .affine(1.0 / cfg.teacher_temperature, 0.0)
         .map_err(TrainError::from)
     };
-    let scale = 1.0 / cfg.teacher_temperature;
-    let (teach_i2t, teach_t2i) = (
-        score(&pairs_i2t)?.affine(scale, 0.0)?,
-        score(&pairs_t2i)?.affine(scale, 0.0)?,
-    );
+    let (teach_i2t, teach_t2i) = (score(&pairs_i2t)?, score(&pairs_t2i)?);
     let student_i2t = pick(&sims, &c_i2t)?;
     let student_t2i = pick(&sims.t()?, &c_t2i)?;
     let a = distill_loss(cfg.kind, &student_i2t, &teach_i2t, cfg.temperature)?;

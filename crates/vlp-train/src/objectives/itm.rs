@@ -72,9 +72,12 @@ pub fn positive_pairs(b: usize, image_ids: Option<&[i64]>) -> Vec<Vec<bool>> {
 /// columns, 0 at the positives. `hardness` 1 is ALBEF's draw, 0 a uniform one (random
 /// negatives); see [`super::ItmConfig::hardness`].
 pub fn hard_negative_weights(sim_row: &[f64], positive: &[bool], hardness: f64) -> Vec<f64> {
-    let row: Vec<f64> = sim_row.iter().map(|s| s * hardness).collect();
-    let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-    let exp: Vec<f64> = row.iter().map(|s| (s - max).exp()).collect();
+    // hardness >= 0 (validated), so the scaled row's maximum is the scaled maximum.
+    let max = sim_row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let exp: Vec<f64> = sim_row
+        .iter()
+        .map(|s| ((s - max) * hardness).exp())
+        .collect();
     let z: f64 = exp.iter().sum();
     exp.iter()
         .zip(positive)
