@@ -20,7 +20,8 @@
 #      ragged lengths, odd sizes; f32 within 2e-5, bf16 within 2e-2 of the largest value);
 #   2. the loss-parity test on the GPU in f32 (losses within 1e-4 of the PyTorch reference);
 #   3. the same tiny pretraining run on the CPU and on CUDA in f32 (losses agree to f32
-#      noise) and on CUDA in bf16 (agrees with f32 to bf16 noise); eval, embed on CUDA;
+#      noise) and on CUDA in bf16 (agrees with f32 to bf16 noise); again on CPU and CUDA
+#      with softer ITM negatives on a ramp and ITM distilled into ITC; eval, embed on CUDA;
 #   4. NCCL on this one GPU (world size 1, forced with VLP_DIST_BACKEND=nccl): the
 #      communicator starts, the CUDA f32 run through it equals the single-process run bit
 #      for bit, and ALBEF-base's gradient all-reduce is timed (`vlp bench allreduce`);
@@ -156,6 +157,15 @@ run() {
       --set "run.out_dir=\"$dev-$dt\"" --set "run.dtype=\"$dt\"" \
       > "$dev-$dt.eval.md" 2> "$dev-$dt.log" || { status=1; tail -20 "$dev-$dt.log"; }
   done
+  # The same with softer ITM negatives on a ramp and ITM distilled into ITC (self teacher):
+  # the fused attention's backward with one query row (ITM on [CLS]) and the teacher pass.
+  local extra=(--set objectives.itm.hardness=0.5 --set objectives.itm.hardness_ramp_steps=4
+    --set 'objectives.distill={enabled=true,kind="kl",candidates=4,teacher_temperature=0.5}')
+  for dev in cpu cuda; do
+    timeout $(lim 60) "$V" pretrain --recipe recipe.toml --no-progress --device "$dev" \
+      --set "run.out_dir=\"$dev-f32-distill\"" "${extra[@]}" \
+      > "$dev-f32-distill.eval.md" 2> "$dev-f32-distill.log" || { status=1; tail -20 "$dev-f32-distill.log"; }
+  done
   local ck=cuda-f32/checkpoints/step-000008
   timeout $(lim 40) "$V" eval retrieval --checkpoint "$ck" --shards val-000000.tar --tokenizer tok.json \
     --device cuda --k-test 8 --no-progress --out eval.json > /dev/null 2> eval.log || { status=1; tail -5 eval.log; }
@@ -243,6 +253,12 @@ if a and len(a) == len(b):
     row("pretrain 8 steps, CPU f32 vs CUDA f32: max |loss diff|", f"{w:.2e}", w < 2e-3)
 else:
     row("pretrain CPU f32 vs CUDA f32", f"{len(a)} vs {len(b)} logged steps", False)
+d, e = losses("cpu-f32-distill"), losses("cuda-f32-distill")
+if d and len(d) == len(e) and all("loss_distill" in x for x in e):
+    w = max(abs(x[key] - y[key]) for x, y in zip(d, e) for key in x)
+    row("pretrain 8 steps with ITM hardness ramp + distillation, CPU vs CUDA f32: max |loss diff|", f"{w:.2e}", w < 2e-3)
+else:
+    row("pretrain with ITM hardness ramp + distillation, CPU vs CUDA", f"{len(d)} vs {len(e)} logged steps", False)
 if b and len(b) == len(c):
     w = max(abs(x["loss_total"] - y["loss_total"]) / abs(x["loss_total"]) for x, y in zip(b, c))
     row("pretrain 8 steps, CUDA bf16 vs f32: max relative total-loss diff", f"{w:.2e}", w < 0.05)

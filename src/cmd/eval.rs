@@ -28,7 +28,8 @@ pub struct RetrievalArgs {
     /// Candidates per query re-scored by ITM (ALBEF: 256 COCO, 128 Flickr30K).
     #[arg(long, default_value_t = 128)]
     pub k_test: usize,
-    /// `itm+itc` (BLIP/LAVIS), `itm` (ALBEF) or `itc` (no re-ranking).
+    /// `itm+itc` (BLIP/LAVIS), `itm` (ALBEF), `itm+itc-logit` (the ITM logit plus the ITC
+    /// logit cos / temp) or `itc` (no re-ranking).
     #[arg(long, default_value = "itm+itc")]
     pub score: ScoreMode,
     /// Tokens per caption, [CLS] and [SEP] included.

@@ -41,6 +41,12 @@ pub enum ScoreMode {
     /// ITM logit + ITC cosine (BLIP, LAVIS; the default).
     #[serde(rename = "itm+itc")]
     ItmItc,
+    /// ITM logit + ITC logit (`cos / temp`, the model's own temperature): the two
+    /// matchers on one scale. In BLIP's sum the cosine spans ~0.1 among a query's
+    /// candidates against the ITM logit's several units, so a trained ITM head decides
+    /// alone; here the contrastive ranking keeps its say where ITM is unsure.
+    #[serde(rename = "itm+itc-logit")]
+    ItmItcLogit,
 }
 
 impl std::str::FromStr for ScoreMode {
@@ -50,9 +56,10 @@ impl std::str::FromStr for ScoreMode {
             "itc" => Ok(ScoreMode::Itc),
             "itm" => Ok(ScoreMode::Itm),
             "itm+itc" => Ok(ScoreMode::ItmItc),
+            "itm+itc-logit" => Ok(ScoreMode::ItmItcLogit),
             other => Err(EvalError::input(
                 "score",
-                format!("{other:?}: expected itc, itm or itm+itc"),
+                format!("{other:?}: expected itc, itm, itm+itc or itm+itc-logit"),
             )),
         }
     }
@@ -64,6 +71,7 @@ impl std::fmt::Display for ScoreMode {
             ScoreMode::Itc => "itc",
             ScoreMode::Itm => "itm",
             ScoreMode::ItmItc => "itm+itc",
+            ScoreMode::ItmItcLogit => "itm+itc-logit",
         })
     }
 }
@@ -388,12 +396,13 @@ pub fn evaluate(
 
     // Final rankings and metrics.
     let t0 = Instant::now();
+    let itc_scale = itc_scale(model, cfg.score)?;
     let score_of = |i: usize, t: usize| -> f32 {
         let p = &pairs[i];
         let at = p.binary_search(&t).expect("scored pair");
         let s = itm[i][at];
         match cfg.score {
-            ScoreMode::ItmItc => s + sims[i * m + t],
+            ScoreMode::ItmItc | ScoreMode::ItmItcLogit => s + itc_scale * sims[i * m + t],
             _ => s,
         }
     };
@@ -456,6 +465,23 @@ pub fn evaluate(
 
 /// The count of non-finite scores, logged when there are any: the recalls of such a
 /// model mean nothing, and an end-of-training evaluation should say so loudly.
+/// What the ITC cosine is multiplied by where a score adds it to the ITM logit: 1 for
+/// BLIP's `itm+itc`, `1 / temp` for `itm+itc-logit` (a non-finite or non-positive
+/// temperature makes every score NaN, counted like any other non-finite score).
+fn itc_scale(model: &AlbefModel, score: ScoreMode) -> Result<f32> {
+    Ok(match score {
+        ScoreMode::ItmItcLogit => {
+            let temp = model.temp().to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            if temp > 0.0 {
+                1.0 / temp
+            } else {
+                f32::NAN
+            }
+        }
+        _ => 1.0,
+    })
+}
+
 fn warn_non_finite(sims: usize, reranking: usize) -> usize {
     if sims + reranking > 0 {
         tracing::warn!(
@@ -859,16 +885,6 @@ mod tests {
     fn reranking_equals_a_direct_computation_over_every_pair() {
         let (model, images, ids, mask, text_image) = setup(6, 2);
         let (n, m, k) = (6, 12, 3);
-        let cfg = EvalConfig {
-            k_test: k,
-            image_batch: 4,
-            pair_batch: 5,
-            ..EvalConfig::default()
-        };
-        let out = run(&model, &images, &ids, &mask, &text_image, &cfg);
-        assert_eq!(out.protocol_pairs, n * k + m * k);
-        assert!(out.fused_pairs <= out.protocol_pairs && out.fused_pairs >= m * k);
-
         // Directly: every pair fused on its own (image repeated, text padded to 8), the
         // ITM+ITC score matrix, top k by ITC re-sorted by it, the rest in ITC order.
         let (tokens, ifeat) = model.encode_image(&images, false).unwrap();
@@ -897,50 +913,72 @@ mod tests {
                 .unwrap();
             itm[i * m..(i + 1) * m].copy_from_slice(&l);
         }
-        let score = |i: usize, t: usize| itm[i * m + t] + sims[i * m + t];
-        let image_ranks: Vec<usize> = (0..n)
-            .map(|i| {
-                let row = &sims[i * m..(i + 1) * m];
-                let order = rerank(&top_k(row, k), |t| score(i, t));
-                (0..m)
-                    .filter(|&t| text_image[t] == i)
-                    .map(|c| {
-                        order
-                            .iter()
-                            .position(|&t| t == c)
-                            .unwrap_or_else(|| rank_in(m, |o| row[o], c))
-                    })
-                    .min()
-                    .unwrap()
-            })
-            .collect();
-        let text_ranks: Vec<usize> = (0..m)
-            .map(|t| {
-                let col: Vec<f32> = (0..n).map(|i| sims[i * m + t]).collect();
-                let order = rerank(&top_k(&col, k), |i| score(i, t));
-                let g = text_image[t];
-                order
-                    .iter()
-                    .position(|&i| i == g)
-                    .unwrap_or_else(|| rank_in(n, |o| col[o], g))
-            })
-            .collect();
-        // The ITM scores do change the order of some query's candidates.
-        let reordered = (0..n).any(|i| {
-            let top = top_k(&sims[i * m..(i + 1) * m], k);
-            rerank(&top, |t| score(i, t)) != top
-        });
-        assert!(reordered, "re-ranking left every ITC order as it was");
-        let direct = RetrievalMetrics::from_ranks(&image_ranks, &text_ranks);
-        let got = out.reranked.clone().unwrap();
-        assert_eq!(
-            got, direct,
-            "batched, deduplicated re-ranking differs from the direct one"
-        );
-        assert_eq!(
-            out.itc,
-            RetrievalMetrics::from_similarities(&sims, n, &text_image)
-        );
+        let temp = model.temp().to_scalar::<f32>().unwrap();
+        let mut per_mode = Vec::new();
+        // BLIP's sum adds the cosine; `itm+itc-logit` adds the ITC logit, cos / temp.
+        for (mode, scale) in [
+            (ScoreMode::ItmItc, 1.0),
+            (ScoreMode::ItmItcLogit, 1.0 / temp),
+        ] {
+            let cfg = EvalConfig {
+                k_test: k,
+                image_batch: 4,
+                pair_batch: 5,
+                score: mode,
+                ..EvalConfig::default()
+            };
+            let out = run(&model, &images, &ids, &mask, &text_image, &cfg);
+            assert_eq!(out.protocol_pairs, n * k + m * k);
+            assert!(out.fused_pairs <= out.protocol_pairs && out.fused_pairs >= m * k);
+            let score = |i: usize, t: usize| itm[i * m + t] + scale * sims[i * m + t];
+            let image_ranks: Vec<usize> = (0..n)
+                .map(|i| {
+                    let row = &sims[i * m..(i + 1) * m];
+                    let order = rerank(&top_k(row, k), |t| score(i, t));
+                    (0..m)
+                        .filter(|&t| text_image[t] == i)
+                        .map(|c| {
+                            order
+                                .iter()
+                                .position(|&t| t == c)
+                                .unwrap_or_else(|| rank_in(m, |o| row[o], c))
+                        })
+                        .min()
+                        .unwrap()
+                })
+                .collect();
+            let text_ranks: Vec<usize> = (0..m)
+                .map(|t| {
+                    let col: Vec<f32> = (0..n).map(|i| sims[i * m + t]).collect();
+                    let order = rerank(&top_k(&col, k), |i| score(i, t));
+                    let g = text_image[t];
+                    order
+                        .iter()
+                        .position(|&i| i == g)
+                        .unwrap_or_else(|| rank_in(n, |o| col[o], g))
+                })
+                .collect();
+            // The ITM scores do change the order of some query's candidates.
+            let reordered = (0..n).any(|i| {
+                let top = top_k(&sims[i * m..(i + 1) * m], k);
+                rerank(&top, |t| score(i, t)) != top
+            });
+            assert!(
+                reordered,
+                "{mode}: re-ranking left every ITC order as it was"
+            );
+            per_mode.push((image_ranks.clone(), text_ranks.clone()));
+            let direct = RetrievalMetrics::from_ranks(&image_ranks, &text_ranks);
+            let got = out.reranked.clone().unwrap();
+            assert_eq!(
+                got, direct,
+                "{mode}: batched, deduplicated re-ranking differs from the direct one"
+            );
+            assert_eq!(
+                out.itc,
+                RetrievalMetrics::from_similarities(&sims, n, &text_image)
+            );
+        }
     }
 
     #[test]
@@ -1015,7 +1053,12 @@ mod tests {
         }
         let model =
             AlbefModel::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev)).unwrap();
-        for score in [ScoreMode::Itc, ScoreMode::Itm, ScoreMode::ItmItc] {
+        for score in [
+            ScoreMode::Itc,
+            ScoreMode::Itm,
+            ScoreMode::ItmItc,
+            ScoreMode::ItmItcLogit,
+        ] {
             let eval_cfg = EvalConfig {
                 k_test: 2,
                 score,
@@ -1038,7 +1081,7 @@ mod tests {
 
     #[test]
     fn score_modes_parse_and_print() {
-        for m in ["itc", "itm", "itm+itc"] {
+        for m in ["itc", "itm", "itm+itc", "itm+itc-logit"] {
             assert_eq!(m.parse::<ScoreMode>().unwrap().to_string(), m);
         }
         assert!("itm-itc".parse::<ScoreMode>().is_err());

@@ -192,7 +192,8 @@ pub struct EvalSection {
     /// Candidates per query re-scored by ITM (ALBEF: 256 COCO, 128 Flickr30K).
     #[serde(default = "one_twenty_eight")]
     pub k_test: usize,
-    /// `itm+itc` (BLIP/LAVIS, default), `itm` (ALBEF) or `itc` (no re-ranking).
+    /// `itm+itc` (BLIP/LAVIS, default), `itm` (ALBEF), `itm+itc-logit` (the ITM logit
+    /// plus `cos / temp`) or `itc` (no re-ranking).
     #[serde(default = "itm_itc")]
     pub score: String,
     /// The set evaluated after every epoch (fine-tuning): the checkpoint with the best
@@ -270,11 +271,8 @@ impl Recipe {
     /// Checks what serde cannot: exactly one of preset/config, positive sizes, a length.
     pub fn validate(&self) -> Result<()> {
         if let Some(eval) = &self.eval {
-            if eval.score.parse::<vlp_eval::ScoreMode>().is_err() {
-                return Err(TrainError::Recipe(format!(
-                    "eval.score = {:?}: expected \"itc\", \"itm\" or \"itm+itc\"",
-                    eval.score
-                )));
+            if let Err(e) = eval.score.parse::<vlp_eval::ScoreMode>() {
+                return Err(TrainError::Recipe(format!("eval.{e}")));
             }
             if eval.k_test == 0 {
                 return Err(TrainError::Recipe("eval.k_test must be at least 1".into()));

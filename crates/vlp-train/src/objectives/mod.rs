@@ -78,6 +78,10 @@ pub struct ItmConfig {
     /// momentum twin's lagging text features), and at 1 a small fusion encoder trained
     /// from scratch may never leave its prior (docs/training.md).
     pub hardness: f64,
+    /// Steps over which the hardness rises linearly from 0 (random negatives) at
+    /// `start_step` to `hardness`: a curriculum that lets ITM leave its prior on easy
+    /// negatives before it sees the model's closest confusions. 0: `hardness` throughout.
+    pub hardness_ramp_steps: u64,
 }
 
 impl Default for ItmConfig {
@@ -88,6 +92,7 @@ impl Default for ItmConfig {
             negative_all_rank: false,
             start_step: 0,
             hardness: 1.0,
+            hardness_ramp_steps: 0,
         }
     }
 }
@@ -160,10 +165,15 @@ impl Default for ObjectiveConfig {
 
 impl ObjectiveConfig {
     /// The objectives in effect at optimizer step `step` (0-based): ITM and MLM are off
-    /// before their `start_step`.
+    /// before their `start_step`, and ITM's hardness follows its ramp.
     pub fn at_step(&self, step: u64) -> ObjectiveConfig {
         let mut now = self.clone();
         now.itm.enabled &= step >= self.itm.start_step;
+        let ramp = self.itm.hardness_ramp_steps;
+        if ramp > 0 {
+            let done = step.saturating_sub(self.itm.start_step).min(ramp);
+            now.itm.hardness = self.itm.hardness * done as f64 / ramp as f64;
+        }
         now.mlm.enabled &= step >= self.mlm.start_step;
         now
     }
@@ -371,6 +381,17 @@ mod tests {
         assert_eq!(on(9), (false, false, true));
         assert_eq!(on(10), (true, false, true));
         assert_eq!(on(20), (true, true, true));
+        // The hardness ramp: 0 at the start step, linear, then held.
+        let ramped: ObjectiveConfig = serde_json::from_str(
+            r#"{"itm": {"start_step": 10, "hardness": 0.8, "hardness_ramp_steps": 40}}"#,
+        )
+        .unwrap();
+        let h = |step| ramped.at_step(step).itm.hardness;
+        assert_eq!(
+            (h(0), h(10), h(30), h(50), h(500)),
+            (0.0, 0.0, 0.4, 0.8, 0.8)
+        );
+        assert_eq!(cfg.at_step(5).itm.hardness, 1.0);
         // A disabled objective stays off after its start.
         let off = ObjectiveConfig {
             itm: ItmConfig {
