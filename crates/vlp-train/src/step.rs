@@ -437,14 +437,17 @@ pub fn pretrain_losses_across(
 
     // 7b. The cross-encoder's scores distilled into the ITC similarities.
     if cfg.distill_on() {
-        let (t_model, t_states, t_tokens) = match teacher {
+        let (t_model, (t_states, t_text_feat), (t_tokens, t_image_feat)) = match teacher {
             Some(t) => (
                 t,
-                t.encode_text(&batch.input_ids, &batch.attention_mask, false)?
-                    .0,
-                t.encode_image(&batch.images, false)?.0,
+                t.encode_text(&batch.input_ids, &batch.attention_mask, false)?,
+                t.encode_image(&batch.images, false)?,
             ),
-            None => (model, text_states.clone(), image_tokens.clone()),
+            None => (
+                model,
+                (text_states.clone(), text_feat.clone()),
+                (image_tokens.clone(), image_feat.clone()),
+            ),
         };
         let loss = distill(
             &cfg.distill,
@@ -455,6 +458,9 @@ pub fn pretrain_losses_across(
                 teacher: t_model,
                 teacher_text_states: &t_states,
                 teacher_image_tokens: &t_tokens,
+                teacher_image_feat: &t_image_feat,
+                teacher_text_feat: &t_text_feat,
+                teacher_temp: t_model.temp(),
                 attention_mask: &batch.attention_mask,
             },
         )?;

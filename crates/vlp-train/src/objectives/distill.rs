@@ -29,6 +29,20 @@ pub enum DistillKind {
     MarginMse,
 }
 
+/// What the teacher's score of a pair is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TeacherScore {
+    /// The ITM log-odds of "match" (divided by `teacher_temperature`).
+    #[serde(rename = "itm")]
+    Itm,
+    /// The re-ranking score: the ITM log-odds (divided by `teacher_temperature`) plus the
+    /// teacher's own ITC logit `cos / temp`, as `eval.score = "itm+itc-logit"` ranks.
+    /// With the model as its own teacher the ITC term is the student's similarity
+    /// without gradient, so the target is the student's ranking corrected by ITM.
+    #[serde(rename = "itm+itc")]
+    ItmItc,
+}
+
 /// The distillation objective (off unless enabled).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -43,6 +57,8 @@ pub struct DistillConfig {
     /// (±14 at 0.07). At 1 the student is pulled towards the teacher's narrower spread,
     /// against the contrastive loss.
     pub teacher_temperature: f64,
+    /// The teacher's score: the ITM log-odds alone, or with its ITC logit added.
+    pub teacher_score: TeacherScore,
     /// Candidates per query, its positive included (at most the batch).
     pub candidates: usize,
     /// A frozen checkpoint folder to teach with; none: the model's own fusion encoder.
@@ -58,6 +74,7 @@ impl Default for DistillConfig {
             weight: 1.0,
             temperature: 1.0,
             teacher_temperature: 1.0,
+            teacher_score: TeacherScore::Itm,
             candidates: 16,
             teacher: None,
         }
@@ -158,6 +175,11 @@ pub struct DistillInputs<'a> {
     pub teacher: &'a AlbefModel,
     pub teacher_text_states: &'a Tensor,
     pub teacher_image_tokens: &'a Tensor,
+    /// The teacher's normalised ITC features and temperature (read for
+    /// [`TeacherScore::ItmItc`]).
+    pub teacher_image_feat: &'a Tensor,
+    pub teacher_text_feat: &'a Tensor,
+    pub teacher_temp: &'a Tensor,
     pub attention_mask: &'a Tensor,
 }
 
@@ -185,19 +207,36 @@ pub fn distill(cfg: &DistillConfig, x: &DistillInputs) -> Result<Tensor> {
         .enumerate()
         .flat_map(|(t, c)| c.iter().map(move |&i| (t, i)))
         .collect();
-    let score = |pairs: &[(usize, usize)]| {
-        teacher_scores(
-            x.teacher,
-            x.teacher_text_states,
-            x.attention_mask,
-            x.teacher_image_tokens,
-            pairs,
-        )?
-        .reshape((b, k))?
-        .affine(1.0 / cfg.teacher_temperature, 0.0)
-        .map_err(TrainError::from)
+    // The teacher's ITC logits `[B images, B texts]`, when its score adds them.
+    let teacher_sims = match cfg.teacher_score {
+        TeacherScore::Itm => None,
+        TeacherScore::ItmItc => Some(
+            x.teacher_image_feat
+                .detach()
+                .matmul(&x.teacher_text_feat.detach().t()?)?
+                .broadcast_div(&x.teacher_temp.detach())?
+                .to_dtype(DType::F32)?,
+        ),
     };
-    let (teach_i2t, teach_t2i) = (score(&pairs_i2t)?, score(&pairs_t2i)?);
+    let score =
+        |pairs: &[(usize, usize)], itc: Option<(&Tensor, &[Vec<usize>])>| -> Result<Tensor> {
+            let itm = teacher_scores(
+                x.teacher,
+                x.teacher_text_states,
+                x.attention_mask,
+                x.teacher_image_tokens,
+                pairs,
+            )?
+            .reshape((b, k))?
+            .affine(1.0 / cfg.teacher_temperature, 0.0)?;
+            match itc {
+                Some((sims, cands)) => Ok((itm + pick(sims, cands)?)?),
+                None => Ok(itm),
+            }
+        };
+    let teacher_t = teacher_sims.as_ref().map(|s| s.t()).transpose()?;
+    let teach_i2t = score(&pairs_i2t, teacher_sims.as_ref().map(|s| (s, &c_i2t[..])))?;
+    let teach_t2i = score(&pairs_t2i, teacher_t.as_ref().map(|s| (s, &c_t2i[..])))?;
     let student_i2t = pick(&sims, &c_i2t)?;
     let student_t2i = pick(&sims.t()?, &c_t2i)?;
     let a = distill_loss(cfg.kind, &student_i2t, &teach_i2t, cfg.temperature)?;
@@ -288,9 +327,10 @@ mod tests {
     }
 
     /// The whole objective on a micro model equals the losses assembled by hand from the
-    /// candidates and the teacher's log-odds divided by `teacher_temperature`.
+    /// candidates and the teacher's log-odds divided by `teacher_temperature`, plus, for
+    /// `teacher_score = "itm+itc"`, the teacher's ITC logit at its own temperature.
     #[test]
-    fn the_teacher_temperature_rescales_the_teacher_scores() -> Result<()> {
+    fn the_teacher_score_is_the_scaled_log_odds_plus_its_itc_logit_when_asked() -> Result<()> {
         use candle_nn::{VarBuilder, VarMap};
         let dev = Device::Cpu;
         let cfg = vlp_models::test_support::micro_config();
@@ -304,6 +344,13 @@ mod tests {
         let (tokens, image_feat) = model.encode_image(&images, false)?;
         let (states, text_feat) = model.encode_text(&ids, &mask, false)?;
         let temp = Tensor::new(0.07f32, &dev)?;
+        // The teacher's features: the student's, permuted, at another temperature.
+        let t_temp = Tensor::new(0.2f32, &dev)?;
+        let perm = Tensor::new(&[2u32, 0, 3, 1], &dev)?;
+        let (t_image_feat, t_text_feat) = (
+            image_feat.index_select(&perm, 0)?,
+            text_feat.index_select(&perm, 0)?,
+        );
         let x = DistillInputs {
             image_feat: &image_feat,
             text_feat: &text_feat,
@@ -311,8 +358,14 @@ mod tests {
             teacher: &model,
             teacher_text_states: &states,
             teacher_image_tokens: &tokens,
+            teacher_image_feat: &t_image_feat,
+            teacher_text_feat: &t_text_feat,
+            teacher_temp: &t_temp,
             attention_mask: &mask,
         };
+        let t_sims = t_image_feat
+            .matmul(&t_text_feat.t()?)?
+            .broadcast_div(&t_temp)?;
         let k = 3;
         let sims = image_feat.matmul(&text_feat.t()?)?.broadcast_div(&temp)?;
         let host = sims.to_dtype(DType::F64)?.to_vec2::<f64>()?;
@@ -327,37 +380,56 @@ mod tests {
             }
             v
         };
-        for (kind, tt) in [(DistillKind::Mse, 0.5), (DistillKind::Kl, 0.25)] {
+        for (kind, tt, ts) in [
+            (DistillKind::Mse, 0.5, TeacherScore::Itm),
+            (DistillKind::Kl, 0.25, TeacherScore::Itm),
+            (DistillKind::Kl, 0.25, TeacherScore::ItmItc),
+            (DistillKind::MarginMse, 2.0, TeacherScore::ItmItc),
+        ] {
             let dc = DistillConfig {
                 enabled: true,
                 kind,
                 candidates: k,
                 teacher_temperature: tt,
+                teacher_score: ts,
                 ..DistillConfig::default()
             };
             let got = distill(&dc, &x)?.to_scalar::<f32>()?;
-            let teach = |p: Vec<(usize, usize)>| -> Result<Tensor> {
-                Ok((teacher_scores(&model, &states, &mask, &tokens, &p)?.reshape((b, k))? / tt)?)
+            let teach = |c: &[Vec<usize>], i2t: bool| -> Result<Tensor> {
+                let itm = teacher_scores(&model, &states, &mask, &tokens, &pairs(c, i2t))?
+                    .reshape((b, k))?;
+                let itm = (itm / tt)?;
+                Ok(match ts {
+                    TeacherScore::Itm => itm,
+                    TeacherScore::ItmItc if i2t => (itm + pick(&t_sims, c)?)?,
+                    TeacherScore::ItmItc => (itm + pick(&t_sims.t()?, c)?)?,
+                })
             };
-            let a = distill_loss(kind, &pick(&sims, &ci)?, &teach(pairs(&ci, true))?, 1.0)?;
-            let c = distill_loss(
-                kind,
-                &pick(&sims.t()?, &ct)?,
-                &teach(pairs(&ct, false))?,
-                1.0,
-            )?;
+            let a = distill_loss(kind, &pick(&sims, &ci)?, &teach(&ci, true)?, 1.0)?;
+            let c = distill_loss(kind, &pick(&sims.t()?, &ct)?, &teach(&ct, false)?, 1.0)?;
             let want = ((a + c)? * 0.5)?.to_scalar::<f32>()?;
             assert!(
                 (got - want).abs() < 1e-5 * want.abs().max(1.0),
                 "{kind:?}: {got} vs {want}"
             );
-            // The scale matters: the unscaled teacher gives another value.
+            // The scale and the ITC term matter: without either, another value.
             let plain = DistillConfig {
                 teacher_temperature: 1.0,
-                ..dc
+                ..dc.clone()
             };
             assert!((distill(&plain, &x)?.to_scalar::<f32>()? - got).abs() > 1e-4);
+            let other = DistillConfig {
+                teacher_score: match ts {
+                    TeacherScore::Itm => TeacherScore::ItmItc,
+                    TeacherScore::ItmItc => TeacherScore::Itm,
+                },
+                ..dc
+            };
+            assert!((distill(&other, &x)?.to_scalar::<f32>()? - got).abs() > 1e-4);
         }
+        let parsed: DistillConfig = serde_json::from_str(r#"{"teacher_score": "itm+itc"}"#)
+            .map_err(|e| TrainError::config("distill", e.to_string()))?;
+        assert_eq!(parsed.teacher_score, TeacherScore::ItmItc);
         Ok(())
     }
 
