@@ -160,7 +160,7 @@ run() {
   # The same with softer ITM negatives on a ramp and ITM distilled into ITC (self teacher):
   # the fused attention's backward with one query row (ITM on [CLS]) and the teacher pass.
   local extra=(--set objectives.itm.hardness=0.5 --set objectives.itm.hardness_ramp_steps=4
-    --set 'objectives.distill={enabled=true,kind="kl",candidates=4,teacher_temperature=0.5}')
+    --set 'objectives.distill={enabled=true,kind="kl",candidates=4,teacher_temperature=0.5,teacher_score="itm+itc"}')
   for dev in cpu cuda; do
     timeout $(lim 60) "$V" pretrain --recipe recipe.toml --no-progress --device "$dev" \
       --set "run.out_dir=\"$dev-f32-distill\"" "${extra[@]}" \
