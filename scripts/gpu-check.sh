@@ -168,7 +168,7 @@ run() {
   done
   local ck=cuda-f32/checkpoints/step-000008
   timeout $(lim 40) "$V" eval retrieval --checkpoint "$ck" --shards val-000000.tar --tokenizer tok.json \
-    --device cuda --k-test 8 --no-progress --out eval.json > /dev/null 2> eval.log || { status=1; tail -5 eval.log; }
+    --device cuda --k-test 8 --score itm+itc-logit --no-progress --out eval.json > /dev/null 2> eval.log || { status=1; tail -5 eval.log; }
   printf 'a red circle\na blue square\n' > texts.txt
   timeout $(lim 30) "$V" embed --checkpoint "$ck" --texts texts.txt --tokenizer tok.json --out e.safetensors \
     --device cuda 2> embed.log || { status=1; tail -5 embed.log; }
@@ -273,7 +273,7 @@ row("NCCL world size 1: losses and weights equal to the single-process CUDA run"
 a_r = load("allreduce.json")
 row("NCCL all-reduce of ALBEF-base's f32 gradients (world size 1)", f"{a_r['bytes'] / 1e6:.0f} MB in {a_r['median_ms']} ms, {a_r['algbw_gbps']} GB/s" if a_r else "missing", a_r is not None)
 r = load("eval.json")
-row("eval retrieval on CUDA", "ran" if r else "missing", r is not None)
+row("eval retrieval on CUDA, itm+itc-logit: non-finite scores", str(r.get("non_finite_scores")) if r else "missing", r is not None and r.get("non_finite_scores") == 0)
 row("embed on CUDA", "ran" if os.path.exists("e.safetensors") else "missing", os.path.exists("e.safetensors"))
 
 def key(r):

@@ -463,8 +463,6 @@ pub fn evaluate(
     })
 }
 
-/// The count of non-finite scores, logged when there are any: the recalls of such a
-/// model mean nothing, and an end-of-training evaluation should say so loudly.
 /// What the ITC cosine is multiplied by where a score adds it to the ITM logit: 1 for
 /// BLIP's `itm+itc`, `1 / temp` for `itm+itc-logit` (a non-finite or non-positive
 /// temperature makes every score NaN, counted like any other non-finite score).
@@ -472,7 +470,7 @@ fn itc_scale(model: &AlbefModel, score: ScoreMode) -> Result<f32> {
     Ok(match score {
         ScoreMode::ItmItcLogit => {
             let temp = model.temp().to_dtype(DType::F32)?.to_scalar::<f32>()?;
-            if temp > 0.0 {
+            if temp.is_finite() && temp > 0.0 {
                 1.0 / temp
             } else {
                 f32::NAN
@@ -482,6 +480,8 @@ fn itc_scale(model: &AlbefModel, score: ScoreMode) -> Result<f32> {
     })
 }
 
+/// The count of non-finite scores, logged when there are any: the recalls of such a
+/// model mean nothing, and an end-of-training evaluation should say so loudly.
 fn warn_non_finite(sims: usize, reranking: usize) -> usize {
     if sims + reranking > 0 {
         tracing::warn!(
@@ -884,7 +884,8 @@ mod tests {
     #[test]
     fn reranking_equals_a_direct_computation_over_every_pair() {
         let (model, images, ids, mask, text_image) = setup(6, 2);
-        let (n, m, k) = (6, 12, 3);
+        // k = 4: where the two sums below give different recalls.
+        let (n, m, k) = (6, 12, 4);
         // Directly: every pair fused on its own (image repeated, text padded to 8), the
         // ITM+ITC score matrix, top k by ITC re-sorted by it, the rest in ITC order.
         let (tokens, ifeat) = model.encode_image(&images, false).unwrap();
@@ -967,8 +968,8 @@ mod tests {
                 reordered,
                 "{mode}: re-ranking left every ITC order as it was"
             );
-            per_mode.push((image_ranks.clone(), text_ranks.clone()));
             let direct = RetrievalMetrics::from_ranks(&image_ranks, &text_ranks);
+            per_mode.push(direct.clone());
             let got = out.reranked.clone().unwrap();
             assert_eq!(
                 got, direct,
@@ -979,6 +980,8 @@ mod tests {
                 RetrievalMetrics::from_similarities(&sims, n, &text_image)
             );
         }
+        // The two sums give different recalls here, so each mode's match is its own.
+        assert_ne!(per_mode[0], per_mode[1], "the ITC scale changed no recall");
     }
 
     #[test]

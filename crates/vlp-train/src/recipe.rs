@@ -547,6 +547,10 @@ out_dir = "runs/x"
         let text = format!("{BASE}\n[eval]\nsets = []\nscore = \"itm-itc\"\n");
         let e = Recipe::from_str_with(&text, &[]).unwrap_err().to_string();
         assert!(e.contains("eval.score") && e.contains("itm+itc"), "{e}");
+        for ok in ["itc", "itm", "itm+itc", "itm+itc-logit"] {
+            let text = format!("{BASE}\n[eval]\nsets = []\nscore = \"{ok}\"\n");
+            assert!(Recipe::from_str_with(&text, &[]).is_ok(), "{ok}");
+        }
         let text = format!("{BASE}\n[eval]\nsets = []\nk_test = 0\n");
         let e = Recipe::from_str_with(&text, &[]).unwrap_err().to_string();
         assert!(e.contains("eval.k_test"), "{e}");

@@ -35,8 +35,9 @@ pub enum TeacherScore {
     /// The ITM log-odds of "match" (divided by `teacher_temperature`).
     #[serde(rename = "itm")]
     Itm,
-    /// The re-ranking score: the ITM log-odds (divided by `teacher_temperature`) plus the
-    /// teacher's own ITC logit `cos / temp`, as `eval.score = "itm+itc-logit"` ranks.
+    /// A re-ranking score: the ITM log-odds (divided by `teacher_temperature`) plus the
+    /// teacher's own ITC logit `cos / temp`, the form `eval.score = "itm+itc-logit"`
+    /// ranks by (which adds the match logit, unscaled).
     /// With the model as its own teacher the ITC term is the student's similarity
     /// without gradient, so the target is the student's ranking corrected by ITM.
     #[serde(rename = "itm+itc")]
