@@ -151,20 +151,19 @@ run() {
   "$V" shards synth --out train --count 256 --per-shard 64 --image-size 64 --seed 1 >/dev/null
   "$V" shards synth --out val --count 64 --per-shard 64 --image-size 64 --seed 2 >/dev/null
   "$V" tokenizer train 'train-{000000..000003}.tar' --out tok.json --vocab-size 200 >/dev/null
-  for run in cpu:f32 cuda:f32 cuda:bf16; do
-    local dev=${run%%:*} dt=${run##*:}
-    timeout $(lim 60) "$V" pretrain --recipe recipe.toml --no-progress --device "$dev" \
-      --set "run.out_dir=\"$dev-$dt\"" --set "run.dtype=\"$dt\"" \
-      > "$dev-$dt.eval.md" 2> "$dev-$dt.log" || { status=1; tail -20 "$dev-$dt.log"; }
-  done
-  # The same with softer ITM negatives on a ramp and ITM distilled into ITC (self teacher):
-  # the fused attention's backward with one query row (ITM on [CLS]) and the teacher pass.
-  local extra=(--set objectives.itm.hardness=0.5 --set objectives.itm.hardness_ramp_steps=4
+  # ":distill" runs add softer ITM negatives on a ramp and ITM distilled into ITC (self
+  # teacher): the fused attention's backward with one query row (ITM on [CLS]) and the
+  # teacher pass.
+  local distill=(--set objectives.itm.hardness=0.5 --set objectives.itm.hardness_ramp_steps=4
     --set 'objectives.distill={enabled=true,kind="kl",candidates=4,teacher_temperature=0.5,teacher_score="itm+itc"}')
-  for dev in cpu cuda; do
+  for run in cpu:f32 cuda:f32 cuda:bf16 cpu:f32:distill cuda:f32:distill; do
+    local dev dt variant name extra=()
+    IFS=: read -r dev dt variant <<< "$run"
+    name=$dev-$dt${variant:+-$variant}
+    [ -n "$variant" ] && extra=("${distill[@]}")
     timeout $(lim 60) "$V" pretrain --recipe recipe.toml --no-progress --device "$dev" \
-      --set "run.out_dir=\"$dev-f32-distill\"" "${extra[@]}" \
-      > "$dev-f32-distill.eval.md" 2> "$dev-f32-distill.log" || { status=1; tail -20 "$dev-f32-distill.log"; }
+      --set "run.out_dir=\"$name\"" --set "run.dtype=\"$dt\"" "${extra[@]}" \
+      > "$name.eval.md" 2> "$name.log" || { status=1; tail -20 "$name.log"; }
   done
   local ck=cuda-f32/checkpoints/step-000008
   timeout $(lim 40) "$V" eval retrieval --checkpoint "$ck" --shards val-000000.tar --tokenizer tok.json \

@@ -134,6 +134,11 @@ pub fn distill_loss(
     })
 }
 
+/// The ITC logits `cos / temp` of every image (rows) with every caption (columns).
+fn itc_logits(image_feat: &Tensor, text_feat: &Tensor, temp: &Tensor) -> Result<Tensor> {
+    Ok(image_feat.matmul(&text_feat.t()?)?.broadcast_div(temp)?)
+}
+
 /// Gathers `sims[q, cand[q][j]]` into `[Q, k]` (with the gradient of `sims`).
 fn pick(sims: &Tensor, cands: &[Vec<usize>]) -> Result<Tensor> {
     let k = cands.first().map_or(0, Vec::len);
@@ -188,10 +193,7 @@ pub struct DistillInputs<'a> {
 pub fn distill(cfg: &DistillConfig, x: &DistillInputs) -> Result<Tensor> {
     let b = x.image_feat.dim(0)?;
     let k = cfg.candidates.clamp(1, b);
-    let sims = x
-        .image_feat
-        .matmul(&x.text_feat.t()?)?
-        .broadcast_div(x.temp)?; // [B, B]
+    let sims = itc_logits(x.image_feat, x.text_feat, x.temp)?; // [B images, B texts]
     let host = sims.detach().to_dtype(DType::F64)?.to_vec2::<f64>()?;
     let host_t: Vec<Vec<f64>> = (0..b)
         .map(|t| (0..b).map(|i| host[i][t]).collect())
@@ -208,36 +210,26 @@ pub fn distill(cfg: &DistillConfig, x: &DistillInputs) -> Result<Tensor> {
         .enumerate()
         .flat_map(|(t, c)| c.iter().map(move |&i| (t, i)))
         .collect();
-    // The teacher's ITC logits `[B images, B texts]`, when its score adds them.
-    let teacher_sims = match cfg.teacher_score {
-        TeacherScore::Itm => None,
-        TeacherScore::ItmItc => Some(
-            x.teacher_image_feat
-                .detach()
-                .matmul(&x.teacher_text_feat.detach().t()?)?
-                .broadcast_div(&x.teacher_temp.detach())?
-                .to_dtype(DType::F32)?,
-        ),
+    let itm = |pairs: &[(usize, usize)]| -> Result<Tensor> {
+        Ok(teacher_scores(
+            x.teacher,
+            x.teacher_text_states,
+            x.attention_mask,
+            x.teacher_image_tokens,
+            pairs,
+        )?
+        .reshape((b, k))?
+        .affine(1.0 / cfg.teacher_temperature, 0.0)?)
     };
-    let score =
-        |pairs: &[(usize, usize)], itc: Option<(&Tensor, &[Vec<usize>])>| -> Result<Tensor> {
-            let itm = teacher_scores(
-                x.teacher,
-                x.teacher_text_states,
-                x.attention_mask,
-                x.teacher_image_tokens,
-                pairs,
-            )?
-            .reshape((b, k))?
-            .affine(1.0 / cfg.teacher_temperature, 0.0)?;
-            match itc {
-                Some((sims, cands)) => Ok((itm + pick(sims, cands)?)?),
-                None => Ok(itm),
-            }
-        };
-    let teacher_t = teacher_sims.as_ref().map(|s| s.t()).transpose()?;
-    let teach_i2t = score(&pairs_i2t, teacher_sims.as_ref().map(|s| (s, &c_i2t[..])))?;
-    let teach_t2i = score(&pairs_t2i, teacher_t.as_ref().map(|s| (s, &c_t2i[..])))?;
+    let (mut teach_i2t, mut teach_t2i) = (itm(&pairs_i2t)?, itm(&pairs_t2i)?);
+    if cfg.teacher_score == TeacherScore::ItmItc {
+        // The teacher's own ITC logits of the same pairs, picked as the student's are.
+        let t_sims = itc_logits(x.teacher_image_feat, x.teacher_text_feat, x.teacher_temp)?
+            .detach()
+            .to_dtype(DType::F32)?;
+        teach_i2t = (teach_i2t + pick(&t_sims, &c_i2t)?)?;
+        teach_t2i = (teach_t2i + pick(&t_sims.t()?, &c_t2i)?)?;
+    }
     let student_i2t = pick(&sims, &c_i2t)?;
     let student_t2i = pick(&sims.t()?, &c_t2i)?;
     let a = distill_loss(cfg.kind, &student_i2t, &teach_i2t, cfg.temperature)?;
