@@ -383,13 +383,14 @@ pub fn pretrain_losses_across(
             cfg.itm.hardness,
             &mut rng,
         )?;
-        stats.itm_fallbacks = c.negatives.fallbacks;
+        let negatives = c.negatives.first(cfg.itm.scored_pairs(b));
+        stats.itm_fallbacks = negatives.fallbacks;
         let loss = itm_loss_at(
             model,
             &c.text_states,
             &c.attention_mask,
             &c.image_tokens,
-            &c.negatives,
+            &negatives,
             c.own,
             train,
         )?;
@@ -422,7 +423,8 @@ pub fn pretrain_losses_across(
                 neg_text_for_image,
                 ..
             } => Negatives::replay(neg_image_for_text, neg_text_for_image, b)?,
-        };
+        }
+        .first(cfg.itm.scored_pairs(b));
         stats.itm_fallbacks = negatives.fallbacks;
         let loss = itm_loss(
             model,
@@ -630,6 +632,71 @@ mod tests {
                 !got("itm_head") && !got("crossattention"),
                 "{kind}: the teacher got a gradient"
             );
+        }
+        Ok(())
+    }
+
+    /// ITM's `batch_fraction`: the step scores only the first pairs, each with its
+    /// negative image and negative text, which still index the whole batch. Checked
+    /// against the fusion passes assembled by hand, at a fraction of 1/2 and of 1.
+    #[test]
+    fn itm_batch_fraction_scores_the_first_pairs_only() -> Result<()> {
+        let mut cfg = micro();
+        cfg.text.dropout = 0.0;
+        let (vm, model) = build(&cfg)?;
+        // A fixed, larger ITM head, so that each pair's loss is far from the prior's ln 2.
+        let head = &vm.data().lock().unwrap()["itm_head.weight"];
+        let n = head.elem_count();
+        let w: Vec<f32> = (0..n).map(|k| ((k * 29 % 17) as f32 - 8.0) / 4.0).collect();
+        head.set(&Tensor::from_vec(w, head.shape(), &Device::Cpu)?)?;
+        let b = 4;
+        let batch = batch(b, None)?;
+        let (neg_image, neg_text) = (vec![3usize, 2, 1, 0], vec![2usize, 3, 0, 1]);
+        let (tokens, _) = model.encode_image(&batch.images, false)?;
+        let (states, _) = model.encode_text(&batch.input_ids, &batch.attention_mask, false)?;
+        // ITM's loss over the first `m` pairs, from (text, image, label) rows: the positives,
+        // then the texts' negative images, then the images' negative texts.
+        let by_hand = |m: usize| -> Result<f64> {
+            let mut pairs: Vec<(usize, usize, usize)> = (0..m).map(|k| (k, k, 1)).collect();
+            pairs.extend((0..m).map(|k| (k, neg_image[k], 0)));
+            pairs.extend((0..m).map(|k| (neg_text[k], k, 0)));
+            let rows = |pick: fn(&(usize, usize, usize)) -> usize| {
+                let v: Vec<u32> = pairs.iter().map(|p| pick(p) as u32).collect();
+                Tensor::new(v.as_slice(), &Device::Cpu)
+            };
+            let (t, i) = (rows(|p| p.0)?, rows(|p| p.1)?);
+            let fused = model.fuse_cls(
+                vlp_models::FusionText::States(&states.index_select(&t, 0)?),
+                &batch.attention_mask.index_select(&t, 0)?,
+                &tokens.index_select(&i, 0)?,
+                false,
+            )?;
+            let logp =
+                candle_nn::ops::log_softmax(&model.itm_logits(&fused)?, 1)?.to_vec2::<f32>()?;
+            let sum: f64 = pairs
+                .iter()
+                .zip(&logp)
+                .map(|(p, row)| f64::from(row[p.2]))
+                .sum();
+            Ok(-sum / pairs.len() as f64)
+        };
+        let mut o = ObjectiveConfig::default();
+        o.contrastive.enabled = false;
+        o.mlm.enabled = false;
+        for (fraction, m) in [(0.5, 2), (1.0, b)] {
+            o.itm.batch_fraction = fraction;
+            let draws = Draws::Replay {
+                neg_image_for_text: neg_image.clone(),
+                neg_text_for_image: neg_text.clone(),
+                mlm_input_ids: batch.input_ids.clone(),
+                mlm_labels: batch.input_ids.to_dtype(DType::I64)?,
+            };
+            let got = pretrain_losses(&model, &batch, &o, 0.0, draws)?
+                .part("itm")?
+                .expect("an itm part");
+            let (expect, other) = (by_hand(m)?, by_hand(b + 2 - m)?);
+            assert!((got - expect).abs() < 1e-5, "{fraction}: {got} vs {expect}");
+            assert!((got - other).abs() > 1e-3, "{fraction}: {got} vs {other}");
         }
         Ok(())
     }

@@ -28,6 +28,16 @@ pub struct Negatives {
 }
 
 impl Negatives {
+    /// The negatives of the first `pairs` pairs only (ITM's `batch_fraction`); they keep
+    /// indexing the whole batch.
+    pub fn first(mut self, pairs: usize) -> Self {
+        self.image_for_text.truncate(pairs);
+        self.text_for_image.truncate(pairs);
+        self.fallbacks = self.image_for_text.iter().filter(|n| n.is_none()).count()
+            + self.text_for_image.iter().filter(|n| n.is_none()).count();
+        self
+    }
+
     /// Negatives recorded elsewhere (e.g. by the reference implementation), checked to be
     /// in the batch.
     pub fn replay(
@@ -417,6 +427,19 @@ mod tests {
             .enumerate()
             .all(|(t, i)| *i != Some(t)));
         Ok(())
+    }
+
+    #[test]
+    fn the_first_pairs_keep_their_negatives_and_recount_fallbacks() {
+        let neg = Negatives {
+            image_for_text: vec![Some(3), None, Some(0), None],
+            text_for_image: vec![Some(2), Some(3), None, None],
+            fallbacks: 4,
+        };
+        let first = neg.first(2);
+        assert_eq!(first.image_for_text, vec![Some(3), None]);
+        assert_eq!(first.text_for_image, vec![Some(2), Some(3)]);
+        assert_eq!(first.fallbacks, 1);
     }
 
     /// Two ranks (threads over TCP): every rank's candidates, texts padded to the longest

@@ -82,6 +82,18 @@ pub struct ItmConfig {
     /// `start_step` to `hardness`: a curriculum that lets ITM leave its prior on easy
     /// negatives before it sees the model's closest confusions. 0: `hardness` throughout.
     pub hardness_ramp_steps: u64,
+    /// The share of each micro-batch's pairs that ITM scores: the first
+    /// `ceil(fraction x B)` pairs, each with its negative image and negative text, which
+    /// are still drawn from the whole batch. ITM's cost (fusion passes and their backward)
+    /// falls in proportion while its negatives stay as hard. 1: every pair (ALBEF).
+    pub batch_fraction: f64,
+}
+
+impl ItmConfig {
+    /// How many of a micro-batch's `b` pairs ITM scores (at least one).
+    pub fn scored_pairs(&self, b: usize) -> usize {
+        ((b as f64 * self.batch_fraction).ceil() as usize).clamp(1, b.max(1))
+    }
 }
 
 impl Default for ItmConfig {
@@ -93,6 +105,7 @@ impl Default for ItmConfig {
             start_step: 0,
             hardness: 1.0,
             hardness_ramp_steps: 0,
+            batch_fraction: 1.0,
         }
     }
 }
@@ -252,6 +265,13 @@ impl ObjectiveConfig {
                 format!("{h} is not a finite scale >= 0"),
             ));
         }
+        let f = self.itm.batch_fraction;
+        if !(f > 0.0 && f <= 1.0) {
+            return Err(TrainError::config(
+                "itm.batch_fraction",
+                format!("{f} is outside (0, 1]"),
+            ));
+        }
         let d = &self.distill;
         for (field, t) in [
             ("distill.temperature", d.temperature),
@@ -357,6 +377,18 @@ mod tests {
             bad.distill.teacher_temperature = teacher_temperature;
             let err = bad.validate().unwrap_err().to_string();
             assert!(err.contains(field), "{err}");
+        }
+        for fraction in [0.0, 1.5, f64::NAN] {
+            let mut bad = ObjectiveConfig::default();
+            bad.itm.batch_fraction = fraction;
+            let err = bad.validate().unwrap_err().to_string();
+            assert!(err.contains("itm.batch_fraction"), "{err}");
+        }
+        let mut itm = ItmConfig::default();
+        assert_eq!(itm.scored_pairs(64), 64);
+        for (fraction, pairs) in [(0.25, 16), (0.3, 20), (0.001, 1)] {
+            itm.batch_fraction = fraction;
+            assert_eq!(itm.scored_pairs(64), pairs, "{fraction}");
         }
         let parsed: ObjectiveConfig = serde_json::from_str(r#"{"itm": {"hardness": 0}}"#).unwrap();
         assert_eq!(
