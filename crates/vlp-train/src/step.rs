@@ -361,6 +361,13 @@ pub fn pretrain_losses_across(
     }
 
     let mut stats = StepStats::default();
+    // ITM reads the unimodal outputs; with `itm.fusion_only` their values alone, so that
+    // its gradient trains the fusion layers and its head, not the dual encoders.
+    let (itm_text_states, itm_image_tokens) = if cfg.itm.fusion_only {
+        (text_states.detach(), image_tokens.detach())
+    } else {
+        (text_states.clone(), image_tokens.clone())
+    };
     // 7. ITM with hard negatives from the online in-batch similarities (or, BLIP's
     // negative_all_rank, from every rank's batch).
     let all_ranks = cfg.itm.negative_all_rank && ranks.world_size() > 1;
@@ -377,9 +384,9 @@ pub fn pretrain_losses_across(
             &text_feat,
             temp,
             ids,
-            &text_states,
+            &itm_text_states,
             &batch.attention_mask,
-            &image_tokens,
+            &itm_image_tokens,
             cfg.itm.hardness,
             &mut rng,
         )?;
@@ -428,9 +435,9 @@ pub fn pretrain_losses_across(
         stats.itm_fallbacks = negatives.fallbacks;
         let loss = itm_loss(
             model,
-            &text_states,
+            &itm_text_states,
             &batch.attention_mask,
-            &image_tokens,
+            &itm_image_tokens,
             &negatives,
             train,
         )?;
@@ -697,6 +704,39 @@ mod tests {
             let (expect, other) = (by_hand(m)?, by_hand(b + 2 - m)?);
             assert!((got - expect).abs() < 1e-5, "{fraction}: {got} vs {expect}");
             assert!((got - other).abs() > 1e-3, "{fraction}: {got} vs {other}");
+        }
+        Ok(())
+    }
+
+    /// `itm.fusion_only`: ITM's gradient reaches the fusion layers and its head, never
+    /// the image encoder or the text-only layers; without it, it reaches all of them.
+    #[test]
+    fn itm_fusion_only_leaves_the_dual_encoders_alone() -> Result<()> {
+        let (_, model) = build(&micro())?;
+        let mut o = ObjectiveConfig::default();
+        o.contrastive.enabled = false;
+        o.mlm.enabled = false;
+        for fusion_only in [true, false] {
+            o.itm.fusion_only = fusion_only;
+            let l = pretrain_losses(&model, &batch(4, None)?, &o, 0.0, Draws::Seeded(0))?;
+            let grads = l.total.backward()?;
+            let got = |needle: &str| {
+                model.trainable_vars().unwrap().into_iter().any(|(n, v)| {
+                    n.contains(needle)
+                        && grads.get(v.as_tensor()).is_some_and(|g| {
+                            g.abs()
+                                .unwrap()
+                                .sum_all()
+                                .unwrap()
+                                .to_scalar::<f32>()
+                                .unwrap()
+                                > 0.0
+                        })
+                })
+            };
+            assert!(got("itm_head") && got("crossattention"), "{fusion_only}");
+            assert_eq!(got("visual_encoder"), !fusion_only);
+            assert_eq!(got("encoder.layer.0."), !fusion_only);
         }
         Ok(())
     }

@@ -87,6 +87,10 @@ pub struct ItmConfig {
     /// are still drawn from the whole batch. ITM's cost (fusion passes and their backward)
     /// falls in proportion while its negatives stay as hard. 1: every pair (ALBEF).
     pub batch_fraction: f64,
+    /// ITM trains only the fusion layers and its head: it reads the image tokens and
+    /// the text-only states without their gradient, so the dual encoders learn from the
+    /// contrastive objective alone, and ITM's backward stops at the fusion layers.
+    pub fusion_only: bool,
 }
 
 impl ItmConfig {
@@ -106,6 +110,7 @@ impl Default for ItmConfig {
             hardness: 1.0,
             hardness_ramp_steps: 0,
             batch_fraction: 1.0,
+            fusion_only: false,
         }
     }
 }
