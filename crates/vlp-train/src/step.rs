@@ -598,6 +598,26 @@ mod tests {
         )
     }
 
+    /// Whether a trainable variable whose name contains `needle` got a non-zero gradient.
+    fn has_gradient(
+        model: &AlbefModel,
+        grads: &candle_core::backprop::GradStore,
+        needle: &str,
+    ) -> bool {
+        model.trainable_vars().unwrap().into_iter().any(|(n, v)| {
+            n.contains(needle)
+                && grads.get(v.as_tensor()).is_some_and(|g| {
+                    g.abs()
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap()
+                        > 0.0
+                })
+        })
+    }
+
     /// Distillation alone: its gradient reaches the dual encoders and their projections,
     /// never the teacher's fusion layers or ITM head (the teacher is the model itself).
     #[test]
@@ -617,20 +637,7 @@ mod tests {
                 ["distill", "total"]
             );
             let grads = l.total.backward()?;
-            let got = |needle: &str| {
-                model.trainable_vars().unwrap().into_iter().any(|(n, v)| {
-                    n.contains(needle)
-                        && grads.get(v.as_tensor()).is_some_and(|g| {
-                            g.abs()
-                                .unwrap()
-                                .sum_all()
-                                .unwrap()
-                                .to_scalar::<f32>()
-                                .unwrap()
-                                > 0.0
-                        })
-                })
-            };
+            let got = |needle: &str| has_gradient(&model, &grads, needle);
             assert!(
                 got("vision_proj") && got("text_proj") && got("visual_encoder"),
                 "{kind}: the student learns"
@@ -720,20 +727,7 @@ mod tests {
             o.itm.fusion_only = fusion_only;
             let l = pretrain_losses(&model, &batch(4, None)?, &o, 0.0, Draws::Seeded(0))?;
             let grads = l.total.backward()?;
-            let got = |needle: &str| {
-                model.trainable_vars().unwrap().into_iter().any(|(n, v)| {
-                    n.contains(needle)
-                        && grads.get(v.as_tensor()).is_some_and(|g| {
-                            g.abs()
-                                .unwrap()
-                                .sum_all()
-                                .unwrap()
-                                .to_scalar::<f32>()
-                                .unwrap()
-                                > 0.0
-                        })
-                })
-            };
+            let got = |needle: &str| has_gradient(&model, &grads, needle);
             assert!(got("itm_head") && got("crossattention"), "{fusion_only}");
             assert_eq!(got("visual_encoder"), !fusion_only);
             assert_eq!(got("encoder.layer.0."), !fusion_only);
