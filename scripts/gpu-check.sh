@@ -151,10 +151,11 @@ run() {
   "$V" shards synth --out train --count 256 --per-shard 64 --image-size 64 --seed 1 >/dev/null
   "$V" shards synth --out val --count 64 --per-shard 64 --image-size 64 --seed 2 >/dev/null
   "$V" tokenizer train 'train-{000000..000003}.tar' --out tok.json --vocab-size 200 >/dev/null
-  # ":distill" runs add softer ITM negatives on a ramp and ITM distilled into ITC (self
-  # teacher): the fused attention's backward with one query row (ITM on [CLS]) and the
-  # teacher pass.
+  # ":distill" runs add softer ITM negatives on a ramp, on half of each batch, through the
+  # fusion layers alone, and ITM distilled into ITC (self teacher): the fused attention's
+  # backward with one query row (ITM on [CLS]) and the teacher pass.
   local distill=(--set objectives.itm.hardness=0.5 --set objectives.itm.hardness_ramp_steps=4
+    --set objectives.itm.batch_fraction=0.5 --set objectives.itm.fusion_only=true
     --set 'objectives.distill={enabled=true,kind="kl",candidates=4,teacher_temperature=0.5,teacher_score="itm+itc"}')
   for run in cpu:f32 cuda:f32 cuda:bf16 cpu:f32:distill cuda:f32:distill; do
     local dev dt variant name extra=()

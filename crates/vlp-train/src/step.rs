@@ -391,7 +391,7 @@ pub fn pretrain_losses_across(
             &mut rng,
         )?;
         let negatives = c.negatives.first(cfg.itm.scored_pairs(b));
-        stats.itm_fallbacks = negatives.fallbacks;
+        stats.itm_fallbacks = negatives.fallbacks();
         let loss = itm_loss_at(
             model,
             &c.text_states,
@@ -432,7 +432,7 @@ pub fn pretrain_losses_across(
             } => Negatives::replay(neg_image_for_text, neg_text_for_image, b)?,
         }
         .first(cfg.itm.scored_pairs(b));
-        stats.itm_fallbacks = negatives.fallbacks;
+        stats.itm_fallbacks = negatives.fallbacks();
         let loss = itm_loss(
             model,
             &itm_text_states,
@@ -663,9 +663,7 @@ mod tests {
         // ITM's loss over the first `m` pairs, from (text, image, label) rows: the positives,
         // then the texts' negative images, then the images' negative texts. Training
         // passes, as the step's (no dropout here): the same kernels, the same rounding.
-        let by_hand = |model: &AlbefModel, m: usize| -> Result<f64> {
-            let (tokens, _) = model.encode_image(&batch.images, true)?;
-            let (states, _) = model.encode_text(&batch.input_ids, &batch.attention_mask, true)?;
+        let by_hand = |model: &AlbefModel, tokens: &Tensor, states: &Tensor, m: usize| {
             let mut pairs: Vec<(usize, usize, usize)> = (0..m).map(|k| (k, k, 1)).collect();
             pairs.extend((0..m).map(|k| (k, neg_image[k], 0)));
             pairs.extend((0..m).map(|k| (neg_text[k], k, 0)));
@@ -687,7 +685,7 @@ mod tests {
                 .zip(&logp)
                 .map(|(p, row)| f64::from(row[p.2]))
                 .sum();
-            Ok(-sum / pairs.len() as f64)
+            Ok::<f64, TrainError>(-sum / pairs.len() as f64)
         };
         // A freshly initialised fusion encoder answers nearly alike for every pair, so the
         // losses over 2 and over 4 pairs can come within rounding of each other: draw
@@ -701,7 +699,10 @@ mod tests {
             let n = head.elem_count();
             let w: Vec<f32> = (0..n).map(|k| ((k * 29 % 17) as f32 - 8.0) / 4.0).collect();
             head.set(&Tensor::from_vec(w, head.shape(), &Device::Cpu)?)?;
-            let (first, every) = (by_hand(&model, 2)?, by_hand(&model, b)?);
+            let (tokens, _) = model.encode_image(&batch.images, true)?;
+            let (states, _) = model.encode_text(&batch.input_ids, &batch.attention_mask, true)?;
+            let first = by_hand(&model, &tokens, &states, 2)?;
+            let every = by_hand(&model, &tokens, &states, b)?;
             if (first - every).abs() > 1e-4 {
                 drawn = Some((model, first, every));
                 break;

@@ -16,25 +16,30 @@ pub const WEIGHT_EPSILON: f64 = 1e-5;
 
 /// The in-batch negative of each text and each image; `None` where the row has no
 /// admissible candidate (a batch of one, or every pair of the same image id): that
-/// negative is skipped and counted in `fallbacks`.
+/// negative is skipped and counted by [`Negatives::fallbacks`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Negatives {
     /// `image_for_text[b]`: the negative image paired with text `b`.
     pub image_for_text: Vec<Option<usize>>,
     /// `text_for_image[b]`: the negative text paired with image `b`.
     pub text_for_image: Vec<Option<usize>>,
-    /// Negatives skipped for want of a candidate.
-    pub fallbacks: usize,
 }
 
 impl Negatives {
+    /// Negatives skipped for want of a candidate.
+    pub fn fallbacks(&self) -> usize {
+        self.image_for_text
+            .iter()
+            .chain(&self.text_for_image)
+            .filter(|n| n.is_none())
+            .count()
+    }
+
     /// The negatives of the first `pairs` pairs only (ITM's `batch_fraction`); they keep
     /// indexing the whole batch.
     pub fn first(mut self, pairs: usize) -> Self {
         self.image_for_text.truncate(pairs);
         self.text_for_image.truncate(pairs);
-        self.fallbacks = self.image_for_text.iter().filter(|n| n.is_none()).count()
-            + self.text_for_image.iter().filter(|n| n.is_none()).count();
         self
     }
 
@@ -59,7 +64,6 @@ impl Negatives {
         Ok(Negatives {
             image_for_text: image_for_text.iter().map(|&i| Some(i)).collect(),
             text_for_image: text_for_image.iter().map(|&i| Some(i)).collect(),
-            fallbacks: 0,
         })
     }
 }
@@ -133,11 +137,8 @@ pub fn sample_negatives(
         Ok(s.narrow(1, 0, b)?.to_dtype(DType::F64)?.to_vec2::<f64>()?)
     };
     let (i2t, t2i) = (rows(sim_i2t)?, rows(sim_t2i)?);
-    let mut fallbacks = 0;
-    let mut pick = |row: &[f64], positive: &[bool], rng: &mut Rng| {
-        let choice = draw(&hard_negative_weights(row, positive, hardness), rng);
-        fallbacks += usize::from(choice.is_none());
-        choice
+    let pick = |row: &[f64], positive: &[bool], rng: &mut Rng| {
+        draw(&hard_negative_weights(row, positive, hardness), rng)
     };
     // positives[i][j]: image i with text j; text b's row is column b of it.
     let image_for_text: Vec<Option<usize>> = (0..b)
@@ -151,7 +152,6 @@ pub fn sample_negatives(
     Ok(Negatives {
         image_for_text,
         text_for_image,
-        fallbacks,
     })
 }
 
@@ -237,11 +237,8 @@ pub fn all_rank_candidates(
             })
             .collect()
     };
-    let mut fallbacks = 0;
-    let mut pick = |row: &[f64], positive: &[bool], rng: &mut Rng| {
-        let choice = draw(&hard_negative_weights(row, positive, hardness), rng);
-        fallbacks += usize::from(choice.is_none());
-        choice
+    let pick = |row: &[f64], positive: &[bool], rng: &mut Rng| {
+        draw(&hard_negative_weights(row, positive, hardness), rng)
     };
     let image_for_text: Vec<Option<usize>> =
         (0..b).map(|t| pick(&t2i[t], &positive(t), rng)).collect();
@@ -270,7 +267,6 @@ pub fn all_rank_candidates(
         negatives: Negatives {
             image_for_text,
             text_for_image,
-            fallbacks,
         },
     })
 }
@@ -364,7 +360,7 @@ mod tests {
         let mut counts = vec![vec![0usize; b]; b];
         for _ in 0..200 {
             let neg = sample_negatives(&sim, &sim, &positives, 1.0, &mut rng)?;
-            assert_eq!(neg.fallbacks, 0);
+            assert_eq!(neg.fallbacks(), 0);
             for (t, i) in neg.image_for_text.iter().enumerate() {
                 let i = i.unwrap();
                 assert!(!positives[i][t], "text {t} got positive image {i}");
@@ -408,19 +404,19 @@ mod tests {
         let one = Tensor::new(&[[3.0f32]], &dev)?;
         let mut rng = Rng::new(0);
         let neg = sample_negatives(&one, &one, &positive_pairs(1, None), 1.0, &mut rng)?;
-        assert_eq!(neg.fallbacks, 2);
+        assert_eq!(neg.fallbacks(), 2);
         assert_eq!(neg.image_for_text, vec![None]);
         let sim = Tensor::zeros((3, 3), DType::F32, &dev)?;
         let same = positive_pairs(3, Some(&[5, 5, 5]));
         let neg = sample_negatives(&sim, &sim, &same, 1.0, &mut rng)?;
-        assert_eq!(neg.fallbacks, 6);
+        assert_eq!(neg.fallbacks(), 6);
         // An underflowing softmax still samples (the epsilon), never a positive.
         let extreme = Tensor::new(
             &[[1e4f32, -1e4, -1e4], [-1e4, 1e4, -1e4], [-1e4, -1e4, 1e4]],
             &dev,
         )?;
         let neg = sample_negatives(&extreme, &extreme, &positive_pairs(3, None), 1.0, &mut rng)?;
-        assert_eq!(neg.fallbacks, 0);
+        assert_eq!(neg.fallbacks(), 0);
         assert!(neg
             .image_for_text
             .iter()
@@ -434,12 +430,12 @@ mod tests {
         let neg = Negatives {
             image_for_text: vec![Some(3), None, Some(0), None],
             text_for_image: vec![Some(2), Some(3), None, None],
-            fallbacks: 4,
         };
+        assert_eq!(neg.fallbacks(), 4);
         let first = neg.first(2);
         assert_eq!(first.image_for_text, vec![Some(3), None]);
         assert_eq!(first.text_for_image, vec![Some(2), Some(3)]);
-        assert_eq!(first.fallbacks, 1);
+        assert_eq!(first.fallbacks(), 1);
     }
 
     /// Two ranks (threads over TCP): every rank's candidates, texts padded to the longest
@@ -508,7 +504,7 @@ mod tests {
             assert_eq!(states, vec![6, 5, 2]);
             assert_eq!(mask_lens, vec![4, 4, 4, 5, 5, 5]);
             assert_eq!(tokens, vec![6, 5, 2]);
-            assert_eq!(neg.fallbacks, 0);
+            assert_eq!(neg.fallbacks(), 0);
             // The hardest negatives live on the other rank: the draws go there.
             let other = (1 - rank) * 3..(2 - rank) * 3;
             for (k, i) in neg.image_for_text.iter().enumerate() {
