@@ -297,7 +297,16 @@ fn range(values: impl Iterator<Item = f64>) -> (f64, f64) {
     if !lo.is_finite() {
         return (0.0, 1.0);
     }
-    let pad = ((hi - lo) * 0.05).max(hi.abs().max(1e-12) * 1e-3);
+    // A (nearly) constant series, such as a fixed temperature, gets a range of 10% of its
+    // value either side, wide enough for its tick labels to differ.
+    let size = lo.abs().max(hi.abs());
+    let pad = if hi - lo > size * 1e-3 {
+        (hi - lo) * 0.05
+    } else if size > 0.0 {
+        size * 0.1
+    } else {
+        1.0
+    };
     (lo - pad, hi + pad)
 }
 
@@ -319,6 +328,17 @@ mod tests {
         assert!(log_scale(&[(0.0, 1e-5), (1.0, 1e-2)]));
         assert!(!log_scale(&[(0.0, 1.0), (1.0, 50.0)]));
         assert!(!log_scale(&[(0.0, -1.0), (1.0, 1e4)]));
+    }
+
+    #[test]
+    fn a_constant_series_gets_distinct_tick_labels() {
+        let (lo, hi) = range([0.07, 0.07].into_iter());
+        assert!(lo < 0.07 && hi > 0.07);
+        assert_ne!(tick(lo), tick(hi));
+        assert_eq!(range([0.0].into_iter()), (-1.0, 1.0));
+        // A series that moves keeps a range close to its own.
+        let (lo, hi) = range([2.0, 4.0].into_iter());
+        assert!((lo - 1.9).abs() < 1e-12 && (hi - 4.1).abs() < 1e-12);
     }
 
     #[test]
