@@ -555,7 +555,7 @@ fn quickstart_recipe_learns_the_held_out_emoji_style() {
         format!("run.out_dir={}", toml_str(&run)),
         "optim.epochs=4".to_string(),
         "run.save_every=0".to_string(),
-        // ITM starts at step 1048, past these 4 epochs: nothing to re-rank with.
+        // The recipe's ITM starts after these 4 epochs: nothing to re-rank with.
         "eval.score=\"itc\"".to_string(),
         format!(
             "eval.sets=[{{ name = \"twitter\", shards = {} }}]",
