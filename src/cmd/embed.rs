@@ -141,11 +141,13 @@ pub fn run_embed(args: EmbedArgs) -> anyhow::Result<()> {
 
     if let Some(spec) = &args.shards {
         let set = EvalSet::open(spec, s as u32, args.max_words)?;
-        let texts = set.texts()?;
-        let mut feats = Vec::new();
-        set.images(batch, &dev, &mut |b| {
-            feats.push(model.encode_image(b, false)?.1.detach());
-            Ok(())
+        let (feats, texts) = set.with_images(|_| {
+            let mut feats = Vec::new();
+            set.images(batch, &dev, &mut |b| {
+                feats.push(model.encode_image(b, false)?.1.detach());
+                Ok(())
+            })?;
+            Ok(feats)
         })?;
         tensors.insert("image_embeds".into(), Tensor::cat(&feats, 0)?);
         metadata.insert(

@@ -52,6 +52,18 @@ fn eval(dir: &Path, ckpt: &Path, tok: &Path, shard: &Path) -> Output {
     )
 }
 
+/// The members of good sample `i` of shard 0, the one of extension `ext` changed by `f`.
+fn good_sample_with(i: usize, ext: &str, f: impl Fn(&[u8]) -> Vec<u8>) -> Vec<Member> {
+    let (_, members) = good_sample(0, i);
+    members
+        .into_iter()
+        .map(|(e, bytes)| match e == ext {
+            true => (e, f(&bytes)),
+            false => (e, bytes),
+        })
+        .collect()
+}
+
 fn report(out: &Output) -> serde_json::Value {
     let stdout = text(&out.stdout);
     serde_json::from_str(stdout.lines().last().expect("a report line")).unwrap()
@@ -269,14 +281,7 @@ fn a_punctuation_only_caption_is_skipped_as_training_skips_it() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let (ckpt, tok) = checkpoint(d);
-    let (_, members) = good_sample(0, 7);
-    let members = members
-        .into_iter()
-        .map(|(ext, bytes)| match ext.as_str() {
-            "txt" => (ext, b"!!! ... ?".to_vec()),
-            _ => (ext, bytes),
-        })
-        .collect();
+    let members = good_sample_with(7, "txt", |_| b"!!! ... ?".to_vec());
     let shard = eval_set(d, vec![("punct-key".to_string(), members)]);
     let out = eval(d, &ckpt, &tok, &shard);
     let stderr = text(&out.stderr);
@@ -289,4 +294,44 @@ fn a_punctuation_only_caption_is_skipped_as_training_skips_it() {
     let report = report(&out);
     assert_eq!(report["skipped_samples"], 1, "{report}");
     assert_eq!(report["itc"]["images"], 6, "{report}");
+}
+
+/// A PNG whose header reads but whose data is cut short: eval retrieval and embed
+/// --shards stopped ("header read but the image does not decode"); it is skipped and
+/// counted as the training loader skips it.
+#[test]
+fn a_truncated_png_is_skipped_and_counted_by_eval_and_embed() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (ckpt, tok) = checkpoint(d);
+    // The signature and IHDR (33 bytes) kept, the end of the data cut.
+    let members = good_sample_with(8, "png", |png| png[..png.len() - 20].to_vec());
+    let shard = eval_set(d, vec![("cut-key".to_string(), members)]);
+    let out = eval(d, &ckpt, &tok, &shard);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("cut-key"))
+        .expect(&stderr);
+    assert!(line.contains("does not decode"), "{line}");
+    let report = report(&out);
+    assert_eq!(report["skipped_samples"], 1, "{report}");
+    assert_eq!(report["itc"]["images"], 6, "{report}");
+
+    let out = vlp(
+        &[
+            "embed",
+            "--checkpoint",
+            &path_str(&ckpt),
+            "--shards",
+            &path_str(&shard),
+            "--out",
+            "e.safetensors",
+        ],
+        d,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let embeds = candle_core::safetensors::load(d.join("e.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(embeds["image_embeds"].dims()[0], 6);
 }

@@ -590,21 +590,16 @@ fn toml_str(p: &Path) -> String {
     serde_json::to_string(&p.to_string_lossy()).unwrap()
 }
 
-/// `vlp finetune` from a pretraining checkpoint at a larger image size (position
-/// embeddings interpolated), validating every epoch and keeping the best checkpoint; then
-/// `vlp eval retrieval` on that checkpoint, with both reports checked.
-#[test]
-fn finetune_keeps_the_best_epoch_and_eval_retrieval_reports_on_it() {
-    let fx = Fixture::new(64);
-    let _ = ok(&fx.pretrain(&["optim.total_steps=2", "run.save_every=0"], false));
-    std::fs::write(
-        fx.path("ft.toml"),
+/// The fine-tune recipe of the tests below: from the 2-step pretraining checkpoint at a
+/// larger image size, validating on `eval_shards` after each of its 2 epochs.
+fn finetune_toml(eval_shards: &str) -> String {
+    format!(
         r#"
 [model]
 init = "run/checkpoints/step-000002"
 
 [data]
-shards = "train-{000000..000003}.tar"
+shards = "train-{{000000..000003}}.tar"
 tokenizer = "tok.json"
 batch_size = 16
 workers = 1
@@ -615,7 +610,7 @@ max_tokens = 16
 
 [objectives]
 image_id_positives = true
-mlm = { enabled = false }
+mlm = {{ enabled = false }}
 
 [optim]
 lr = 1e-4
@@ -631,12 +626,81 @@ seed = 3
 save_every = 0
 
 [eval]
-sets = [{ name = "val", shards = "val-000000.tar" }]
+sets = [{{ name = "val", shards = "{eval_shards}" }}]
 validate = "val"
 k_test = 4
-"#,
+"#
+    )
+}
+
+/// An eval set that cannot be read stopped a fine-tune only after its first epoch, and
+/// with `save_every = 0` that epoch was lost. Every eval set is now read before training,
+/// and a validation that fails keeps the epoch's checkpoint, which resumes exactly there.
+#[test]
+fn an_unreadable_eval_set_stops_before_training_and_a_failed_validation_keeps_the_epoch() {
+    let fx = Fixture::new(64);
+    let _ = ok(&fx.pretrain(&["optim.total_steps=2", "run.save_every=0"], false));
+    let finetune = |resume: bool| {
+        let mut cmd = Command::new(vlp_bin());
+        cmd.args(["finetune", "--recipe", "ft.toml", "--no-progress"])
+            .current_dir(fx.path(""));
+        if resume {
+            cmd.arg("--resume");
+        }
+        cmd.output().unwrap()
+    };
+
+    // A mistyped path: refused before the first step, nothing written.
+    std::fs::write(fx.path("ft.toml"), finetune_toml("vall-000000.tar")).unwrap();
+    let out = finetune(false);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("eval set `val`") && stderr.contains("vall-000000.tar"),
+        "{stderr}"
+    );
+    assert!(!fx.path("ft/checkpoints").exists(), "{stderr}");
+    assert!(vlp_train::metrics::read(&fx.path("ft"))
+        .unwrap_or_default()
+        .is_empty());
+
+    // A source that reads once (the check before training) and then fails: the first
+    // epoch's validation fails, and its checkpoint is written first.
+    std::fs::write(
+        fx.path("val.sh"),
+        "if [ -e once ]; then exit 3; fi; touch once; cat val-000000.tar\n",
     )
     .unwrap();
+    std::fs::write(fx.path("ft.toml"), finetune_toml("pipe:sh val.sh")).unwrap();
+    let out = finetune(false);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("validation failed"), "{stderr}");
+    assert_eq!(
+        vlp_train::checkpoint::list(&fx.path("ft")).unwrap(),
+        vec![4]
+    );
+
+    // With the source fixed, --resume validates the first epoch's weights and goes on.
+    std::fs::write(fx.path("val.sh"), "cat val-000000.tar\n").unwrap();
+    let _ = ok(&finetune(true));
+    let records = vlp_train::metrics::read(&fx.path("ft")).unwrap();
+    let vals: Vec<u64> = records
+        .iter()
+        .filter(|r| r.get("val_r_mean").is_some())
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(vals, vec![4, 8], "{records:?}");
+}
+
+/// `vlp finetune` from a pretraining checkpoint at a larger image size (position
+/// embeddings interpolated), validating every epoch and keeping the best checkpoint; then
+/// `vlp eval retrieval` on that checkpoint, with both reports checked.
+#[test]
+fn finetune_keeps_the_best_epoch_and_eval_retrieval_reports_on_it() {
+    let fx = Fixture::new(64);
+    let _ = ok(&fx.pretrain(&["optim.total_steps=2", "run.save_every=0"], false));
+    std::fs::write(fx.path("ft.toml"), finetune_toml("val-000000.tar")).unwrap();
     let out = Command::new(vlp_bin())
         .args(["finetune", "--recipe", "ft.toml", "--no-progress"])
         .current_dir(fx.path(""))

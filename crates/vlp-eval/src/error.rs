@@ -12,6 +12,10 @@ pub enum EvalError {
     /// would index the wrong embedding rows.
     #[error("tokenizer {path} does not fit the model: {mismatch}")]
     Tokenizer { path: PathBuf, mismatch: String },
+    /// An image pass found images whose header reads but whose data does not decode;
+    /// [`crate::set::EvalSet::with_images`] skips them and evaluates again.
+    #[error("{count} eval image(s) whose header reads do not decode")]
+    Undecodable { count: usize },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
     #[error(transparent)]

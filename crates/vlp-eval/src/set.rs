@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{Device, Tensor};
 use vlp_core::device::host;
@@ -39,6 +40,9 @@ pub struct EvalSet {
     urls: Vec<vlp_data::spec::ShardUrl>,
     size: u32,
     max_words: usize,
+    /// Images whose header reads but whose data does not decode, found by an image pass:
+    /// (shard index, sample key) -> why. Skipped and counted by every later pass.
+    undecodable: Arc<Mutex<HashMap<(usize, String), String>>>,
 }
 
 impl EvalSet {
@@ -56,6 +60,7 @@ impl EvalSet {
             urls,
             size,
             max_words,
+            undecodable: Arc::default(),
         })
     }
 
@@ -70,9 +75,33 @@ impl EvalSet {
         self.scan(false, &mut |_, _| Ok(()))
     }
 
+    /// Runs `work` on the set's captions, where `work` makes image passes
+    /// ([`EvalSet::images`]). An image whose header reads but whose data does not decode
+    /// (a file cut short) is only found by decoding it: the pass that finds it goes on to
+    /// the end to find every such image and fails with [`EvalError::Undecodable`]; those
+    /// images are then skipped and counted like any unreadable sample, and `work` runs
+    /// once more on the captions without them.
+    pub fn with_images<T>(
+        &self,
+        mut work: impl FnMut(&EvalTexts) -> Result<T>,
+    ) -> Result<(T, EvalTexts)> {
+        let texts = self.texts()?;
+        match work(&texts) {
+            Err(EvalError::Undecodable { count }) => {
+                tracing::warn!(
+                    "eval: {count} image(s) do not decode; evaluating again without them"
+                );
+                let texts = self.texts()?;
+                Ok((work(&texts)?, texts))
+            }
+            done => Ok((done?, texts)),
+        }
+    }
+
     /// One pass over the images in order, decoded and transformed on the host, in batches
     /// of `batch` as `[b, 3, S, S]` tensors on `device` (the same images, in the same
-    /// order, as [`EvalSet::texts`] lists).
+    /// order, as [`EvalSet::texts`] lists). An image that does not decode ends the pass
+    /// with [`EvalError::Undecodable`] (see [`EvalSet::with_images`]).
     pub fn images(
         &self,
         batch: usize,
@@ -120,7 +149,9 @@ impl EvalSet {
         let mut texts = EvalTexts::default();
         let mut by_id: HashMap<String, usize> = HashMap::new();
         let mut failure: Option<EvalError> = None;
-        for url in &self.urls {
+        let mut undecodable = self.undecodable.lock().expect("undecodable lock");
+        let known_bad = undecodable.len();
+        for (u, url) in self.urls.iter().enumerate() {
             let outcome = read_shard(url, 0, |raw| {
                 let sample = match parse_sample(raw, &fields) {
                     Ok(s) => s,
@@ -150,10 +181,15 @@ impl EvalSet {
                 let index = match by_id.get(&sample.image_id) {
                     Some(&i) => i,
                     None => {
-                        // The loader's header check and pixel limit.
+                        // The loader's header check and pixel limit; then what earlier
+                        // passes found does not decode.
                         let checked = checked_dimensions(&sample.image_bytes, MAX_PIXELS)
                             .map(|_| ())
-                            .map_err(|e| e.to_string());
+                            .map_err(|e| e.to_string())
+                            .and_then(|()| match undecodable.get(&(u, sample.key.clone())) {
+                                Some(why) => Err(why.clone()),
+                                None => Ok(()),
+                            });
                         if let Err(e) = checked {
                             if !decode {
                                 warn_skip(&url.to_string(), &sample.key, &e);
@@ -166,21 +202,22 @@ impl EvalSet {
                             let img = match decode_rgb(&sample.image_bytes, MAX_PIXELS) {
                                 Ok(img) => img,
                                 Err(e) => {
-                                    failure = Some(EvalError::input(
-                                        "eval image",
-                                        format!(
-                                            "{}: header read but the image does not decode: {e}",
-                                            sample.key
-                                        ),
-                                    ));
-                                    return ControlFlow::Break(());
+                                    // Recorded; the pass goes on decoding (and nothing
+                                    // more is handed on) to find every such image.
+                                    undecodable.insert(
+                                        (u, sample.key.clone()),
+                                        format!("header read but the image does not decode: {e}"),
+                                    );
+                                    return ControlFlow::Continue(());
                                 }
                             };
-                            let mut pixels = vec![0f32; transformer.output_len()];
-                            transformer.apply(&img, &mut rng, &mut pixels);
-                            if let Err(e) = on_image(i, pixels) {
-                                failure = Some(e);
-                                return ControlFlow::Break(());
+                            if undecodable.len() == known_bad {
+                                let mut pixels = vec![0f32; transformer.output_len()];
+                                transformer.apply(&img, &mut rng, &mut pixels);
+                                if let Err(e) = on_image(i, pixels) {
+                                    failure = Some(e);
+                                    return ControlFlow::Break(());
+                                }
                             }
                         }
                         texts.image_keys.push(sample.image_id.clone());
@@ -203,6 +240,11 @@ impl EvalSet {
                     format!("{}: {} {}", problem.url, problem.reason, problem.detail),
                 ));
             }
+        }
+        if undecodable.len() > known_bad {
+            return Err(EvalError::Undecodable {
+                count: undecodable.len() - known_bad,
+            });
         }
         if texts.image_keys.is_empty() || texts.captions.is_empty() {
             return Err(EvalError::input(
@@ -228,21 +270,21 @@ pub fn evaluate_set(
     cfg: &crate::retrieval::EvalConfig,
     ranks: &dyn vlp_dist::Collective,
 ) -> Result<(crate::retrieval::EvalOutcome, EvalTexts)> {
-    let texts = set.texts()?;
-    let (ids, mask) = tokenizer
-        .encode_batch(&texts.captions)?
-        .to_tensors(&cfg.device)?;
-    let batch = cfg.image_batch;
-    let mut pass = |f: &mut dyn FnMut(&Tensor) -> Result<()>| set.images(batch, &cfg.device, f);
-    let outcome = crate::retrieval::evaluate(
-        model,
-        &mut pass,
-        texts.image_keys.len(),
-        &ids,
-        &mask,
-        &texts.text_image,
-        cfg,
-        ranks,
-    )?;
-    Ok((outcome, texts))
+    set.with_images(|texts| {
+        let (ids, mask) = tokenizer
+            .encode_batch(&texts.captions)?
+            .to_tensors(&cfg.device)?;
+        let batch = cfg.image_batch;
+        let mut pass = |f: &mut dyn FnMut(&Tensor) -> Result<()>| set.images(batch, &cfg.device, f);
+        crate::retrieval::evaluate(
+            model,
+            &mut pass,
+            texts.image_keys.len(),
+            &ids,
+            &mask,
+            &texts.text_image,
+            cfg,
+            ranks,
+        )
+    })
 }

@@ -28,5 +28,8 @@ pub use attention::{attention, AttentionBackend};
 pub use bert::{BertModel, FusionInput, FusionText};
 pub use config::{AlbefConfig, Layout, TextConfig, VisionConfig};
 pub use error::{ModelError, Result, TensorProblem};
-pub use load::{load_into_varmap, load_model, LoadMode, LoadedModel, CONFIG_FILE, MODEL_FILE};
+pub use load::{
+    check_tensor_names, expected_tensors, load_into_varmap, load_model, LoadMode, LoadedModel,
+    CONFIG_FILE, MODEL_FILE,
+};
 pub use vit::{interpolate_pos_embed, VisionTransformer};

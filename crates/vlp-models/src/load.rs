@@ -5,7 +5,7 @@
 //! tensors are all reported together, by name. Position embeddings whose grid differs
 //! from the model's are interpolated (ViT fine-tuning at a higher resolution, ALBEF §5).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -132,6 +132,74 @@ pub fn load_into_varmap(varmap: &VarMap, path: &Path, grid: usize) -> Result<()>
         var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
     }
     Ok(())
+}
+
+/// The tensors a model built from `config` holds (parameters, momentum twin, queues), by
+/// name, with their shapes. Found by building the model over a backend that hands out
+/// broadcast views of one zero, so nothing the size of the model is allocated.
+pub fn expected_tensors(config: &AlbefConfig) -> Result<BTreeMap<String, Vec<usize>>> {
+    let shapes = Arc::new(Mutex::new(BTreeMap::new()));
+    let backend = Shapes {
+        shapes: Arc::clone(&shapes),
+    };
+    let host = vlp_core::device::host();
+    AlbefModel::new(
+        config,
+        VarBuilder::from_backend(Box::new(backend), DType::F32, host),
+    )?;
+    let shapes = std::mem::take(&mut *shapes.lock().expect("shapes lock"));
+    Ok(shapes)
+}
+
+/// Checks that the tensors `found` (name -> shape, as a file's header lists them) are
+/// those a model of `config` holds: every one there, each of its exact shape. Returns
+/// every problem, by name.
+pub fn check_tensor_names(
+    config: &AlbefConfig,
+    found: &HashMap<String, Vec<usize>>,
+) -> Result<Vec<TensorProblem>> {
+    Ok(expected_tensors(config)?
+        .into_iter()
+        .filter_map(|(name, expected)| match found.get(&name) {
+            None => Some(TensorProblem::Missing { name }),
+            Some(shape) if *shape != expected => Some(TensorProblem::Shape {
+                name,
+                found: shape.clone(),
+                expected,
+            }),
+            Some(_) => None,
+        })
+        .collect())
+}
+
+/// A `VarBuilder` backend that records the name and shape of every tensor asked for.
+struct Shapes {
+    shapes: Arc<Mutex<BTreeMap<String, Vec<usize>>>>,
+}
+
+impl SimpleBackend for Shapes {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.shapes
+            .lock()
+            .expect("shapes lock")
+            .insert(name.to_string(), s.dims().to_vec());
+        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("{name}: the model asked for a tensor of unknown shape")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
 }
 
 /// The one rule for fitting a file's tensor to the model's shape `want`: taken as it is

@@ -133,33 +133,51 @@ pub fn dir_of(run_dir: &Path, step: u64) -> PathBuf {
     run_dir.join(CHECKPOINTS).join(dir_name(step))
 }
 
-/// The newest checkpoint folder of a run that [`verify`] accepts, if any. Newer ones it
-/// refuses (a model file cut short by a full disk, a tensor that is not finite) are passed
-/// over with a warning naming them and why.
+/// The newest checkpoint folder of a run that [`verify`] accepts; `None` when the run has
+/// no checkpoint at all. Newer ones it refuses (a model file cut short by a full disk, a
+/// tensor that is not finite) are passed over with a warning naming them and why. When
+/// there are checkpoints and none can be used, the error names each and why it failed:
+/// a resumed run never starts over from nothing, and nothing in the folder is changed.
 pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
-    for step in list(run_dir)?.into_iter().rev() {
+    let steps = list(run_dir)?;
+    let mut refused = Vec::new();
+    for &step in steps.iter().rev() {
         let dir = dir_of(run_dir, step);
         match verify(&dir) {
             Ok(()) => return Ok(Some(dir)),
-            Err(e) => tracing::warn!("passing over {}: {e}", dir.display()),
+            Err(e) => {
+                tracing::warn!("passing over {}: {e}", dir.display());
+                refused.push(format!("{}: {e}", dir_name(step)));
+            }
         }
     }
-    Ok(None)
+    if refused.is_empty() {
+        return Ok(None);
+    }
+    Err(TrainError::Checkpoint(format!(
+        "--resume: none of the {} checkpoint(s) in {} can be resumed from, and nothing was \
+         changed: {}",
+        refused.len(),
+        run_dir.join(CHECKPOINTS).display(),
+        refused.join("; ")
+    )))
 }
 
 /// Checks that a checkpoint folder can be resumed from: its state parses, its config is
-/// there, its model and optimizer files are whole safetensors files (every tensor's bytes
-/// present) and every float in the model file is finite.
+/// there, its model file holds every tensor of that config at its shape, its model and
+/// optimizer files are whole safetensors files (every tensor's bytes present) and every
+/// float in the model file is finite.
 pub fn verify(dir: &Path) -> Result<()> {
     load_state(dir)?;
-    let config = dir.join(CONFIG_FILE);
-    if !config.is_file() {
+    let config_path = dir.join(CONFIG_FILE);
+    if !config_path.is_file() {
         return Err(TrainError::Checkpoint(format!(
             "{} is missing",
-            config.display()
+            config_path.display()
         )));
     }
-    for (file, check_finite) in [(MODEL_FILE, true), (OPTIM_FILE, false)] {
+    let config = AlbefConfig::load(&config_path)?;
+    for (file, is_model) in [(MODEL_FILE, true), (OPTIM_FILE, false)] {
         let path = dir.join(file);
         // Mapped, not read: the optimizer file (twice the model's size) is only checked for
         // completeness, and the model file's pages stay cached for the load that follows.
@@ -168,9 +186,25 @@ pub fn verify(dir: &Path) -> Result<()> {
             unsafe { candle_core::safetensors::MmapedSafetensors::new(&path) }.map_err(|e| {
                 TrainError::Checkpoint(format!("{} is incomplete or corrupt ({e})", path.display()))
             })?;
-        if check_finite {
-            let mut bad: Vec<String> = tensors
-                .tensors()
+        if is_model {
+            let views = tensors.tensors();
+            let shapes = views
+                .iter()
+                .map(|(name, view)| (name.clone(), view.shape().to_vec()))
+                .collect();
+            let mut bad: Vec<String> = vlp_models::check_tensor_names(&config, &shapes)?
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            if !bad.is_empty() {
+                bad.truncate(8);
+                return Err(TrainError::Checkpoint(format!(
+                    "{} does not hold the model of its {CONFIG_FILE}: {}",
+                    path.display(),
+                    bad.join(", ")
+                )));
+            }
+            let mut bad: Vec<String> = views
                 .into_iter()
                 .filter(|(_, view)| !view_is_finite(view))
                 .map(|(name, _)| name)
@@ -434,31 +468,36 @@ mod tests {
         std::fs::create_dir_all(root.join(".tmp-step-000020")).unwrap();
         std::fs::create_dir_all(root.join("step-000030")).unwrap();
         assert_eq!(list(dir.path()).unwrap(), vec![10]);
-        // Its state is no training state: nothing to resume from.
-        assert_eq!(latest(dir.path()).unwrap(), None);
+        // Its state is no training state: nothing to resume from, which is an error.
+        let err = latest(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("step-000010") && err.contains("missing field"),
+            "{err}"
+        );
     }
 
-    /// A run folder with checkpoints of a two-variable "model" at `steps`.
+    /// The tensor the tests below corrupt.
+    const W: &str = "text_proj.weight";
+
+    /// A run folder with checkpoints of the micro model at `steps`.
     fn saved_run(steps: &[u64], keep_last: usize) -> (tempfile::TempDir, VarMap) {
         let dir = tempfile::tempdir().unwrap();
         let varmap = VarMap::new();
         let dev = candle_core::Device::Cpu;
         let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev);
-        vb.get_with_hints((2, 3), "w", candle_nn::init::Init::Const(0.5))
-            .unwrap();
-        vb.get_with_hints(3, "b", candle_nn::init::Init::Const(0.0))
-            .unwrap();
+        let config = vlp_models::test_support::micro_config();
+        vlp_models::AlbefModel::new(&config, vb).unwrap();
         let optim = AdamW::new(
             varmap
                 .all_vars()
                 .into_iter()
+                .filter(|v| v.dtype() == DType::F32)
                 .enumerate()
                 .map(|(i, v)| (format!("p{i}"), v))
                 .collect(),
             Default::default(),
         )
         .unwrap();
-        let config = AlbefConfig::preset("tiny").unwrap();
         let recipe = Recipe::from_str_with(
             "[model]\npreset = \"tiny\"\n[data]\nshards = \"x.tar\"\ntokenizer = \"t.json\"\n\
              batch_size = 2\n[optim]\nlr = 1e-4\nmin_lr = 0.0\nwarmup_lr = 0.0\n\
@@ -511,19 +550,89 @@ mod tests {
             .contains("incomplete"));
         assert_eq!(latest(run).unwrap().unwrap(), step_dir(run, 2));
         // A NaN written into step 2's weights is named, and passed over too.
-        varmap.data().lock().unwrap()["w"]
-            .set(
-                &Tensor::new(
-                    &[[1f32, f32::NAN, 0.0], [0.0, 0.0, 0.0]],
-                    &candle_core::Device::Cpu,
-                )
-                .unwrap(),
-            )
-            .unwrap();
+        let w = varmap.data().lock().unwrap()[W].clone();
+        let poisoned = (w.ones_like().unwrap() * f64::NAN).unwrap();
+        w.set(&poisoned).unwrap();
         varmap.save(step_dir(run, 2).join(MODEL_FILE)).unwrap();
         let err = verify(&step_dir(run, 2)).unwrap_err().to_string();
-        assert!(err.contains("non-finite") && err.contains(" w"), "{err}");
+        assert!(err.contains("non-finite") && err.contains(W), "{err}");
         assert_eq!(latest(run).unwrap().unwrap(), step_dir(run, 1));
+    }
+
+    /// Every file of a run folder with its bytes, to show that nothing was changed.
+    fn snapshot(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    out.push((p.clone(), std::fs::read(&p).unwrap()));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn resume_refuses_when_no_checkpoint_verifies_naming_each_and_changes_nothing() {
+        let (dir, _) = saved_run(&[1, 2], 0);
+        let run = dir.path();
+        // Step 2: a state written by a newer build (a recipe key this one does not know);
+        // step 1: a model file cut short.
+        let state = step_dir(run, 2).join(STATE_FILE);
+        let text = std::fs::read_to_string(&state).unwrap();
+        let text = text.replacen("\"seed\"", "\"future_key\": 1, \"seed\"", 1);
+        std::fs::write(&state, text).unwrap();
+        std::fs::write(step_dir(run, 1).join(MODEL_FILE), b"cut").unwrap();
+        let before = snapshot(run);
+        let err = latest(run).unwrap_err().to_string();
+        assert!(
+            err.contains("none of the 2 checkpoint(s)")
+                && err.contains("step-000002")
+                && err.contains("future_key")
+                && err.contains("step-000001")
+                && err.contains("incomplete"),
+            "{err}"
+        );
+        assert_eq!(snapshot(run), before);
+        // A run with no checkpoint at all has nothing to resume, and that is no error.
+        let empty = tempfile::tempdir().unwrap();
+        assert_eq!(latest(empty.path()).unwrap(), None);
+    }
+
+    #[test]
+    fn verification_checks_the_model_file_holds_its_configs_tensors() {
+        let (dir, varmap) = saved_run(&[1, 2], 0);
+        let run = dir.path();
+        // Step 2's model file overwritten by a whole, finite safetensors file of other
+        // tensors (what `vlp embed --out` once wrote there).
+        let other = VarMap::new();
+        let vb = candle_nn::VarBuilder::from_varmap(&other, DType::F32, &candle_core::Device::Cpu);
+        vb.get_with_hints((4, 2), "image_embeds", candle_nn::init::Init::Const(0.5))
+            .unwrap();
+        other.save(step_dir(run, 2).join(MODEL_FILE)).unwrap();
+        let err = verify(&step_dir(run, 2)).unwrap_err().to_string();
+        assert!(
+            err.contains("does not hold the model") && err.contains("missing tensor"),
+            "{err}"
+        );
+        assert_eq!(latest(run).unwrap().unwrap(), step_dir(run, 1));
+        // A tensor of the wrong shape is named too.
+        let data = varmap.data().lock().unwrap();
+        let mut tensors: std::collections::HashMap<String, Tensor> = data
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        drop(data);
+        let wrong = Tensor::zeros((1, 1), DType::F32, &candle_core::Device::Cpu).unwrap();
+        tensors.insert(W.to_string(), wrong);
+        candle_core::safetensors::save(&tensors, step_dir(run, 1).join(MODEL_FILE)).unwrap();
+        let err = verify(&step_dir(run, 1)).unwrap_err().to_string();
+        assert!(err.contains(W) && err.contains("[1, 1]"), "{err}");
     }
 
     #[test]
@@ -542,7 +651,7 @@ mod tests {
             ..load_state(&step_dir(run, 2)).unwrap()
         };
         let optim = AdamW::new(Vec::new(), Default::default()).unwrap();
-        let config = AlbefConfig::preset("tiny").unwrap();
+        let config = vlp_models::test_support::micro_config();
         save(run, &varmap, &optim, &config, &state, 1).unwrap();
         assert_eq!(list(run).unwrap(), vec![3]);
         verify(&step_dir(run, 3)).unwrap();
@@ -560,7 +669,7 @@ mod tests {
         let (_, varmap) = saved_run(&[], 1);
         let optim = AdamW::new(Vec::new(), Default::default()).unwrap();
         let state: TrainState = load_state(&step_dir(dir.path(), 1)).unwrap();
-        let config = AlbefConfig::preset("tiny").unwrap();
+        let config = vlp_models::test_support::micro_config();
         for step in [2, 3] {
             let state = TrainState {
                 step,

@@ -237,6 +237,7 @@ impl Run {
         loader_cfg.max_epochs = None;
         let batch_size = loader_cfg.batch_size;
         let mut loader = Loader::new(&recipe.data.shards, loader_cfg, tokenizer.clone())?;
+        check_eval_sets(&recipe, cfg.vision.image_size as u32)?;
 
         // The optimizer.
         let mut trainable = model.trainable_vars()?;
@@ -420,7 +421,15 @@ impl Run {
             // A new epoch by rank 0's data (the ranks' epochs end at different steps).
             let new_epoch = first.0 > self.state.epoch && step > 0;
             if self.validates() && self.rank0_says(new_epoch)? {
-                self.validate()?;
+                if let Err(e) = self.validate() {
+                    // The epoch's training is kept: a checkpoint that resumes before this
+                    // batch, so that the resumed run validates the same weights again.
+                    self.batches.unread_last();
+                    progress.finish();
+                    tracing::error!("validation failed; saving the epoch's checkpoint first");
+                    self.save()?;
+                    return Err(e);
+                }
             }
             let objectives = self.recipe.objectives.at_step(step);
             let settings = StepSettings {
@@ -716,7 +725,6 @@ impl Run {
         let Some(name) = &sets.validate else {
             return Ok(());
         };
-        self.state.validated_at = Some(self.state.step);
         let set = sets
             .sets
             .iter()
@@ -734,6 +742,7 @@ impl Run {
             &self.eval_config(sets)?,
             &*self.collective,
         )?;
+        self.state.validated_at = Some(self.state.step);
         let Some(metrics) = self.metrics.as_mut() else {
             return Ok(()); // the main process records and keeps the best
         };
@@ -771,6 +780,21 @@ impl Run {
         }
         Ok(())
     }
+}
+
+/// Opens every eval set of the recipe and reads its captions and image headers, so that
+/// a mistyped path or an unreadable shard stops the run before it trains, not after its
+/// first epoch.
+fn check_eval_sets(recipe: &Recipe, image_size: u32) -> Result<()> {
+    let Some(sets) = &recipe.eval else {
+        return Ok(());
+    };
+    for set in &sets.sets {
+        EvalSet::open(&set.shards, image_size, recipe.data.max_words)
+            .and_then(|data| data.texts())
+            .map_err(|e| TrainError::Recipe(format!("eval set `{}`: {e}", set.name)))?;
+    }
+    Ok(())
 }
 
 /// Redraws every randomly initialised variable from the run's seed, so that two runs with
@@ -854,6 +878,8 @@ struct Batches {
     ahead: Option<(u64, LoaderState, std::thread::JoinHandle<Result<StepBatch>>)>,
     /// The loader state after the last batch handed out.
     consumed: LoaderState,
+    /// The loader state before it.
+    before_last: LoaderState,
 }
 
 impl Batches {
@@ -864,8 +890,15 @@ impl Batches {
             with_image_ids,
             device,
             ahead: None,
+            before_last: consumed.clone(),
             consumed,
         }
+    }
+
+    /// The last batch handed out goes unused: the state to checkpoint is the one before
+    /// it, so that a resumed run takes it again.
+    fn unread_last(&mut self) {
+        self.consumed = self.before_last.clone();
     }
 
     /// The loader state to checkpoint.
@@ -894,7 +927,7 @@ impl Batches {
         let Some((epoch, state, inputs)) = current else {
             return Ok(None);
         };
-        self.consumed = state;
+        self.before_last = std::mem::replace(&mut self.consumed, state);
         if !self.device.is_cpu() {
             if let Some(batch) = self.loader.next_batch()? {
                 let (with_ids, device) = (self.with_image_ids, self.device.clone());
