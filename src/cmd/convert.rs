@@ -14,9 +14,7 @@ use vlp_models::import::{
     import_checkpoint, load_config, write_converted, Format, ImportError, ImportOptions,
 };
 use vlp_models::AlbefConfig;
-use vlp_train::checkpoint::{
-    parse_dir_name, BEST_RECORD, CHECKPOINTS, CONFIG_FILE, MODEL_FILE, OPTIM_FILE, STATE_FILE,
-};
+use vlp_train::checkpoint::{enclosing_run, CONFIG_FILE, MODEL_FILE};
 
 #[derive(clap::Args)]
 pub struct ConvertArgs {
@@ -69,34 +67,21 @@ pub struct ConvertArgs {
 /// when it is a training run or checkpoint (always), or already holds a model (unless
 /// `force`).
 fn check_out_dir(out: &Path, force: bool) -> anyhow::Result<()> {
+    // Checked whether or not `out` exists yet: a new folder under a run's `checkpoints/`
+    // would be swept away by the run's next save.
+    if let Some((run, why)) = enclosing_run(out) {
+        anyhow::bail!(
+            "--out {} is inside the training run or checkpoint {} (it {why}): a converted \
+             model there would be resumed as the run's own weights or swept away by its next \
+             save; write it to a new folder outside the run (--force does not apply)",
+            out.display(),
+            run.display()
+        );
+    }
     if !out.exists() {
         return Ok(());
     }
     anyhow::ensure!(out.is_dir(), "--out {} is not a folder", out.display());
-    let name = out.file_name().and_then(|n| n.to_str()).unwrap_or("");
-    let in_checkpoints = out
-        .parent()
-        .and_then(|p| p.file_name())
-        .is_some_and(|p| p == CHECKPOINTS);
-    let training_files: Vec<&str> = [STATE_FILE, OPTIM_FILE, CHECKPOINTS, BEST_RECORD]
-        .into_iter()
-        .filter(|f| out.join(f).exists())
-        .collect();
-    let is_training =
-        !training_files.is_empty() || parse_dir_name(name).is_some() || in_checkpoints;
-    if is_training {
-        let holds = if training_files.is_empty() {
-            "is named like one".to_string()
-        } else {
-            format!("holds {}", training_files.join(", "))
-        };
-        anyhow::bail!(
-            "--out {} is a training run or checkpoint (it {holds}): a converted model there \
-             would be resumed as the run's own weights; write it to a new folder \
-             (--force does not apply)",
-            out.display()
-        );
-    }
     let models: Vec<&str> = [MODEL_FILE, CONFIG_FILE]
         .into_iter()
         .filter(|f| out.join(f).exists())

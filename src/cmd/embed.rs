@@ -51,6 +51,9 @@ pub struct EmbedArgs {
     /// the header metadata holds `image_keys` and `text_lines` (JSON lists).
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace an existing --out file (never one inside a training run or checkpoint).
+    #[arg(long)]
+    pub force: bool,
     /// Where the model runs: `cpu`, `cuda` (GPU 0) or `cuda:N` (needs a build with
     /// `--features cuda`).
     #[arg(long, default_value = "cpu")]
@@ -126,6 +129,7 @@ pub fn run_embed(args: EmbedArgs) -> anyhow::Result<()> {
         args.shards.is_some() || args.images.is_some() || args.texts.is_some(),
         "nothing to embed: give --shards or --images, and/or --texts"
     );
+    crate::cmd::output::check_output_file("--out", &args.out, args.force)?;
     let dev = args.device.resolve()?;
     let (cfg, model) = load_checkpoint(&args.checkpoint, args.image_size, &dev)?;
     // Checked before any image is encoded: a mismatch is found in a second.

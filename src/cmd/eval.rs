@@ -61,6 +61,9 @@ pub struct RetrievalArgs {
     /// Write the Markdown table here.
     #[arg(long)]
     pub markdown: Option<PathBuf>,
+    /// Replace existing --out / --markdown files (never files of a training run).
+    #[arg(long)]
+    pub force: bool,
     /// No progress bars.
     #[arg(long)]
     pub no_progress: bool,
@@ -84,6 +87,11 @@ pub fn load_checkpoint(
 
 pub fn run(args: RetrievalArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.k_test >= 1, "--k-test must be at least 1");
+    for (flag, path) in [("--out", &args.out), ("--markdown", &args.markdown)] {
+        if let Some(path) = path {
+            crate::cmd::output::check_output_file(flag, path, args.force)?;
+        }
+    }
     // Under `vlp launch` (torchrun, srun) the re-ranking is split over the processes.
     let joined = crate::cmd::world::join(args.device)?;
     let device = joined.device.clone();
@@ -113,14 +121,17 @@ pub fn run(args: RetrievalArgs) -> anyhow::Result<()> {
     report["device"] = serde_json::json!(joined.spec.to_string());
     report["processes"] = serde_json::json!(joined.world.world_size);
     report["peak_rss_mb"] = serde_json::json!(crate::cmd::bench::peak_rss_mb());
+    // The report reaches stdout first: a file that cannot be written after all (a full
+    // disk) never loses the finished result.
+    println!("{report}");
     if let Some(path) = &args.out {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("writing {}", path.display()))?;
+            .with_context(|| format!("writing {} (the report is on stdout)", path.display()))?;
     }
     if let Some(path) = &args.markdown {
-        std::fs::write(path, &table).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, &table)
+            .with_context(|| format!("writing {} (the table is on stderr)", path.display()))?;
     }
-    println!("{report}");
     // Recalls computed from NaN or infinite scores mean nothing: the report above says
     // how many there were, and the exit status says the model is broken.
     anyhow::ensure!(

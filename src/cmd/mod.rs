@@ -9,6 +9,7 @@ pub mod convert;
 pub mod embed;
 pub mod eval;
 pub mod launch;
+pub mod output;
 pub mod plot;
 pub mod pretrain;
 pub mod shards_inspect;

@@ -489,7 +489,11 @@ fn convert_refuses_to_replace_a_model_without_force_and_a_training_checkpoint_ev
         std::fs::write(step.join(f), b"training").unwrap();
     }
     let run = dir.path().join("run");
-    for target in [&step, &run] {
+    // A new folder under the run's checkpoints (the next save would sweep it away) or
+    // anywhere inside the run: refused before it exists, and not created.
+    let new_step = dir.path().join("run/checkpoints/step-000099");
+    let inside = dir.path().join("run/converted");
+    for target in [&step, &run, &new_step, &inside] {
         for force in [false, true] {
             let mut args = vec![s(&blip), "--out", s(target)];
             if force {
@@ -503,6 +507,11 @@ fn convert_refuses_to_replace_a_model_without_force_and_a_training_checkpoint_ev
         std::fs::read(step.join("model.safetensors")).unwrap(),
         b"training"
     );
+    assert!(!new_step.exists() && !inside.exists());
+    // A folder of downloaded checkpoints that happens to be named `checkpoints` is no run.
+    let downloads = dir.path().join("checkpoints/blip-converted");
+    std::fs::create_dir_all(dir.path().join("checkpoints")).unwrap();
+    convert_ok(&[s(&blip), "--out", s(&downloads)]);
 }
 
 /// An HF BERT folder's tokenizer comes along: `vocab.txt` (+ `tokenizer_config.json`)

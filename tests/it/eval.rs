@@ -335,3 +335,93 @@ fn a_truncated_png_is_skipped_and_counted_by_eval_and_embed() {
     let embeds = candle_core::safetensors::load(d.join("e.safetensors"), &Device::Cpu).unwrap();
     assert_eq!(embeds["image_embeds"].dims()[0], 6);
 }
+
+/// `vlp embed --out` replaced any file, a checkpoint's `model.safetensors` included, and
+/// `eval retrieval --out` to an unwritable place failed after the whole evaluation: the
+/// outputs are checked first, existing files need --force, and a run's files never.
+#[test]
+fn outputs_are_checked_before_the_work_and_never_replace_a_runs_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (ckpt, tok) = checkpoint(d);
+    let shard = eval_set(d, Vec::new());
+    let embed = |out: &Path, force: bool| {
+        let mut args = vec![
+            "embed".to_string(),
+            "--checkpoint".into(),
+            path_str(&ckpt),
+            "--shards".into(),
+            path_str(&shard),
+            "--out".into(),
+            path_str(out),
+        ];
+        if force {
+            args.push("--force".into());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        vlp(&args, d)
+    };
+    // A checkpoint of a run: never, --force or not.
+    let step = d.join("run/checkpoints/step-000004");
+    std::fs::create_dir_all(&step).unwrap();
+    for f in ["model.safetensors", "state.json"] {
+        std::fs::write(step.join(f), b"training").unwrap();
+    }
+    for force in [false, true] {
+        let out = embed(&step.join("model.safetensors"), force);
+        assert!(!out.status.success());
+        assert!(
+            text(&out.stderr).contains("training run or checkpoint"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
+    assert_eq!(
+        std::fs::read(step.join("model.safetensors")).unwrap(),
+        b"training"
+    );
+    // Any other existing file: only with --force.
+    let e = d.join("e.safetensors");
+    std::fs::write(&e, b"mine").unwrap();
+    let out = embed(&e, false);
+    assert!(
+        text(&out.stderr).contains("--force"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&e).unwrap(), b"mine");
+    let out = embed(&e, true);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // A report into a folder that does not exist: refused before evaluating.
+    let mut args = vec![
+        "eval",
+        "retrieval",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--shards",
+        shard.to_str().unwrap(),
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--k-test",
+        "3",
+        "--max-tokens",
+        "12",
+        "--no-progress",
+        "--out",
+        "missing/report.json",
+    ];
+    let out = vlp(&args, d);
+    let stderr = text(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("does not exist"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("TR@1"), "evaluated first: {stderr}");
+    // Into a run folder, as a new file, it is written.
+    args.pop();
+    args.push("run/eval-extra.json");
+    let out = vlp(&args, d);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(d.join("run/eval-extra.json").is_file());
+}

@@ -262,6 +262,41 @@ pub fn set_aside_after(run_dir: &Path, step: u64) -> Result<()> {
     Ok(())
 }
 
+/// The training run or checkpoint folder that `path` is, or lies inside, with what marks
+/// it as one; `None` for a path outside every run. The one rule of which paths other
+/// commands (`vlp convert --out`, `vlp embed --out`) never write to: a run's next save
+/// sweeps what it does not know under `checkpoints/`, and a file replaced inside a
+/// checkpoint would be resumed as the run's own. A checkpoint holds `state.json` or
+/// `optim.safetensors`; a best folder `best.json`; a run folder `.lock`,
+/// `recipe.resolved.toml`, or a `checkpoints/` folder with a `step-N` folder in it (a
+/// folder of downloaded checkpoints named `checkpoints` is no run).
+pub fn enclosing_run(path: &Path) -> Option<(PathBuf, String)> {
+    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let has_steps = |dir: &Path| {
+        std::fs::read_dir(dir.join(CHECKPOINTS)).is_ok_and(|entries| {
+            entries
+                .flatten()
+                .any(|e| e.file_name().to_str().and_then(parse_dir_name).is_some())
+        })
+    };
+    path.ancestors().find_map(|dir| {
+        let mut holds: Vec<&str> = [
+            STATE_FILE,
+            OPTIM_FILE,
+            BEST_RECORD,
+            crate::run_lock::LOCK_FILE,
+            crate::pretrain::RESOLVED_RECIPE,
+        ]
+        .into_iter()
+        .filter(|f| dir.join(f).is_file())
+        .collect();
+        if has_steps(dir) {
+            holds.push("checkpoints/step-N");
+        }
+        (!holds.is_empty()).then(|| (dir.to_path_buf(), format!("holds {}", holds.join(", "))))
+    })
+}
+
 /// Removes what interrupted saves and deletions leave under `RUN/checkpoints`: temporary
 /// folders, folders being deleted, and step folders without their state file (which are
 /// never complete checkpoints: the state is written before the folder is renamed into
