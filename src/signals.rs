@@ -7,6 +7,8 @@
 pub fn stop_at_step_boundary() {
     extern "C" fn on_signal(signal: libc::c_int) {
         if !vlp_train::interrupt::request(signal) {
+            // No `pipe:` command outlives the run (atomics and `kill` only).
+            vlp_data::source::kill_all_pipes();
             // SAFETY: `_exit` is async-signal-safe; no destructor needs to run.
             unsafe { libc::_exit(128 + signal) };
         }

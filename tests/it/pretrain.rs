@@ -964,6 +964,74 @@ fn a_second_run_on_a_busy_folder_is_refused_and_sigterm_stops_with_a_checkpoint(
     vlp_train::run_lock::RunLock::acquire(&run).unwrap();
 }
 
+/// Whether a process whose command line contains `needle` is alive.
+fn process_running(needle: &str) -> bool {
+    std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+        std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
+            String::from_utf8_lossy(&c)
+                .replace('\0', " ")
+                .contains(needle)
+        })
+    })
+}
+
+/// A `pipe:` shard whose command stalls blocked the run forever, ignored the first
+/// SIGTERM (no step boundary came) and outlived vlp. SIGTERM now ends the run while it
+/// waits, the command dies with it, and with `data.stall_timeout_s` the stalled shard is
+/// skipped and counted instead.
+#[test]
+fn a_stalled_pipe_shard_neither_hangs_the_run_nor_outlives_it() {
+    let fx = Fixture::new(64);
+    let shards = "data.shards=train-{000000..000003}.tar::pipe:sleep 629; true";
+    let mut child = fx
+        .command(&[shards, "run.out_dir=\"stalled\""], false)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Every epoch reads the stalled shard: the run is waiting on it within seconds.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !process_running("sleep 629") {
+        assert!(Instant::now() < deadline, "the pipe command never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let stopped = Instant::now();
+    let deadline = stopped + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the first SIGTERM did not end a run waiting for data");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(143), "{err}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !process_running("sleep 629"),
+        "the command outlived the run"
+    );
+
+    // With a stall limit the shard is given up on, named, and the run ends normally.
+    let out = fx.pretrain(
+        &[shards, "run.out_dir=\"limited\"", "data.stall_timeout_s=1"],
+        false,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("sleep 629") && err.contains("sent nothing for 1 s"),
+        "{err}"
+    );
+    assert!(err.contains("pipe_failed"), "{err}");
+}
+
 #[test]
 fn errors_name_their_cause_once() {
     let fx = Fixture::new(64);

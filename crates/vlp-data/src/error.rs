@@ -46,6 +46,11 @@ pub enum DataError {
     #[error("invalid option `{option}`: {reason}")]
     Config { option: String, reason: String },
 
+    /// A signal asked the program to stop while the loader waited for a batch (the
+    /// batch sequence is unchanged: nothing was handed out).
+    #[error("stopped by signal {signal} while waiting for data")]
+    Interrupted { signal: i32 },
+
     /// A resume state does not fit the loader it is restored into.
     #[error("cannot resume the loader: {reason}")]
     Resume { reason: String },

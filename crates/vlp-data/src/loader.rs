@@ -16,7 +16,7 @@
 
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::mpsc::{sync_channel, Receiver, RecvError, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -30,7 +30,8 @@ use crate::image_ops::{
     decode_rgb, DecodeError, ImageTransform, ImageTransformer, Normalization, TrainTransform,
 };
 use crate::rng::{derive_seed, Rng};
-use crate::shard::{read_shard, RawSample};
+use crate::shard::{read_shard_with, RawSample};
+use crate::source::Patience;
 use crate::spec::{expand_spec, ShardUrl};
 use crate::stats::{BadDataPolicy, Skip, SkipCounts, SkipReason, WarnLimiter};
 use crate::tokenize::TextTokenizer;
@@ -94,6 +95,9 @@ pub struct LoaderConfig {
     pub max_tokens: usize,
     pub image: ImageTransform,
     pub normalization: Normalization,
+    /// Seconds a `pipe:` shard may send nothing before it is given up on (a problem
+    /// naming it: skipped and counted, or the error under `fail`); 0 waits forever.
+    pub stall_timeout_s: u64,
 }
 
 impl Default for LoaderConfig {
@@ -119,6 +123,7 @@ impl Default for LoaderConfig {
             max_tokens: 30,
             image: ImageTransform::Train(TrainTransform::albef_pretrain(256)),
             normalization: Normalization::Clip,
+            stall_timeout_s: crate::source::DEFAULT_STALL.as_secs(),
         }
     }
 }
@@ -490,7 +495,7 @@ impl Loader {
                 self.running = Some(self.spawn());
             }
             let w = self.state.next_worker;
-            let msg = self.running.as_ref().expect("spawned above").receivers[w].recv();
+            let msg = self.wait_for(w)?;
             match msg {
                 Ok(WorkerMsg::Batch(batch, after)) => {
                     self.state.workers[w] = *after;
@@ -518,6 +523,23 @@ impl Loader {
                     return Err(DataError::Resume {
                         reason: format!("worker {w} stopped unexpectedly"),
                     });
+                }
+            }
+        }
+    }
+
+    /// Worker `w`'s next message, waited for in short slices so that a signal (the stop
+    /// request in `vlp_core::interrupt`) ends the wait even when a source sends nothing.
+    fn wait_for(&mut self, w: usize) -> Result<std::result::Result<WorkerMsg, RecvError>> {
+        let rx = &self.running.as_ref().expect("spawned above").receivers[w];
+        loop {
+            match rx.recv_timeout(std::time::Duration::from_millis(200)) {
+                Ok(msg) => return Ok(Ok(msg)),
+                Err(RecvTimeoutError::Disconnected) => return Ok(Err(RecvError)),
+                Err(RecvTimeoutError::Timeout) => {
+                    if let Some(signal) = vlp_core::interrupt::requested() {
+                        return Err(DataError::Interrupted { signal });
+                    }
                 }
             }
         }
@@ -725,6 +747,18 @@ struct WorkerCtx {
     stop: Arc<AtomicBool>,
 }
 
+impl WorkerCtx {
+    /// How this worker's `pipe:` reads wait: the configured stall limit, and the
+    /// loader's stop flag, so that dropping the loader never waits on a stalled command.
+    fn patience(&self) -> Patience {
+        Patience {
+            stall: (self.cfg.stall_timeout_s > 0)
+                .then(|| std::time::Duration::from_secs(self.cfg.stall_timeout_s)),
+            stop: Some(Arc::clone(&self.stop)),
+        }
+    }
+}
+
 /// A batch being filled by one worker.
 struct Pending {
     images: Vec<f32>,
@@ -811,7 +845,7 @@ impl Worker {
         while let Some(shard) = self.ctx.shards.at(self.st.cursor) {
             let url = self.ctx.urls[shard].clone();
             let mut halt = None;
-            let outcome = read_shard(&url, self.st.offset, |raw| {
+            let outcome = read_shard_with(&url, self.st.offset, &self.ctx.patience(), |raw| {
                 self.st.offset = raw.index + 1;
                 match self.push(raw) {
                     Ok(()) => ControlFlow::Continue(()),
@@ -894,7 +928,7 @@ impl Worker {
                 .map(|p| p.index)
                 .collect();
             let first = indices.iter().copied().min().unwrap_or(0);
-            read_shard(&self.ctx.urls[shard], first, |raw| {
+            read_shard_with(&self.ctx.urls[shard], first, &self.ctx.patience(), |raw| {
                 if indices.contains(&raw.index) {
                     found.insert(
                         SamplePos {

@@ -7,7 +7,7 @@ use std::io::Read;
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
-use crate::source::{open_shard, OpenError};
+use crate::source::{open_shard, OpenError, Patience};
 use crate::spec::ShardUrl;
 use crate::stats::{Skip, SkipReason};
 
@@ -80,6 +80,17 @@ pub fn split_key(path: &str) -> Option<(&str, &str)> {
 pub fn read_shard(
     url: &ShardUrl,
     skip_first: u64,
+    on_sample: impl FnMut(RawSample) -> ControlFlow<()>,
+) -> ShardOutcome {
+    read_shard_with(url, skip_first, &Patience::default(), on_sample)
+}
+
+/// [`read_shard`], with reads of a `pipe:` command waiting as `patience` says (a stalled
+/// command is a [`SkipReason::PipeFailed`] problem naming it).
+pub fn read_shard_with(
+    url: &ShardUrl,
+    skip_first: u64,
+    patience: &Patience,
     mut on_sample: impl FnMut(RawSample) -> ControlFlow<()>,
 ) -> ShardOutcome {
     let url_str: Arc<str> = url.to_string().into();
@@ -89,7 +100,7 @@ pub fn read_shard(
         key: String::new(),
         detail,
     };
-    let mut stream = match open_shard(url) {
+    let mut stream = match open_shard(url, patience) {
         Ok(s) => s,
         Err(OpenError::Missing(m)) => {
             return ShardOutcome {

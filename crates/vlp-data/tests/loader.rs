@@ -603,3 +603,24 @@ fn punctuation_only_captions_are_skipped_and_others_of_the_sample_kept() {
     let skipped = &loader.epoch_summaries()[0].skipped;
     assert_eq!(skipped.get(SkipReason::MissingCaption), 1, "{skipped}");
 }
+
+/// A `pipe:` shard whose command stalls (`sleep` beside good shards, 2 workers) blocked
+/// the loader forever with nothing printed: it is given up on after `stall_timeout_s`,
+/// named, and counted as `pipe_failed`; the good shards are all delivered.
+#[test]
+fn a_stalled_pipe_shard_is_skipped_and_counted_after_the_stall_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = write_dataset(dir.path(), 2, 6);
+    let spec = format!("{good}::pipe:sleep 623; true");
+    let cfg = LoaderConfig {
+        stall_timeout_s: 1,
+        ..small_cfg()
+    };
+    let started = std::time::Instant::now();
+    let mut loader = Loader::new(&spec, cfg, tokenizer(16)).unwrap();
+    let batches = all_batches(&mut loader);
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    assert_eq!(captions(&batches).len(), 12);
+    let skipped = &loader.epoch_summaries()[0].skipped;
+    assert_eq!(skipped.get(vlp_data::stats::SkipReason::PipeFailed), 1);
+}

@@ -5,7 +5,8 @@
 
 pub mod checkpoint;
 pub mod error;
-pub mod interrupt;
+/// The stop request a signal records (kept in `vlp-core`, where the loader reads it too).
+pub use vlp_core::interrupt;
 pub mod metrics;
 pub mod objectives;
 pub mod optim;

@@ -412,10 +412,24 @@ impl Run {
                 self.state.alpha_ramp_steps,
                 self.recipe.objectives.alpha,
             );
+            // Where the step starts, for a run that ends inside it (see `rewind_step`).
+            let start = (self.state.rng.clone(), self.state.epoch);
+            self.batches.mark();
             let seed = self.state.rng.next_u64();
             // The step's first batch, fetched here: when it opens a new epoch, the weights
-            // the last step left are validated first (fine-tuning).
-            let Some(first) = self.batches.next()? else {
+            // the last step left are validated first (fine-tuning). A signal while the
+            // loader waits (a stalled source) ends the run as one at a step boundary does.
+            let first = match self.batches.next() {
+                Err(e) => match stopped_by(&e) {
+                    Some(signal) => {
+                        self.rewind_step(start);
+                        break Ended::Interrupted(signal);
+                    }
+                    None => return Err(e),
+                },
+                Ok(first) => first,
+            };
+            let Some(first) = first else {
                 break Ended::DataEnded;
             };
             // A new epoch by rank 0's data (the ranks' epochs end at different steps).
@@ -424,7 +438,7 @@ impl Run {
                 if let Err(e) = self.validate() {
                     // The epoch's training is kept: a checkpoint that resumes before this
                     // batch, so that the resumed run validates the same weights again.
-                    self.batches.unread_last();
+                    self.rewind_step(start);
                     progress.finish();
                     tracing::error!("validation failed; saving the epoch's checkpoint first");
                     self.save()?;
@@ -456,13 +470,24 @@ impl Run {
                 }
                 Ok(Some(inputs))
             };
-            let report = train_step(
+            let report = match train_step(
                 &self.model,
                 &mut self.optim,
                 &self.collective,
                 &settings,
                 &mut next,
-            )?;
+            ) {
+                Ok(report) => report,
+                Err(e) => match stopped_by(&e) {
+                    // Stopped waiting for a later micro-batch: the step is dropped and the
+                    // checkpoint resumes at its start.
+                    Some(signal) => {
+                        self.rewind_step(start);
+                        break Ended::Interrupted(signal);
+                    }
+                    None => return Err(e),
+                },
+            };
             let Some(report) = report else {
                 break Ended::DataEnded;
             };
@@ -522,6 +547,14 @@ impl Run {
         };
         progress.finish();
         Ok(ended)
+    }
+
+    /// Undoes what a step that will not finish took (its batches, its seed, the epoch it
+    /// read into), so that the checkpoint the run ends with resumes exactly at its start.
+    fn rewind_step(&mut self, (rng, epoch): (Rng, u64)) {
+        self.batches.rewind();
+        self.state.rng = rng;
+        self.state.epoch = epoch;
     }
 
     /// A step's metrics record; the one place the loss parts are read from the device.
@@ -782,6 +815,14 @@ impl Run {
     }
 }
 
+/// The signal of an error that is a stop request met while waiting for data.
+fn stopped_by(e: &TrainError) -> Option<i32> {
+    match e {
+        TrainError::Data(vlp_data::DataError::Interrupted { signal }) => Some(*signal),
+        _ => None,
+    }
+}
+
 /// Opens every eval set of the recipe and reads its captions and image headers, so that
 /// a mistyped path or an unreadable shard stops the run before it trains, not after its
 /// first epoch.
@@ -878,8 +919,8 @@ struct Batches {
     ahead: Option<(u64, LoaderState, std::thread::JoinHandle<Result<StepBatch>>)>,
     /// The loader state after the last batch handed out.
     consumed: LoaderState,
-    /// The loader state before it.
-    before_last: LoaderState,
+    /// The loader state at the start of the step in progress ([`Batches::mark`]).
+    marked: LoaderState,
 }
 
 impl Batches {
@@ -890,15 +931,20 @@ impl Batches {
             with_image_ids,
             device,
             ahead: None,
-            before_last: consumed.clone(),
+            marked: consumed.clone(),
             consumed,
         }
     }
 
-    /// The last batch handed out goes unused: the state to checkpoint is the one before
-    /// it, so that a resumed run takes it again.
-    fn unread_last(&mut self) {
-        self.consumed = self.before_last.clone();
+    /// Marks the start of a step: [`Batches::rewind`] comes back here.
+    fn mark(&mut self) {
+        self.marked = self.consumed.clone();
+    }
+
+    /// The batches handed out since the mark go unused (a run ending inside a step): the
+    /// state to checkpoint is the mark's, so that a resumed run takes them again.
+    fn rewind(&mut self) {
+        self.consumed = self.marked.clone();
     }
 
     /// The loader state to checkpoint.
@@ -927,7 +973,7 @@ impl Batches {
         let Some((epoch, state, inputs)) = current else {
             return Ok(None);
         };
-        self.before_last = std::mem::replace(&mut self.consumed, state);
+        self.consumed = state;
         if !self.device.is_cpu() {
             if let Some(batch) = self.loader.next_batch()? {
                 let (with_ids, device) = (self.with_image_ids, self.device.clone());

@@ -99,6 +99,14 @@ pub struct DataSection {
     pub shuffle_buffer: usize,
     #[serde(default)]
     pub mode: Mode,
+    /// Seconds a `pipe:` shard may send nothing before it is given up on (skipped and
+    /// counted as `pipe_failed`); 0 waits forever.
+    #[serde(default = "stall_timeout_s")]
+    pub stall_timeout_s: u64,
+}
+
+fn stall_timeout_s() -> u64 {
+    vlp_data::source::DEFAULT_STALL.as_secs()
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -392,6 +400,7 @@ impl Recipe {
             max_tokens: d.max_tokens,
             max_words: d.max_words,
             image,
+            stall_timeout_s: d.stall_timeout_s,
             ..LoaderConfig::default()
         }
     }

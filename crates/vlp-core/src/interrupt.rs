@@ -1,7 +1,8 @@
 //! A request to stop, from a signal (Ctrl-C, a cluster's pre-emption `SIGTERM`). The
 //! program's signal handler records the signal here; the training loop reads it at each
 //! step boundary, writes a checkpoint and returns, so that at most the step in flight is
-//! lost. Signals are process-wide, so this state is too; recording is async-signal-safe
+//! lost, and the loader reads it while it waits for a batch (a stalled source must not
+//! keep the run from stopping). Signals are process-wide, so this state is too; recording is async-signal-safe
 //! (one atomic compare-and-swap).
 
 use std::sync::atomic::{AtomicI32, Ordering};
