@@ -392,40 +392,29 @@ fn pretrain_killed_with_sigkill_resumes_bit_identically() {
     assert_eq!(steps, (1..=10).collect::<Vec<_>>());
 }
 
+/// A learning rate of 1e30 or inf passed the recipe check and failed at step 2 as a NaN
+/// loss naming no key (or, skipping, trained nothing and exited 0): such values are now
+/// refused before the run folder is touched.
 #[test]
-fn pretrain_nonfinite_loss_stops_naming_step_and_part_without_saving() {
+fn pretrain_refuses_absurd_optimiser_values_before_training() {
     let fx = Fixture::new(64);
-    let out = fx.pretrain(
-        &[
-            "eval.sets=[]",
-            "optim.lr=1e30",
-            "optim.warmup_lr=1e30",
-            "optim.clip_grad_norm=1e30",
-            "run.save_every=1",
-        ],
-        false,
-    );
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("non-finite") && err.contains("at step"),
-        "{err}"
-    );
-    assert!(
-        err.contains("loss part `") || err.contains("gradient norm"),
-        "{err}"
-    );
-    // Every checkpoint that exists is finite.
-    let run = fx.path("run");
-    for step in vlp_train::checkpoint::list(&run).unwrap() {
-        let path = run.join(format!("checkpoints/step-{step:06}/model.safetensors"));
-        let tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap();
-        for (name, t) in tensors {
-            assert!(
-                vlp_train::checkpoint::all_finite(&t).unwrap(),
-                "{name} at {step}"
-            );
-        }
+    for (set, says) in [
+        ("optim.lr=1e30", "optim.lr = 1e30: must be <= 1"),
+        ("optim.lr=inf", "optim.lr = inf: must be finite"),
+        ("optim.min_lr=-1", "optim.min_lr = -1: must be >= 0"),
+        (
+            "optim.weight_decay=nan",
+            "optim.weight_decay = NaN: must be finite",
+        ),
+    ] {
+        let out = fx.pretrain(&["eval.sets=[]", "run.on_nonfinite=\"skip\"", set], false);
+        assert!(!out.status.success(), "{set} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{set}: {err}");
+        assert!(
+            !fx.path("run").exists(),
+            "{set}: the run folder was written"
+        );
     }
 }
 
@@ -447,11 +436,15 @@ fn pretrain_nan_batch_stops_or_is_skipped_and_counted() {
         err.contains("non-finite loss part `itc`") && err.contains("at step 2"),
         "{err}"
     );
-    // Step 1's checkpoint stays; nothing was saved for the failed step.
+    // Step 1's checkpoint stays, finite; nothing was saved for the failed step.
     assert_eq!(
         vlp_train::checkpoint::list(&fx.path("run")).unwrap(),
         vec![1]
     );
+    let path = fx.path("run/checkpoints/step-000001/model.safetensors");
+    for (name, t) in candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap() {
+        assert!(vlp_train::checkpoint::all_finite(&t).unwrap(), "{name}");
+    }
 
     // With on_nonfinite = "skip" the run goes on, counts the samples, and its queues and
     // weights stay finite.
@@ -478,6 +471,33 @@ fn pretrain_nan_batch_stops_or_is_skipped_and_counted() {
     for (name, t) in candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap() {
         assert!(vlp_train::checkpoint::all_finite(&t).unwrap(), "{name}");
     }
+}
+
+/// Under `on_nonfinite = "skip"` a run whose every step is skipped trained nothing; it
+/// exited 0 as if it had. A run with some steps skipped still succeeds (above).
+#[test]
+fn pretrain_whose_every_step_is_skipped_fails() {
+    let fx = Fixture::new(64);
+    let out = fx
+        .command(&["optim.total_steps=1", "run.on_nonfinite=\"skip\""], false)
+        .env("VLP_INJECT_NAN_AT_STEP", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "exited 0:\n{err}");
+    assert!(
+        err.contains("every step of the run (1 in all) was skipped for non-finite values")
+            && err.contains("run.on_nonfinite = \"skip\""),
+        "{err}"
+    );
+    // The step is logged as skipped; neither a checkpoint nor an evaluation follows.
+    let metrics = vlp_train::metrics::read(&fx.path("run")).unwrap();
+    assert_eq!(metrics.len(), 1);
+    assert_eq!(metrics[0]["skipped_samples"].as_u64(), Some(16));
+    assert!(vlp_train::checkpoint::list(&fx.path("run"))
+        .unwrap()
+        .is_empty());
+    assert!(!fx.path("run/eval.json").exists());
 }
 
 #[test]

@@ -52,6 +52,16 @@ pub enum TrainError {
     #[error("non-finite {what} at step {step}")]
     NonFinite { step: u64, what: String },
 
+    /// Every step of a run was skipped under `run.on_nonfinite = "skip"`: the run trained
+    /// nothing, which is not a success.
+    #[error(
+        "every step of the run ({steps} in all) was skipped for non-finite values \
+         (run.on_nonfinite = \"skip\"): nothing was trained, and no final checkpoint or \
+         evaluation was written (look for an optim.lr too high for the model, or NaN in the \
+         data)"
+    )]
+    EveryStepSkipped { steps: u64 },
+
     /// Another run holds the run folder.
     #[error(
         "{run_dir} is in use by another run ({holder}); wait for it to end or choose another \

@@ -3,6 +3,7 @@
 //! distillation) and their config; [`step`] runs them in the reference order for one
 //! batch and returns the total loss with its named parts.
 
+mod bounds;
 pub mod checkpoint;
 pub mod error;
 /// The stop request a signal records (kept in `vlp-core`, where the loader reads it too).

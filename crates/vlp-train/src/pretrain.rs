@@ -119,6 +119,8 @@ struct Run {
 impl Run {
     /// The model, the data, the optimizer and where training stands, fresh or resumed.
     fn setup(recipe: Recipe, resume: bool, collective: Arc<dyn Collective>) -> Result<Self> {
+        // A recipe built in code has not been through `Recipe::load`.
+        recipe.validate()?;
         let device = recipe.run.device.resolve()?;
         let run_dir = recipe.run.out_dir.clone();
         let world = collective.world_size();
@@ -195,6 +197,14 @@ impl Run {
                 // The checkpoint's recipe, on the device asked for now.
                 let mut from_checkpoint = state.recipe.clone();
                 from_checkpoint.run.device = recipe.run.device;
+                // `state.json` is read without the recipe checks: they run here.
+                from_checkpoint.validate().map_err(|e| {
+                    TrainError::Recipe(format!(
+                        "the recipe of {}: {}",
+                        resume_from.as_deref().unwrap_or(&run_dir).display(),
+                        crate::recipe::strip(e)
+                    ))
+                })?;
                 if from_checkpoint != recipe {
                     tracing::warn!("resuming with the checkpoint's recipe; the given one differs");
                 }
@@ -613,6 +623,16 @@ impl Run {
     /// After the loop: the last checkpoint, the last validation, and the zero-shot
     /// evaluations of the recipe (on the best weights when fine-tuning kept some).
     fn finish(mut self, ended: Ended) -> Result<Summary> {
+        // A run whose every step was skipped trained nothing: its weights are where it
+        // started, and neither a checkpoint nor an evaluation of them is a result. (An
+        // interrupted one goes on with --resume; its exit status is already non-zero.)
+        let every_step_skipped =
+            self.state.samples_seen > 0 && self.state.skipped_samples == self.state.samples_seen;
+        if every_step_skipped && !matches!(ended, Ended::Interrupted(_)) {
+            return Err(TrainError::EveryStepSkipped {
+                steps: self.state.step,
+            });
+        }
         // (No checkpoint for a run that trained nothing: its weights are its init's.)
         let saved_now = self
             .last_checkpoint
@@ -881,7 +901,7 @@ pub fn seeded_init(varmap: &VarMap, seed: u64) -> Result<()> {
 /// whichever is smaller.
 fn total_steps(recipe: &Recipe, steps_per_epoch: Option<u64>) -> Result<u64> {
     let from_epochs = match (recipe.optim.epochs, steps_per_epoch) {
-        (Some(e), Some(s)) => Some(e * s),
+        (Some(e), Some(s)) => Some(e.saturating_mul(s)),
         (Some(_), None) if recipe.optim.total_steps.is_none() => {
             return Err(TrainError::Recipe(
                 "optim.epochs: the epoch length is unknown (resampled data or shards without \

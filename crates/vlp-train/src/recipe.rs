@@ -276,7 +276,9 @@ impl Recipe {
         Ok(recipe)
     }
 
-    /// Checks what serde cannot: exactly one of preset/config, positive sizes, a length.
+    /// Checks what serde cannot: exactly one of preset/config, positive sizes, a length,
+    /// and the range of every number of `[optim]` and `[objectives]` (floats finite); an
+    /// error names the key and the value.
     pub fn validate(&self) -> Result<()> {
         if let Some(eval) = &self.eval {
             if let Err(e) = eval.score.parse::<vlp_eval::ScoreMode>() {
@@ -310,23 +312,72 @@ impl Recipe {
         if self.data.world_size == Some(0) {
             return bad("data.world_size", "must be at least 1");
         }
-        if self.optim.accumulate == 0 {
-            return bad("optim.accumulate", "must be at least 1");
-        }
-        if self.optim.epochs.is_none() && self.optim.total_steps.is_none() {
-            return bad("optim", "give epochs or total_steps");
-        }
-        if self.optim.lr.is_nan() || self.optim.lr <= 0.0 {
-            return bad("optim.lr", "must be positive");
-        }
-        if let Some(c) = self.optim.clip_grad_norm {
-            if c.is_nan() || c <= 0.0 {
-                return bad("optim.clip_grad_norm", "must be positive");
+        self.validate_optim()?;
+        // The objectives' reasons start with the value (`objectives.alpha = 1.5: ...`).
+        self.objectives.validate().map_err(|e| match e {
+            TrainError::Config { field, reason } => {
+                TrainError::Recipe(format!("objectives.{field} = {reason}"))
+            }
+            other => TrainError::Recipe(format!("objectives: {other}")),
+        })?;
+        Ok(())
+    }
+
+    /// Every number of `[optim]`, range-checked where the recipe is read: a value out of
+    /// range otherwise trains (a negative `min_lr` or `weight_decay` climbs the loss) or
+    /// fails steps later as a non-finite loss that names no key.
+    fn validate_optim(&self) -> Result<()> {
+        use crate::bounds::{refusal, Bound::*};
+        let o = &self.optim;
+        let lr = ("optim.lr", o.lr);
+        // AdamW moves each weight by about `lr` per step whatever its gradient's scale
+        // (the update is `lr * m / sqrt(v)`, near ±lr): above 1 every step moves every
+        // weight by more than its typical magnitude, and the weights are lost.
+        const MAX_LR: f64 = 1.0;
+        // The warmup rises from `warmup_lr` to `lr` and the cosine falls from `lr` to
+        // `min_lr`: both ends sit at or below the peak.
+        let not_above_lr = [AtLeast(0.0), AtMostKey(lr.0, lr.1)];
+        let floats = [
+            (lr.0, lr.1, &[Above(0.0), AtMost(MAX_LR)][..]),
+            ("optim.min_lr", o.min_lr, &not_above_lr),
+            ("optim.warmup_lr", o.warmup_lr, &not_above_lr),
+            // Decoupled decay scales each weight by `1 - lr * weight_decay` per step:
+            // within [0, 1] (and `lr` within (0, 1]) it shrinks weights, never flips or
+            // grows them.
+            (
+                "optim.weight_decay",
+                o.weight_decay,
+                &[AtLeast(0.0), AtMost(1.0)],
+            ),
+        ];
+        // No clipping is the key left out; `inf` is refused as any non-finite value.
+        let clip = o
+            .clip_grad_norm
+            .map(|c| ("optim.clip_grad_norm", c, &[Above(0.0)][..]));
+        for (key, v, bounds) in floats.into_iter().chain(clip) {
+            if let Some(why) = refusal(v, bounds) {
+                return Err(TrainError::Recipe(format!("{key} = {why}")));
             }
         }
-        self.objectives
-            .validate()
-            .map_err(|e| TrainError::Recipe(format!("objectives: {e}")))?;
+        // The integers: `warmup_steps` (longer than the run: the peak is never reached),
+        // `total_steps` (0: evaluate the init only) and `alpha_ramp_fallback_steps` (0: no
+        // ramp) mean something at every value.
+        if o.accumulate == 0 {
+            return Err(TrainError::Recipe(
+                "optim.accumulate = 0: must be at least 1".into(),
+            ));
+        }
+        if o.epochs == Some(0) {
+            return Err(TrainError::Recipe(
+                "optim.epochs = 0: must be at least 1 (optim.total_steps = 0 trains nothing)"
+                    .into(),
+            ));
+        }
+        if o.epochs.is_none() && o.total_steps.is_none() {
+            return Err(TrainError::Recipe(
+                "optim: give epochs or total_steps".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -412,7 +463,7 @@ impl Recipe {
 }
 
 /// Drops the variant prefix of a nested recipe error.
-fn strip(e: TrainError) -> String {
+pub(crate) fn strip(e: TrainError) -> String {
     match e {
         TrainError::Recipe(m) => m,
         other => other.to_string(),
@@ -563,6 +614,123 @@ out_dir = "runs/x"
         let text = format!("{BASE}\n[eval]\nsets = []\nk_test = 0\n");
         let e = Recipe::from_str_with(&text, &[]).unwrap_err().to_string();
         assert!(e.contains("eval.k_test"), "{e}");
+    }
+
+    /// Asserts that `BASE` with these overrides (each `key=value`) is refused with an
+    /// error containing `says`.
+    fn assert_refused(sets: &[&str], says: &str) {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        match Recipe::from_str_with(BASE, &sets) {
+            Ok(_) => panic!("{sets:?} accepted"),
+            Err(e) => assert!(e.to_string().contains(says), "{sets:?}: {e}"),
+        }
+    }
+
+    fn assert_accepted(sets: &[&str]) {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        Recipe::from_str_with(BASE, &sets).unwrap_or_else(|e| panic!("{sets:?}: {e}"));
+    }
+
+    #[test]
+    fn negative_or_non_finite_optimiser_values_are_refused_naming_the_key() {
+        for key in ["min_lr", "warmup_lr", "weight_decay"] {
+            let set = format!("optim.{key}=-1");
+            assert_refused(&[&set], &format!("optim.{key} = -1: must be >= 0"));
+        }
+        for key in [
+            "lr",
+            "min_lr",
+            "warmup_lr",
+            "weight_decay",
+            "clip_grad_norm",
+        ] {
+            for (value, shown) in [("nan", "NaN"), ("inf", "inf"), ("-inf", "-inf")] {
+                let set = format!("optim.{key}={value}");
+                assert_refused(&[&set], &format!("optim.{key} = {shown}: must be finite"));
+            }
+        }
+        // In the file as through --set.
+        let text = BASE.replace("min_lr = 1e-5", "min_lr = nan");
+        let e = Recipe::from_str_with(&text, &[]).unwrap_err().to_string();
+        assert!(e.contains("optim.min_lr = NaN: must be finite"), "{e}");
+        for key in ["lr", "clip_grad_norm"] {
+            let set = format!("optim.{key}=0");
+            assert_refused(&[&set], &format!("optim.{key} = 0: must be > 0"));
+        }
+        // Zero is a floor that means something: warmup from 0, decay to 0, no decay.
+        assert_accepted(&[
+            "optim.min_lr=0",
+            "optim.warmup_lr=0",
+            "optim.weight_decay=0",
+        ]);
+    }
+
+    #[test]
+    fn absurd_learning_rates_and_decays_are_refused_up_front() {
+        for lr in ["1e30", "2"] {
+            let set = format!("optim.lr={lr}");
+            assert_refused(&[&set], &format!("optim.lr = {lr}: must be <= 1"));
+        }
+        assert_refused(
+            &["optim.min_lr=2e-4"],
+            "optim.min_lr = 2e-4: must be <= optim.lr (1e-4)",
+        );
+        assert_refused(
+            &["optim.warmup_lr=1e-3"],
+            "optim.warmup_lr = 0.001: must be <= optim.lr",
+        );
+        assert_refused(
+            &["optim.weight_decay=1.5"],
+            "optim.weight_decay = 1.5: must be <= 1",
+        );
+        // The bounds themselves are allowed.
+        assert_accepted(&["optim.lr=1.0", "optim.min_lr=1.0", "optim.weight_decay=1.0"]);
+    }
+
+    #[test]
+    fn optimiser_counts_that_train_nothing_are_refused() {
+        assert_refused(
+            &["optim.accumulate=0"],
+            "optim.accumulate = 0: must be at least 1",
+        );
+        assert_refused(&["optim.epochs=0"], "optim.epochs = 0: must be at least 1");
+        let text = BASE.replace("total_steps = 100", "");
+        let e = Recipe::from_str_with(&text, &[]).unwrap_err().to_string();
+        assert!(e.contains("give epochs or total_steps"), "{e}");
+        // `total_steps = 0` is the zero-shot recipe: evaluate the init.
+        assert_accepted(&["optim.total_steps=0"]);
+    }
+
+    #[test]
+    fn non_finite_objective_values_are_refused_naming_the_key() {
+        for key in [
+            "alpha",
+            "momentum",
+            "contrastive.weight",
+            "contrastive.margin",
+            "itm.weight",
+            "itm.hardness",
+            "itm.batch_fraction",
+            "mlm.weight",
+            "mlm.probability",
+            "distill.weight",
+            "distill.temperature",
+            "distill.teacher_temperature",
+        ] {
+            for (value, shown) in [("nan", "NaN"), ("inf", "inf")] {
+                let set = format!("objectives.{key}={value}");
+                let says = format!("objectives.{key} = {shown}: must be finite");
+                assert_refused(&[&set], &says);
+            }
+        }
+        assert_refused(
+            &["objectives.alpha=1.5"],
+            "objectives.alpha = 1.5: must be <= 1",
+        );
+        assert_refused(
+            &["objectives.contrastive.margin=-0.2"],
+            "objectives.contrastive.margin = -0.2: must be >= 0",
+        );
     }
 
     #[test]

@@ -232,58 +232,39 @@ impl ObjectiveConfig {
         self.distill.enabled && self.distill.weight != 0.0
     }
 
-    /// Checks ranges, naming the offending key.
+    /// Checks ranges, naming the offending key; every float must be finite. Each
+    /// reason starts with the value refused (`1.5: must be <= 1`).
     pub fn validate(&self) -> Result<()> {
-        let unit = |field: &str, v: f64| {
-            if (0.0..=1.0).contains(&v) {
-                Ok(())
-            } else {
-                Err(TrainError::config(field, format!("{v} is outside [0, 1]")))
-            }
-        };
-        unit("alpha", self.alpha)?;
-        unit("momentum", self.momentum)?;
-        unit("mlm.probability", self.mlm.probability)?;
-        if self.contrastive.margin < 0.0 {
-            return Err(TrainError::config(
-                "contrastive.margin",
-                format!("{} is negative", self.contrastive.margin),
-            ));
-        }
-        for (field, w) in [
-            ("contrastive.weight", self.contrastive.weight),
-            ("itm.weight", self.itm.weight),
-            ("mlm.weight", self.mlm.weight),
-            ("distill.weight", self.distill.weight),
-        ] {
-            if !w.is_finite() || w < 0.0 {
-                return Err(TrainError::config(
-                    field,
-                    format!("{w} is not a weight >= 0"),
-                ));
-            }
-        }
-        let h = self.itm.hardness;
-        if !(h.is_finite() && h >= 0.0) {
-            return Err(TrainError::config(
-                "itm.hardness",
-                format!("{h} is not a finite scale >= 0"),
-            ));
-        }
-        let f = self.itm.batch_fraction;
-        if !(f > 0.0 && f <= 1.0) {
-            return Err(TrainError::config(
-                "itm.batch_fraction",
-                format!("{f} is outside (0, 1]"),
-            ));
-        }
+        use crate::bounds::{refusal, Bound::*};
+        let unit = [AtLeast(0.0), AtMost(1.0)];
+        let non_negative = [AtLeast(0.0)];
+        let temperature = [Above(0.0)];
         let d = &self.distill;
-        for (field, t) in [
-            ("distill.temperature", d.temperature),
-            ("distill.teacher_temperature", d.teacher_temperature),
+        for (field, v, bounds) in [
+            ("alpha", self.alpha, &unit[..]),
+            ("momentum", self.momentum, &unit),
+            ("mlm.probability", self.mlm.probability, &unit),
+            ("contrastive.margin", self.contrastive.margin, &non_negative),
+            ("contrastive.weight", self.contrastive.weight, &non_negative),
+            ("itm.weight", self.itm.weight, &non_negative),
+            ("mlm.weight", self.mlm.weight, &non_negative),
+            ("distill.weight", d.weight, &non_negative),
+            ("itm.hardness", self.itm.hardness, &non_negative),
+            // A share of the batch's pairs: some, at most all.
+            (
+                "itm.batch_fraction",
+                self.itm.batch_fraction,
+                &[Above(0.0), AtMost(1.0)],
+            ),
+            ("distill.temperature", d.temperature, &temperature),
+            (
+                "distill.teacher_temperature",
+                d.teacher_temperature,
+                &temperature,
+            ),
         ] {
-            if !(t.is_finite() && t > 0.0) {
-                return Err(TrainError::config(field, format!("{t} is not > 0")));
+            if let Some(why) = refusal(v, bounds) {
+                return Err(TrainError::config(field, why));
             }
         }
         let least = if d.kind == distill::DistillKind::MarginMse {
@@ -294,7 +275,10 @@ impl ObjectiveConfig {
         if d.candidates < least {
             return Err(TrainError::config(
                 "distill.candidates",
-                format!("{} (at least {least} for {:?})", d.candidates, d.kind),
+                format!(
+                    "{}: must be at least {least} for {:?}",
+                    d.candidates, d.kind
+                ),
             ));
         }
         Ok(())
