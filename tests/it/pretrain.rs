@@ -653,6 +653,62 @@ k_test = 4
     )
 }
 
+/// Pretraining with CLIP's loss never moves the momentum twin, and a fine-tune with
+/// ALBEF's ITC then distilled from the pretraining's initial weights (the emoji fine-tune
+/// lost half its recall). The twin of such a checkpoint now starts from the online
+/// weights.
+#[test]
+fn a_fine_tune_from_a_clip_pretrained_checkpoint_starts_its_twin_from_the_online_weights() {
+    let fx = Fixture::new(64);
+    let _ = ok(&fx.pretrain(
+        &[
+            "optim.total_steps=4",
+            "run.save_every=0",
+            "objectives.contrastive.kind=\"clip\"",
+            "objectives.mlm.enabled=false",
+        ],
+        false,
+    ));
+    let gap = |file: &Path| {
+        let t = candle_core::safetensors::load(file, &candle_core::Device::Cpu).unwrap();
+        let d = (&t["text_proj.weight"] - &t["text_proj_m.weight"]).unwrap();
+        d.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt()
+    };
+    let pretrained = gap(&fx.path("run/checkpoints/step-000004/model.safetensors"));
+    assert!(
+        pretrained > 0.0,
+        "CLIP's loss leaves the twin at the initial weights"
+    );
+    std::fs::write(
+        fx.path("ft.toml"),
+        finetune_toml("val-000000.tar")
+            .replace("step-000002", "step-000004")
+            .replace("epochs = 2", "total_steps = 1"),
+    )
+    .unwrap();
+    let out = Command::new(vlp_bin())
+        .args(["finetune", "--recipe", "ft.toml", "--no-progress"])
+        .current_dir(fx.path(""))
+        .output()
+        .unwrap();
+    let _ = ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("momentum twin was never trained"),
+        "{stderr}"
+    );
+    // After one step the twin is 0.995 of the online weights it started from: far closer
+    // to them than the untrained twin was.
+    let tuned = gap(&fx.path("ft/checkpoints/step-000001/model.safetensors"));
+    assert!(tuned < 0.1 * pretrained, "{tuned} vs {pretrained}");
+}
+
 /// An eval set that cannot be read stopped a fine-tune only after its first epoch, and
 /// with `save_every = 0` that epoch was lost. Every eval set is now read before training,
 /// and a validation that fails keeps the epoch's checkpoint, which resumes exactly there.

@@ -396,6 +396,28 @@ pub fn save(
     Ok(dst)
 }
 
+/// Whether the momentum twin (and the queues) of the checkpoint folder `dir` were ever
+/// trained: `Some(false)` when the run that wrote it never ran a step that updates them
+/// ([`crate::objectives::ObjectiveConfig::updates_momentum`]), `Some(true)` when it did,
+/// `None` when `dir` does not say (a converted model, whose twin is a copy of its online
+/// weights or the published one). Read from a step folder's `state.json`, or for a
+/// run's `best/` from its `best.json` and the run's `recipe.resolved.toml`.
+pub fn twin_trained(dir: &Path) -> Option<bool> {
+    let (recipe, steps) = if dir.join(STATE_FILE).is_file() {
+        let state = load_state(dir).ok()?;
+        (state.recipe, state.step)
+    } else {
+        let best: BestSoFar =
+            serde_json::from_str(&std::fs::read_to_string(dir.join(BEST_RECORD)).ok()?).ok()?;
+        let text =
+            std::fs::read_to_string(dir.parent()?.join(crate::pretrain::RESOLVED_RECIPE)).ok()?;
+        (Recipe::from_str_with(&text, &[]).ok()?, best.step)
+    };
+    // Objectives only switch on as steps go by (ITM's and MLM's start steps): the last
+    // step's say whether any step did.
+    Some(steps > 0 && recipe.objectives.at_step(steps - 1).updates_momentum())
+}
+
 /// Reads a checkpoint's state file.
 pub fn load_state(dir: &Path) -> Result<TrainState> {
     let path = dir.join(STATE_FILE);

@@ -230,6 +230,19 @@ impl Run {
                     &init.join(checkpoint::MODEL_FILE),
                     cfg.vision.grid(),
                 )?;
+                // A twin that never moved (pretrained with CLIP's loss, say) holds the
+                // pretraining's initial weights: ALBEF's ITC and MLM would distil from
+                // them. It starts from the online weights, as ALBEF's own twin does.
+                if checkpoint::twin_trained(init) == Some(false)
+                    && recipe.objectives.updates_momentum()
+                {
+                    model.copy_params_to_momentum()?;
+                    tracing::info!(
+                        "{}: its momentum twin was never trained (pretrained without ALBEF's \
+                         ITC or MLM); the twin starts from the online weights",
+                        init.display()
+                    );
+                }
             }
             (None, None) => {
                 seeded_init(&varmap, recipe.run.seed)?;
@@ -301,7 +314,7 @@ impl Run {
                     // Written when the momentum update started each step: do the one the
                     // next step would have started with.
                     let o = &recipe.objectives;
-                    if o.itc_on() || o.mlm_on() {
+                    if o.updates_momentum() {
                         model.momentum_update(o.momentum)?;
                     }
                     state.momentum_updated = true;

@@ -149,7 +149,7 @@ pub fn train_step(
         }
         optim.step(&grads, settings.lr)?;
         let o = settings.objectives;
-        if o.itc_on() || o.mlm_on() {
+        if o.updates_momentum() {
             model.momentum_update(o.momentum)?;
         }
         for entry in &entries {

@@ -202,6 +202,12 @@ impl ObjectiveConfig {
         c.enabled && c.weight != 0.0 && c.kind == ContrastiveKind::Itc
     }
 
+    /// Whether a step with these objectives moves the momentum twin and fills the queues
+    /// (ALBEF's ITC and MLM distil from them; CLIP's loss, VSE++ and ITM do not).
+    pub fn updates_momentum(&self) -> bool {
+        self.itc_on() || self.mlm_on()
+    }
+
     /// Whether VSE++ runs.
     pub fn vsepp_on(&self) -> bool {
         let c = &self.contrastive;
