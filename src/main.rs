@@ -1,6 +1,35 @@
 //! `vlp`: the command-line program. Glue only: parse arguments, set up logging, call the
 //! library crates, map errors to exit codes.
 
+/// `print!`/`println!`/`eprint!`/`eprintln!` that never panic: a closed pipe (`vlp
+/// pretrain ... 2>&1 | head`, a `vlp launch` whose launcher is gone) must not kill a run
+/// that has more to do, nor turn its exit status into a panic's. What cannot be written is
+/// dropped; the run's files hold everything that matters.
+macro_rules! stdout {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($t)*);
+    }};
+}
+macro_rules! stdoutln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+macro_rules! stderr {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stderr(), $($t)*);
+    }};
+}
+macro_rules! stderrln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
 mod cmd;
 mod signals;
 
@@ -136,6 +165,9 @@ fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A log line that cannot be written is dropped: tracing's report of the failure
+        // would be an `eprintln!` to the same closed stderr, which panics.
+        .log_internal_errors(false)
         .with_target(false)
         .init();
     let result = match cli.command {
@@ -165,7 +197,7 @@ fn exit(result: anyhow::Result<std::process::ExitCode>) -> std::process::ExitCod
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", error_chain(&e));
+            stderrln!("error: {}", error_chain(&e));
             std::process::ExitCode::FAILURE
         }
     }

@@ -81,7 +81,7 @@ pub fn run(args: LoaderArgs) -> anyhow::Result<()> {
     let seconds = t0.elapsed().as_secs_f64();
     drop(loader);
     let pipeline_rss = peak_rss_mb();
-    eprintln!(
+    stderrln!(
         "warm-up {} batch(es): {warmup_s:.2}s; last batch images {last_shape:?}",
         args.warmup
     );
@@ -103,7 +103,7 @@ pub fn run(args: LoaderArgs) -> anyhow::Result<()> {
         "batch_size": args.batch_size,
         "image_size": args.image_size,
     });
-    println!("{out}");
+    stdoutln!("{out}");
     Ok(())
 }
 

@@ -65,7 +65,7 @@ pub fn run(args: AllReduceArgs) -> anyhow::Result<()> {
     let n = joined.world.world_size as f64;
     if joined.is_main() {
         let round = |x: f64, d: i32| (x * 10f64.powi(d)).round() / 10f64.powi(d);
-        println!(
+        stdoutln!(
             "{}",
             serde_json::json!({
                 "op": "all_reduce_mean",

@@ -182,6 +182,6 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         "states_mb": round(out.states_mb),
         "peak_rss_mb": crate::cmd::bench::peak_rss_mb(),
     });
-    println!("{report}");
+    stdoutln!("{report}");
     Ok(())
 }

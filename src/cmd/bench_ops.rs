@@ -53,7 +53,7 @@ pub fn gpu_memory_in_use_gib(dev: &Device) -> Option<f64> {
 }
 
 fn emit(v: serde_json::Value) {
-    println!("{v}");
+    stdoutln!("{v}");
 }
 
 fn round(x: f64, digits: i32) -> f64 {

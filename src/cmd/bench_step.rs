@@ -218,7 +218,7 @@ pub fn run(args: StepArgs) -> anyhow::Result<()> {
     let mut times: Vec<f64> = phases.iter().map(|p| p[3]).collect();
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
-    eprintln!(
+    stderrln!(
         "{model_name}: {params} trainable parameters, {} step min {:.3}s median {median:.3}s max {:.3}s",
         if full { "full pretraining" } else { "model-only" },
         times[0],
@@ -251,7 +251,7 @@ pub fn run(args: StepArgs) -> anyhow::Result<()> {
         "candle_num_threads": std::env::var("CANDLE_NUM_THREADS").ok(),
         "rayon_num_threads": std::env::var("RAYON_NUM_THREADS").ok(),
     });
-    println!("{out}");
+    stdoutln!("{out}");
     Ok(())
 }
 

@@ -133,9 +133,9 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
         }) => {
             // The report first (it can be long), then the error as the last line.
             if args.json {
-                println!("{}", serde_json::to_string(&report)?);
+                stdoutln!("{}", serde_json::to_string(&report)?);
             } else {
-                print!("{report}");
+                stdout!("{report}");
             }
             anyhow::bail!(
                 "{}: the checkpoint does not fit the target model ({summary}); fix the \
@@ -154,10 +154,10 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
         Format::HfVit | Format::TimmVit => None,
     };
     if args.json {
-        println!("{}", serde_json::to_string(&imported.report)?);
+        stdoutln!("{}", serde_json::to_string(&imported.report)?);
     } else {
-        print!("{}", imported.report);
-        println!(
+        stdout!("{}", imported.report);
+        stdoutln!(
             "wrote {} ({} tensors) and {}",
             args.out.join("model.safetensors").display(),
             imported.tensors.len(),
@@ -165,7 +165,7 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
         );
     }
     if let Some(note) = tokenizer_note {
-        eprintln!("{note}");
+        stderrln!("{note}");
     }
     Ok(())
 }

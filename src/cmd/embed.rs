@@ -204,7 +204,7 @@ pub fn run_embed(args: EmbedArgs) -> anyhow::Result<()> {
         .iter()
         .map(|(k, v)| (k.clone(), serde_json::json!(v.dims())))
         .collect();
-    println!(
+    stdoutln!(
         "{}",
         serde_json::json!({ "out": args.out.display().to_string(), "tensors": summary })
     );
@@ -283,9 +283,10 @@ pub fn run_score(args: ScoreArgs) -> anyhow::Result<()> {
     let mut rows = Vec::with_capacity(scores.len());
     for p in &scores {
         let (image, text) = (args.images[p.image].display(), &args.texts[p.text]);
-        eprintln!(
+        stderrln!(
             "{:>8.4} {:>8.4}  {image}  {text:?}",
-            p.itc_similarity, p.itm_match_probability
+            p.itc_similarity,
+            p.itm_match_probability
         );
         rows.push(serde_json::json!({
             "image": image.to_string(),
@@ -294,6 +295,6 @@ pub fn run_score(args: ScoreArgs) -> anyhow::Result<()> {
             "itm_match_probability": p.itm_match_probability,
         }));
     }
-    println!("{}", serde_json::json!({ "pairs": rows }));
+    stdoutln!("{}", serde_json::json!({ "pairs": rows }));
     Ok(())
 }

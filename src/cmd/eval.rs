@@ -114,7 +114,7 @@ pub fn run(args: RetrievalArgs) -> anyhow::Result<()> {
     }
     let name = args.name.clone().unwrap_or_else(|| args.shards.clone());
     let table = markdown_table(&name, &outcome);
-    eprint!("{table}");
+    stderr!("{table}");
     let mut report = json_report(&name, &outcome, &eval_cfg);
     report["checkpoint"] = serde_json::json!(args.checkpoint.display().to_string());
     report["skipped_samples"] = serde_json::json!(texts.skipped);
@@ -123,7 +123,7 @@ pub fn run(args: RetrievalArgs) -> anyhow::Result<()> {
     report["peak_rss_mb"] = serde_json::json!(crate::cmd::bench::peak_rss_mb());
     // The report reaches stdout first: a file that cannot be written after all (a full
     // disk) never loses the finished result.
-    println!("{report}");
+    stdoutln!("{report}");
     if let Some(path) = &args.out {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {} (the report is on stdout)", path.display()))?;

@@ -143,6 +143,7 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<ExitCode> {
             // Its own process group: a terminal's Ctrl-C reaches the launcher only, which
             // forwards it once.
             .process_group(0);
+        stop_when_orphaned(&mut cmd);
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
@@ -182,7 +183,7 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<ExitCode> {
             status: None,
         });
     }
-    eprintln!(
+    stderrln!(
         "vlp launch: ranks {}..{} of {world} started on this machine (rendezvous at {}:{})",
         args.node_rank * args.nproc_per_node,
         (args.node_rank + 1) * args.nproc_per_node - 1,
@@ -233,7 +234,7 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<ExitCode> {
                     .position(|w| w.status.is_some_and(|s| s.signal().is_some()))
                     .unwrap_or(first);
                 failed = Some(i);
-                eprintln!(
+                stderrln!(
                     "vlp launch: rank {} {}; stopping the others",
                     workers[i].rank,
                     describe(workers[i].status.expect("ended"))
@@ -262,13 +263,13 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<ExitCode> {
         let w = &workers[i];
         let status = w.status.expect("ended");
         let tail = w.tail.lock().unwrap_or_else(|p| p.into_inner());
-        eprintln!(
+        stderrln!(
             "vlp launch: the run failed: rank {} {}. Its last lines:",
             w.rank,
             describe(status)
         );
         for line in tail.iter() {
-            eprintln!("  {line}");
+            stderrln!("  {line}");
         }
         return Ok(ExitCode::from(exit_code(status).max(1)));
     }
@@ -279,4 +280,29 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<ExitCode> {
         .max()
         .unwrap_or(0);
     Ok(ExitCode::from(worst))
+}
+
+/// A rank whose launcher dies (SIGKILL, an OOM kill) gets SIGTERM from the kernel, and
+/// stops as a signalled run does: at a step boundary, with a checkpoint, releasing the
+/// run folder. Linux only (`PR_SET_PDEATHSIG`); elsewhere an orphaned rank runs on until
+/// its peers or its collective's timeout stop it.
+fn stop_when_orphaned(cmd: &mut Command) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        let launcher = std::process::id() as libc::pid_t;
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                // The launcher may have died before the request was made.
+                if libc::getppid() != launcher {
+                    libc::raise(libc::SIGTERM);
+                }
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = cmd;
 }

@@ -159,7 +159,7 @@ pub fn run(args: PlotArgs) -> anyhow::Result<()> {
     for run in &runs {
         summarise(run, &keys);
     }
-    println!("wrote {}", out.display());
+    stdoutln!("wrote {}", out.display());
     Ok(())
 }
 
@@ -276,7 +276,7 @@ fn summarise(run: &Run, keys: &[String]) {
             ));
         }
     }
-    println!("{line}");
+    stdoutln!("{line}");
     let vals: Vec<String> = ["val_tr1", "val_ir1", "val_tr10", "val_ir10"]
         .iter()
         .filter_map(|k| {
@@ -285,7 +285,7 @@ fn summarise(run: &Run, keys: &[String]) {
         })
         .collect();
     if !vals.is_empty() {
-        println!("  last validation: {}", vals.join(", "));
+        stdoutln!("  last validation: {}", vals.join(", "));
     }
 }
 

@@ -51,21 +51,21 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
         });
     }
     for (name, outcome) in &summary.eval {
-        print!("{}", vlp_eval::report::markdown_table(name, outcome));
+        stdout!("{}", vlp_eval::report::markdown_table(name, outcome));
     }
     let checkpoint = summary
         .last_checkpoint
         .map(|p| format!(", last checkpoint {}", p.display()))
         .unwrap_or_default();
     if let Some(signal) = summary.interrupted {
-        eprintln!(
+        stderrln!(
             "stopped by signal {signal} after {} steps in {}{checkpoint}; continue with --resume",
             summary.steps,
             summary.run_dir.display(),
         );
         return Ok(ExitCode::from((128 + signal).clamp(0, 255) as u8));
     }
-    eprintln!(
+    stderrln!(
         "done: {} steps in {}{checkpoint}",
         summary.steps,
         summary.run_dir.display(),

@@ -145,12 +145,15 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     };
     if args.json {
         let out = serde_json::json!({"shards": reports, "total": total, "bad": bad});
-        println!("{out}");
+        stdoutln!("{out}");
         return unreadable;
     }
-    println!(
+    stdoutln!(
         "{:<48} {:>8} {:>8} {:>9}  extensions / skipped",
-        "shard", "samples", "good", "captions"
+        "shard",
+        "samples",
+        "good",
+        "captions"
     );
     for r in reports.iter().chain(std::iter::once(&total)) {
         let exts: Vec<String> = r
@@ -158,7 +161,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
             .iter()
             .map(|(e, n)| format!("{e}:{n}"))
             .collect();
-        println!(
+        stdoutln!(
             "{:<48} {:>8} {:>8} {:>9}  {} / {}",
             r.shard,
             r.samples,
@@ -173,10 +176,10 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         .filter_map(|r| r.image_sizes)
         .reduce(|a, b| (a.0.min(b.0), a.1.max(b.1), a.2.min(b.2), a.3.max(b.3)))
     {
-        println!("image widths {w0}..{w1}, heights {h0}..{h1}");
+        stdoutln!("image widths {w0}..{w1}, heights {h0}..{h1}");
     }
     for line in &bad {
-        println!("bad: {line}");
+        stdoutln!("bad: {line}");
     }
     unreadable
 }

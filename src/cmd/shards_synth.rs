@@ -61,7 +61,7 @@ pub fn run(args: SynthArgs) -> anyhow::Result<()> {
     )
     .with_context(|| format!("writing synthetic shards to {}", args.out.display()))?;
     let bytes: u64 = manifest.shards.iter().map(|s| s.bytes).sum();
-    println!(
+    stdoutln!(
         "wrote {} synthetic samples (seed {}, {}x{}) in {} shards, {} bytes",
         manifest.samples,
         args.seed,
@@ -70,7 +70,7 @@ pub fn run(args: SynthArgs) -> anyhow::Result<()> {
         manifest.shards.len(),
         bytes
     );
-    println!(
+    stdoutln!(
         "manifest: {}",
         vlp_data::writer::manifest_path(&args.out).display()
     );

@@ -181,13 +181,13 @@ pub fn run(args: WriteArgs) -> anyhow::Result<()> {
     )
     .with_context(|| format!("writing shards to {}", args.out.display()))?;
     if !summary.skipped.is_empty() {
-        println!(
+        stdoutln!(
             "skipped {} images that cannot be used: {}",
             summary.skipped.samples(),
             summary.skipped
         );
         for s in &summary.skipped_images {
-            println!(
+            stdoutln!(
                 "  {} (record `{}`): {}: {}",
                 s.image.display(),
                 s.source,
@@ -196,7 +196,7 @@ pub fn run(args: WriteArgs) -> anyhow::Result<()> {
             );
         }
         if summary.skipped.samples() > summary.skipped_images.len() as u64 {
-            println!(
+            stdoutln!(
                 "  ... and {} more",
                 summary.skipped.samples() - summary.skipped_images.len() as u64
             );
@@ -210,7 +210,7 @@ pub fn run(args: WriteArgs) -> anyhow::Result<()> {
         );
     }
     let bytes: u64 = summary.manifest.shards.iter().map(|s| s.bytes).sum();
-    println!(
+    stdoutln!(
         "wrote {} samples ({captions} captions) in {} shards, {} bytes; {} images re-encoded; skipped {}",
         summary.manifest.samples,
         summary.manifest.shards.len(),
@@ -222,8 +222,8 @@ pub fn run(args: WriteArgs) -> anyhow::Result<()> {
         summary.manifest.shards.first(),
         summary.manifest.shards.last(),
     ) {
-        println!("shards: {} .. {}", first.file, last.file);
+        stdoutln!("shards: {} .. {}", first.file, last.file);
     }
-    println!("manifest: {}", summary.manifest_path.display());
+    stdoutln!("manifest: {}", summary.manifest_path.display());
     Ok(())
 }

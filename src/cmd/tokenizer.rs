@@ -63,7 +63,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         .save(&args.out, true)
         .map_err(|e| anyhow::anyhow!("writing {}: {e}", args.out.display()))?;
     let check = TextTokenizer::from_file(&args.out, 30)?;
-    println!(
+    stdoutln!(
         "trained on {} captions from {} shards ({} samples skipped); vocabulary {}; written to {}",
         captions.len(),
         urls.len(),

@@ -294,6 +294,71 @@ fn a_killed_worker_stops_the_run_and_resume_continues_exactly() {
     assert_eq!(steps, (1..=6).collect::<Vec<_>>());
 }
 
+/// Whether process `pid` is alive (a zombie waiting for its reaper is not).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().next())
+            != Some("Z")
+    })
+}
+
+/// The ranks of a SIGKILLed `vlp launch` ran on as orphans, holding the run lock, and
+/// panicked at their next line to the dead launcher's pipe. They now get SIGTERM when it
+/// dies and stop as a signalled run does: a checkpoint, the lock released.
+#[test]
+fn ranks_of_a_killed_launcher_stop_with_a_checkpoint_and_free_the_run() {
+    let fx = Fixture::new(128);
+    let sets = [
+        "eval.sets=[]",
+        "optim.total_steps=400",
+        "run.save_every=2",
+        "run.out_dir=\"orphaned\"",
+    ];
+    let mut launcher = launch(&fx, port(11), &sets, false)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let run = fx.path("orphaned");
+    let start = Instant::now();
+    while !checkpoint::list(&run)
+        .unwrap_or_default()
+        .first()
+        .is_some_and(|&s| s >= 2)
+    {
+        assert!(
+            launcher.try_wait().unwrap().is_none(),
+            "the run ended early"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let ranks: Vec<i32> = (0..2)
+        .map(|r| child_with_rank(launcher.id(), r).expect("the rank runs"))
+        .collect();
+    launcher.kill().unwrap();
+    launcher.wait().unwrap();
+    let killed = Instant::now();
+    while ranks.iter().any(|&pid| alive(pid)) {
+        assert!(
+            killed.elapsed() < Duration::from_secs(60),
+            "orphaned ranks run on"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let steps = checkpoint::list(&run).unwrap();
+    let last = *steps.last().unwrap();
+    assert!(last < 400, "{steps:?}");
+    let logged = vlp_train::metrics::read(&run).unwrap().len() as u64;
+    assert_eq!(last, logged, "the checkpoint is of the last step run");
+    vlp_train::run_lock::RunLock::acquire(&run).unwrap();
+}
+
 #[test]
 fn launch_errors_name_the_cause() {
     let fx = Fixture::new(64);

@@ -1040,6 +1040,30 @@ fn a_second_run_on_a_busy_folder_is_refused_and_sigterm_stops_with_a_checkpoint(
     vlp_train::run_lock::RunLock::acquire(&run).unwrap();
 }
 
+/// `vlp pretrain ... 2>&1 | head` died at its next log line once `head` had gone
+/// (tracing's report of the failed write panicked, exit 101): a closed pipe now loses
+/// only the lines, never the run.
+#[test]
+fn a_closed_stderr_pipe_does_not_kill_training() {
+    let fx = Fixture::new(64);
+    let mut child = fx
+        .command(&[], false)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read one line of each, then close both pipes, as `head -1` would.
+    let mut line = String::new();
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    std::io::BufRead::read_line(&mut err, &mut line).unwrap();
+    drop(err);
+    drop(child.stdout.take());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?} after {line}");
+    assert_eq!(vlp_train::checkpoint::list(&fx.path("run")).unwrap().last(), Some(&6));
+    assert!(fx.path("run/eval.json").is_file());
+}
+
 /// Whether a process whose command line contains `needle` is alive.
 fn process_running(needle: &str) -> bool {
     std::fs::read_dir("/proc").unwrap().flatten().any(|e| {

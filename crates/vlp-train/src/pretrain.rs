@@ -361,7 +361,12 @@ impl Run {
         } else {
             None
         };
-        let batches = Batches::new(loader, recipe.objectives.image_id_positives, device.clone());
+        let batches = Batches::new(
+            loader,
+            recipe.objectives.image_id_positives,
+            device.clone(),
+            world == 1,
+        );
         let teacher = match (
             &recipe.objectives.distill.teacher,
             recipe.objectives.distill_on(),
@@ -954,18 +959,34 @@ struct Batches {
     consumed: LoaderState,
     /// The loader state at the start of the step in progress ([`Batches::mark`]).
     marked: LoaderState,
+    /// Whether a signal ends a wait for data. One process only: the ranks of a parallel
+    /// run stop together at a step boundary, and a rank that left a wait alone would
+    /// meet the others in a different exchange.
+    stop_while_waiting: bool,
 }
 
 impl Batches {
-    fn new(loader: Loader, with_image_ids: bool, device: Device) -> Self {
+    fn new(loader: Loader, with_image_ids: bool, device: Device, stop_while_waiting: bool) -> Self {
         let consumed = loader.state();
         Self {
             loader,
             with_image_ids,
             device,
+            stop_while_waiting,
             ahead: None,
             marked: consumed.clone(),
             consumed,
+        }
+    }
+
+    /// The loader's next batch; a signal while it waits ends the wait only when
+    /// `stop_while_waiting` (otherwise it waits on: the loader gave nothing out).
+    fn next_from_loader(&mut self) -> Result<Option<Batch>> {
+        loop {
+            match self.loader.next_batch() {
+                Err(vlp_data::DataError::Interrupted { .. }) if !self.stop_while_waiting => {}
+                other => return Ok(other?),
+            }
         }
     }
 
@@ -994,7 +1015,7 @@ impl Batches {
                     .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
                 Some((epoch, state, inputs))
             }
-            None => match self.loader.next_batch()? {
+            None => match self.next_from_loader()? {
                 Some(batch) => Some((
                     batch.epoch,
                     self.loader.state(),
@@ -1008,7 +1029,7 @@ impl Batches {
         };
         self.consumed = state;
         if !self.device.is_cpu() {
-            if let Some(batch) = self.loader.next_batch()? {
+            if let Some(batch) = self.next_from_loader()? {
                 let (with_ids, device) = (self.with_image_ids, self.device.clone());
                 let (epoch, after) = (batch.epoch, self.loader.state());
                 // candle's CUDA device issues work on the calling thread's own stream:
