@@ -7,7 +7,7 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Map, Value};
 use vlp_core::device::DeviceSpec;
-use vlp_train::pretrain::{pretrain_with, Progress};
+use vlp_train::pretrain::{pretrain_with, Progress, Start};
 use vlp_train::recipe::Recipe;
 
 #[derive(clap::Args)]
@@ -21,6 +21,11 @@ pub struct PretrainArgs {
     /// Continue from the newest checkpoint in the run folder.
     #[arg(long)]
     pub resume: bool,
+    /// --resume for a run whose data moved: the given recipe's `data.shards`,
+    /// `data.tokenizer` and eval set shards replace the checkpoint's, if they name the
+    /// same files (by name, in order).
+    #[arg(long)]
+    pub resume_moved: bool,
     /// No progress bar (logs only).
     #[arg(long)]
     pub no_progress: bool,
@@ -42,7 +47,12 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
     crate::signals::stop_at_step_boundary();
     recipe.run.device = joined.spec;
     let mut bar = Bar::new(!args.no_progress && joined.is_main());
-    let summary = pretrain_with(recipe, args.resume, joined.collective.clone(), &mut bar)?;
+    let start = match (args.resume, args.resume_moved) {
+        (_, true) => Start::ResumeMoved,
+        (true, false) => Start::Resume,
+        (false, false) => Start::Fresh,
+    };
+    let summary = pretrain_with(recipe, start, joined.collective.clone(), &mut bar)?;
     if !joined.is_main() {
         // Rank 0 reports; the others share its exit status.
         return Ok(match summary.interrupted {
@@ -79,7 +89,7 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
 pub fn run_finetune(args: PretrainArgs) -> anyhow::Result<ExitCode> {
     let recipe = Recipe::load(&args.recipe, &args.set)?;
     anyhow::ensure!(
-        recipe.model.init.is_some() || args.resume,
+        recipe.model.init.is_some() || args.resume || args.resume_moved,
         "a fine-tuning recipe starts from a checkpoint: set model.init (a folder from \
          `vlp pretrain` or `vlp convert`)"
     );

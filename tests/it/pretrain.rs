@@ -392,6 +392,61 @@ fn pretrain_killed_with_sigkill_resumes_bit_identically() {
     assert_eq!(steps, (1..=10).collect::<Vec<_>>());
 }
 
+/// A run whose shards moved could not be resumed: the new `data.shards` was dropped with a
+/// generic warning and the run failed naming the old path. The warning now names what
+/// differs, and `--resume-moved` takes the new place of the same files, resuming exactly.
+#[test]
+fn a_run_whose_shards_moved_resumes_exactly_with_resume_moved() {
+    let fx = Fixture::new(64);
+    let sets = ["eval.sets=[]", "run.save_every=2", "run.keep_last=0"];
+    let _ = ok(&fx.pretrain(&sets, false));
+    let run = fx.path("run");
+    let want = final_weights(&run, 6);
+    // Back to step 2, and the shards moved.
+    for step in [4, 6] {
+        std::fs::remove_dir_all(run.join(format!("checkpoints/step-{step:06}"))).unwrap();
+    }
+    std::fs::create_dir(fx.path("moved")).unwrap();
+    for i in 0..4 {
+        let name = format!("train-{i:06}.tar");
+        std::fs::rename(fx.path(&name), fx.path("moved").join(&name)).unwrap();
+    }
+    let moved = "data.shards=moved/train-{000000..000003}.tar";
+    let mut with_moved = sets.to_vec();
+    with_moved.push(moved);
+
+    // --resume alone keeps the checkpoint's (old) locations, and says what differs.
+    let out = fx.pretrain(&with_moved, true);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("data.shards (checkpoint") && err.contains("--resume-moved"),
+        "{err}"
+    );
+
+    // Other files under the new name: refused, naming the first that differs.
+    let mut other = sets.to_vec();
+    other.push("data.shards=moved/train-{000000..000002}.tar");
+    let out = fx
+        .command(&other, false)
+        .arg("--resume-moved")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("names 3 shards"),
+        "{err}"
+    );
+
+    let out = fx
+        .command(&with_moved, false)
+        .arg("--resume-moved")
+        .output()
+        .unwrap();
+    let _ = ok(&out);
+    assert_eq!(final_weights(&run, 6), want, "the moved run differs");
+}
+
 /// A learning rate of 1e30 or inf passed the recipe check and failed at step 2 as a NaN
 /// loss naming no key (or, skipping, trained nothing and exited 0): such values are now
 /// refused before the run folder is touched.
@@ -1060,7 +1115,10 @@ fn a_closed_stderr_pipe_does_not_kill_training() {
     drop(child.stdout.take());
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?} after {line}");
-    assert_eq!(vlp_train::checkpoint::list(&fx.path("run")).unwrap().last(), Some(&6));
+    assert_eq!(
+        vlp_train::checkpoint::list(&fx.path("run")).unwrap().last(),
+        Some(&6)
+    );
     assert!(fx.path("run/eval.json").is_file());
 }
 

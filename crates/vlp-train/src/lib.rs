@@ -13,6 +13,7 @@ pub mod objectives;
 pub mod optim;
 pub mod pretrain;
 pub mod recipe;
+pub mod relocate;
 pub mod run_lock;
 pub mod schedule;
 pub mod step;

@@ -67,19 +67,32 @@ pub struct Summary {
 /// continues from the newest usable checkpoint there (the checkpoint's recipe and
 /// architecture win over the given ones, the given device is used) exactly as the
 /// uninterrupted run would have gone on.
-pub fn pretrain(recipe: Recipe, resume: bool, progress: &mut dyn Progress) -> Result<Summary> {
-    pretrain_with(recipe, resume, Arc::new(SingleProcess), progress)
+pub fn pretrain(recipe: Recipe, start: Start, progress: &mut dyn Progress) -> Result<Summary> {
+    pretrain_with(recipe, start, Arc::new(SingleProcess), progress)
+}
+
+/// How a run starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// From step 0; a run folder that holds checkpoints is refused.
+    Fresh,
+    /// From the newest usable checkpoint, with the checkpoint's recipe.
+    Resume,
+    /// As [`Start::Resume`], with the data's locations taken from the given recipe
+    /// (`data.shards`, `data.tokenizer`, the eval sets' shards): the same shard files,
+    /// by name and order, moved elsewhere.
+    ResumeMoved,
 }
 
 /// [`pretrain`] as one of `collective.world_size()` data-parallel processes: every rank
 /// runs this; rank 0 logs, saves and evaluates.
 pub fn pretrain_with(
     recipe: Recipe,
-    resume: bool,
+    start: Start,
     collective: Arc<dyn Collective>,
     progress: &mut dyn Progress,
 ) -> Result<Summary> {
-    let mut run = Run::setup(recipe, resume, collective)?;
+    let mut run = Run::setup(recipe, start, collective)?;
     let ended = run.train(progress)?;
     run.finish(ended)
 }
@@ -118,7 +131,8 @@ struct Run {
 
 impl Run {
     /// The model, the data, the optimizer and where training stands, fresh or resumed.
-    fn setup(recipe: Recipe, resume: bool, collective: Arc<dyn Collective>) -> Result<Self> {
+    fn setup(recipe: Recipe, start: Start, collective: Arc<dyn Collective>) -> Result<Self> {
+        let resume = start != Start::Fresh;
         // A recipe built in code has not been through `Recipe::load`.
         recipe.validate()?;
         let device = recipe.run.device.resolve()?;
@@ -205,8 +219,23 @@ impl Run {
                         crate::recipe::strip(e)
                     ))
                 })?;
-                if from_checkpoint != recipe {
-                    tracing::warn!("resuming with the checkpoint's recipe; the given one differs");
+                if start == Start::ResumeMoved {
+                    crate::relocate::take_locations(&mut from_checkpoint, &recipe)?;
+                }
+                let differs = crate::relocate::differences(&from_checkpoint, &recipe);
+                if !differs.is_empty() {
+                    let moved = differs
+                        .iter()
+                        .all(|d| crate::relocate::LOCATIONS.iter().any(|k| d.starts_with(k)));
+                    tracing::warn!(
+                        "resuming with the checkpoint's recipe; the given one differs at {}{}",
+                        differs.join("; "),
+                        if moved {
+                            " (if the data moved, --resume-moved takes the given locations)"
+                        } else {
+                            ""
+                        }
+                    );
                 }
                 from_checkpoint
             }
@@ -302,13 +331,19 @@ impl Run {
                         collective.world_size()
                     )));
                 }
-                let loader_state: LoaderState = serde_json::from_value(state.loaders[rank].clone())
-                    .map_err(|e| {
+                let mut loader_state: LoaderState =
+                    serde_json::from_value(state.loaders[rank].clone()).map_err(|e| {
                         TrainError::Checkpoint(format!(
                             "{}: loader state of rank {rank}: {e}",
                             dir.display()
                         ))
                     })?;
+                if start == Start::ResumeMoved {
+                    // `take_locations` checked that the files are the same, by name
+                    // and order: the state is valid for the list at its new place.
+                    loader_state.fingerprint.shard_list_hash =
+                        loader.state().fingerprint.shard_list_hash;
+                }
                 loader.restore(loader_state)?;
                 if !state.momentum_updated {
                     // Written when the momentum update started each step: do the one the
