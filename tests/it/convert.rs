@@ -383,6 +383,22 @@ fn broken_checkpoints_fail_cleanly() {
     assert!(!out.exists(), "nothing is written on failure");
 }
 
+/// `vlp embed` of the captions of `caps.txt` (and `extra`, e.g. an image folder) into
+/// `e.safetensors`, for the fixture tokenizer.
+fn embed_args<'a>(checkpoint: &'a Path, tokenizer: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "embed",
+        "--checkpoint",
+        s(checkpoint),
+        "--texts",
+        "caps.txt",
+    ];
+    args.extend(["--tokenizer", s(tokenizer), "--max-tokens", "12"]);
+    args.extend(["--out", "e.safetensors"]);
+    args.extend(extra);
+    args
+}
+
 /// A converted HF BLIP-ITM checkpoint (BLIP layout, no token types, no MLM head) serves
 /// `vlp score` and `vlp embed` like our own.
 #[test]
@@ -434,21 +450,7 @@ fn a_converted_blip_checkpoint_scores_and_embeds() {
         .unwrap();
     assert!((0.0..=1.0).contains(&p), "{scores}");
     std::fs::write(d.join("caps.txt"), "a smiling face\na red heart\n").unwrap();
-    run(&[
-        "embed",
-        "--checkpoint",
-        s(&out),
-        "--images",
-        "imgs",
-        "--texts",
-        "caps.txt",
-        "--tokenizer",
-        s(&tok),
-        "--max-tokens",
-        "12",
-        "--out",
-        "e.safetensors",
-    ]);
+    run(&embed_args(&out, &tok, &["--images", "imgs"]));
     let t = load(&d.join("e.safetensors"));
     assert_eq!(t["image_embeds"].dim(0).unwrap(), 1);
     assert_eq!(t["text_embeds"].dim(0).unwrap(), 2);
@@ -587,4 +589,40 @@ fn convert_brings_the_tokenizer_beside_a_text_encoder() {
     std::fs::write(src.join("vocab.txt"), vocab.join("\n") + "\n").unwrap();
     let said = run(&dir.path().join("init3"));
     assert!(said.contains("warning") && said.contains("250"), "{said}");
+}
+
+/// The safetensors writer creates its files owner-only; a converted model and an `embed`
+/// output get the mode the umask gives, as the config beside the model does.
+#[cfg(unix)]
+#[test]
+fn converted_models_and_embeddings_get_the_umasks_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = d.join("blip");
+    let tok = crate::common::bert_ids_tokenizer(d);
+    std::fs::write(d.join("caps.txt"), "a smiling face\n").unwrap();
+    let under_umask_022 = |args: &[&str]| {
+        let o = Command::new("sh")
+            .arg("-c")
+            .arg("umask 022 && exec \"$0\" \"$@\"")
+            .arg(vlp_bin())
+            .args(args)
+            .current_dir(d)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{args:?}: {}", text(&o.stderr));
+    };
+    let model = fixtures().join("hf/hf_blip/model.safetensors");
+    under_umask_022(&["convert", s(&model), "--out", s(&out)]);
+    under_umask_022(&embed_args(&out, &tok, &[]));
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    for file in [
+        out.join("model.safetensors"),
+        out.join("config.json"),
+        d.join("e.safetensors"),
+    ] {
+        assert_eq!(mode(&file), 0o644, "{}", file.display());
+    }
 }

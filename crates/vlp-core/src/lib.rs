@@ -1,9 +1,11 @@
 //! `vlp-core`: the few pieces that every vlp crate needs and that must behave identically
 //! everywhere: the seeded, serialisable RNG that makes shuffling, augmentation, masking,
 //! negative sampling and dropout reproducible and resumable; the device seam; stable
-//! hashes; limits shared by the loader, the evaluator and the shard writer.
+//! hashes; limits shared by the loader, the evaluator and the shard writer; the file mode
+//! of what the safetensors writer writes.
 
 pub mod device;
+pub mod fs;
 pub mod hash;
 pub mod rng;
 
