@@ -626,3 +626,104 @@ fn converted_models_and_embeddings_get_the_umasks_mode() {
         assert_eq!(mode(&file), 0o644, "{}", file.display());
     }
 }
+
+/// A bad tokenizer beside the model (not JSON, empty, not UTF-8, no `[CLS]`, too large)
+/// fails the command before anything is written: no `--out` folder, or the one there as
+/// it was; a good one into a folder that holds a model replaces it, leaving nothing
+/// staged beside it.
+#[test]
+fn convert_checks_the_tokenizer_before_writing_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let config = write_hf_fixture_config(d);
+    let src = d.join("bert");
+    std::fs::create_dir_all(&src).unwrap();
+    for f in ["model.safetensors", "config.json"] {
+        std::fs::copy(fixtures().join("hf/hf_bert").join(f), src.join(f)).unwrap();
+    }
+    let model = src.join("model.safetensors");
+    // `--from hf-bert MODEL --config CONFIG --out OUT [--force]`.
+    fn args<'a>(model: &'a Path, config: &'a Path, out: &'a Path, force: bool) -> Vec<&'a str> {
+        let mut a = vec!["--from", "hf-bert", s(model), "--config", s(config)];
+        a.extend(["--out", s(out)]);
+        if force {
+            a.push("--force");
+        }
+        a
+    }
+    let staged = |out: &Path| {
+        let name = format!(".{}.partial", out.file_name().unwrap().to_str().unwrap());
+        out.with_file_name(name).exists()
+    };
+    let mut vocab: Vec<String> = ["[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]"]
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
+    while vocab.len() < 200 {
+        vocab.push(format!("w{}", vocab.len()));
+    }
+    let good_vocab = vocab.join("\n") + "\n";
+    let set = |file: &str, bytes: &[u8]| {
+        for f in ["tokenizer.json", "vocab.txt"] {
+            let _ = std::fs::remove_file(src.join(f));
+        }
+        std::fs::write(src.join(file), bytes).unwrap();
+    };
+    let bad: [(&str, Vec<u8>, &str); 5] = [
+        (
+            "tokenizer.json",
+            b"this is not JSON".to_vec(),
+            "tokenizer.json",
+        ),
+        ("tokenizer.json", Vec::new(), "tokenizer.json"),
+        (
+            "tokenizer.json",
+            b"{\"version\": \"\xff\xfe\"}".to_vec(),
+            "tokenizer.json: not UTF-8",
+        ),
+        (
+            "vocab.txt",
+            good_vocab.replace("[CLS]", "cls").into_bytes(),
+            "lacks [CLS]",
+        ),
+        (
+            "vocab.txt",
+            [good_vocab.as_bytes(), b"\xff\n"].concat(),
+            "vocab.txt: not UTF-8",
+        ),
+    ];
+    let fresh = d.join("fresh");
+    let existing = d.join("existing");
+    convert_ok(&args(&model, &config, &existing, false));
+    let before: Vec<Vec<u8>> = ["model.safetensors", "config.json"]
+        .iter()
+        .map(|f| std::fs::read(existing.join(f)).unwrap())
+        .collect();
+    let check_refused = |said: &str| {
+        let all = convert_fails(&args(&model, &config, &fresh, false));
+        assert!(all.contains(said), "{all}");
+        assert!(!fresh.exists() && !staged(&fresh), "{all}");
+        let all = convert_fails(&args(&model, &config, &existing, true));
+        assert!(all.contains(said), "{all}");
+        assert!(!staged(&existing), "{all}");
+        let now: Vec<Vec<u8>> = ["model.safetensors", "config.json"]
+            .iter()
+            .map(|f| std::fs::read(existing.join(f)).unwrap())
+            .collect();
+        assert!(now == before, "the model there changed: {all}");
+        assert!(!existing.join("tokenizer.json").exists(), "{all}");
+    };
+    for (file, bytes, said) in &bad {
+        set(file, bytes);
+        check_refused(said);
+    }
+    // Refused from its size, before it is read (sparse: no disk or memory spent).
+    set("vocab.txt", good_vocab.as_bytes());
+    let huge = std::fs::File::create(src.join("tokenizer.json")).unwrap();
+    huge.set_len((64 << 20) + 1).unwrap();
+    check_refused("more than a tokenizer file holds");
+
+    set("vocab.txt", good_vocab.as_bytes());
+    convert_ok(&args(&model, &config, &existing, true));
+    assert!(existing.join("tokenizer.json").is_file() && !staged(&existing));
+}
