@@ -6,12 +6,17 @@
 //! only with `--force`, and a training run or one of its checkpoints never, because a
 //! converted `model.safetensors` beside a run's `optim.safetensors` and `state.json`
 //! would be resumed as if training had produced it.
+//!
+//! Check first, write last: the checkpoint, the target model and the tokenizer beside it
+//! are read and checked before anything is written, and what is written goes into a
+//! folder beside `--out` that is moved into place once complete, so a failure leaves
+//! `--out` as it was.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use vlp_models::import::{
-    import_checkpoint, load_config, write_converted, Format, ImportError, ImportOptions,
+    import_checkpoint, load_config, write_converted, Format, ImportError, ImportOptions, Imported,
 };
 use vlp_models::AlbefConfig;
 use vlp_train::checkpoint::{enclosing_run, CONFIG_FILE, MODEL_FILE};
@@ -145,14 +150,14 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
         }
         Err(e) => return Err(e.into()),
     };
-    write_converted(&args.out, &imported)
-        .with_context(|| format!("writing the converted model to {}", args.out.display()))?;
-    let tokenizer_note = match imported.report.format {
+    let tokenizer = match imported.report.format {
         Format::HfBert | Format::HfBlip | Format::AlbefPth => {
-            copy_tokenizer(&args.input, &args.out, &imported.config)?
+            read_tokenizer(&args.input, &imported.config)?
         }
-        Format::HfVit | Format::TimmVit => None,
+        Format::HfVit | Format::TimmVit => Tokenizer::default(),
     };
+    write_out(&args.out, &imported, &tokenizer.files)
+        .with_context(|| format!("writing the converted model to {}", args.out.display()))?;
     if args.json {
         stdoutln!("{}", serde_json::to_string(&imported.report)?);
     } else {
@@ -164,10 +169,58 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
             args.out.join("config.json").display()
         );
     }
-    if let Some(note) = tokenizer_note {
+    if let Some(note) = tokenizer.note {
         stderrln!("{note}");
     }
     Ok(())
+}
+
+/// Writes the model, its config and the tokenizer files into a folder beside `out`
+/// (`.NAME.partial`) and moves them into place only once all are written: the folder
+/// itself when `out` does not exist, else file by file. Everything was checked before,
+/// so what can fail here is the disk, and a failure leaves `out` as it was.
+fn write_out(out: &Path, imported: &Imported, files: &[(&str, Vec<u8>)]) -> anyhow::Result<()> {
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned());
+    let staging = parent.join(format!(".{}.partial", name.as_deref().unwrap_or("out")));
+    std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
+    if staging.exists() {
+        // What an interrupted conversion to the same folder left.
+        std::fs::remove_dir_all(&staging)
+            .with_context(|| format!("removing {}", staging.display()))?;
+    }
+    std::fs::create_dir(&staging).with_context(|| format!("creating {}", staging.display()))?;
+    let written = stage_and_place(&staging, out, imported, files);
+    if written.is_err() && staging.exists() {
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    written
+}
+
+fn stage_and_place(
+    staging: &Path,
+    out: &Path,
+    imported: &Imported,
+    files: &[(&str, Vec<u8>)],
+) -> anyhow::Result<()> {
+    write_converted(staging, imported)?;
+    for (name, bytes) in files {
+        let path = staging.join(name);
+        std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if !out.exists() {
+        return std::fs::rename(staging, out)
+            .with_context(|| format!("moving {} to {}", staging.display(), out.display()));
+    }
+    for entry in std::fs::read_dir(staging)? {
+        let from = entry?.path();
+        let to = out.join(from.file_name().unwrap_or_default());
+        std::fs::rename(&from, &to).with_context(|| format!("moving {}", to.display()))?;
+    }
+    std::fs::remove_dir(staging).with_context(|| format!("removing {}", staging.display()))
 }
 
 /// Tokenizer files an HF checkpoint folder may hold, copied as they are.
@@ -178,11 +231,24 @@ const TOKENIZER_FILES: [&str; 4] = [
     "special_tokens_map.json",
 ];
 
-/// Copies the tokenizer found beside `input` (its folder, or the folder above) into `out`,
-/// so that a recipe can name `OUT/tokenizer.json`: `tokenizer.json` as it is, or one made
-/// from `vocab.txt` (lower-casing as `tokenizer_config.json`'s `do_lower_case` says,
-/// default on). Checked against the model's vocabulary. Returns what to tell the user.
-fn copy_tokenizer(input: &Path, out: &Path, cfg: &AlbefConfig) -> anyhow::Result<Option<String>> {
+/// Largest tokenizer file read. Real ones are well under 10 MB (bert-base-uncased's
+/// `tokenizer.json` is about 466 kB, multilingual BERT's about 2 MB); the bound refuses a huge file
+/// from its size, before it is read.
+const MAX_TOKENIZER_BYTES: u64 = 64 << 20;
+
+/// The tokenizer files to write into OUT, read and checked, and what to tell the user.
+#[derive(Default)]
+struct Tokenizer {
+    files: Vec<(&'static str, Vec<u8>)>,
+    note: Option<String>,
+}
+
+/// Reads the tokenizer found beside `input` (its folder, or the folder above), for a
+/// recipe to name `OUT/tokenizer.json`: `tokenizer.json` as it is, or one made from
+/// `vocab.txt` (lower-casing as `tokenizer_config.json`'s `do_lower_case` says, default
+/// on), with the other files as they are. A file that is too large or does not parse is
+/// an error naming it; one that does not fit the model's vocabulary is a warning.
+fn read_tokenizer(input: &Path, cfg: &AlbefConfig) -> anyhow::Result<Tokenizer> {
     let beside = input.parent().map(Path::to_path_buf).unwrap_or_default();
     let dirs = [
         beside.clone(),
@@ -192,37 +258,56 @@ fn copy_tokenizer(input: &Path, out: &Path, cfg: &AlbefConfig) -> anyhow::Result
         .iter()
         .find(|d| d.join("tokenizer.json").is_file() || d.join("vocab.txt").is_file())
     else {
-        return Ok(Some(format!(
-            "no tokenizer.json or vocab.txt beside {}: give recipes the model's tokenizer \
-             (data.tokenizer)",
-            input.display()
-        )));
+        return Ok(Tokenizer {
+            files: Vec::new(),
+            note: Some(format!(
+                "no tokenizer.json or vocab.txt beside {}: give recipes the model's tokenizer \
+                 (data.tokenizer)",
+                input.display()
+            )),
+        });
     };
-    let mut copied = Vec::new();
+    let mut files = Vec::new();
     for name in TOKENIZER_FILES {
-        let from = dir.join(name);
-        if from.is_file() {
-            std::fs::copy(&from, out.join(name))
-                .with_context(|| format!("copying {} to {}", from.display(), out.display()))?;
-            copied.push(name);
+        let path = dir.join(name);
+        if path.is_file() {
+            files.push((name, read_bounded(&path)?));
         }
     }
-    let target = out.join("tokenizer.json");
-    if !copied.contains(&"tokenizer.json") {
-        let lowercase = std::fs::read_to_string(dir.join("tokenizer_config.json"))
-            .ok()
-            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-            .and_then(|v| v.get("do_lower_case").and_then(serde_json::Value::as_bool))
-            .unwrap_or(true);
-        let tokenizer =
-            vlp_data::tokenize::wordpiece_from_vocab(&dir.join("vocab.txt"), lowercase)?;
-        tokenizer
-            .save(&target, true)
-            .map_err(|e| anyhow::anyhow!("writing {}: {e}", target.display()))?;
-        copied.push("tokenizer.json (made from vocab.txt)");
-    }
-    let tokenizer = vlp_data::tokenize::TextTokenizer::from_file(&target, 32)?;
-    let fits = vlp_eval::check_tokenizer(&tokenizer, &cfg.text, &target);
+    let content = |name: &str| files.iter().find(|f| f.0 == name).map(|f| f.1.as_slice());
+    let mut copied: Vec<&str> = files.iter().map(|f| f.0).collect();
+    let (tokenizer, source) = match content("tokenizer.json") {
+        Some(json) => {
+            let source = dir.join("tokenizer.json");
+            let tokenizer = vlp_data::tokenize::TextTokenizer::from_json(
+                json,
+                source.display().to_string(),
+                32,
+            )?;
+            (tokenizer, source)
+        }
+        None => {
+            let lowercase = content("tokenizer_config.json")
+                .and_then(|s| serde_json::from_slice::<serde_json::Value>(s).ok())
+                .and_then(|v| v.get("do_lower_case").and_then(serde_json::Value::as_bool))
+                .unwrap_or(true);
+            let vocab = dir.join("vocab.txt");
+            let made = vlp_data::tokenize::wordpiece_from_vocab(
+                content("vocab.txt").unwrap_or_default(),
+                &vocab,
+                lowercase,
+            )?;
+            let json = made
+                .to_string(true)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", vocab.display()))?;
+            files.push(("tokenizer.json", json.into_bytes()));
+            copied.push("tokenizer.json (made from vocab.txt)");
+            let source = vocab.display().to_string();
+            let tokenizer = vlp_data::tokenize::TextTokenizer::from_tokenizer(made, source, 32)?;
+            (tokenizer, vocab)
+        }
+    };
+    let fits = vlp_eval::check_tokenizer(&tokenizer, &cfg.text, &source);
     let mut note = format!(
         "copied the tokenizer from {}: {}",
         dir.display(),
@@ -231,5 +316,33 @@ fn copy_tokenizer(input: &Path, out: &Path, cfg: &AlbefConfig) -> anyhow::Result
     if let Err(e) = fits {
         note.push_str(&format!("; warning: {e}"));
     }
-    Ok(Some(note))
+    Ok(Tokenizer {
+        files,
+        note: Some(note),
+    })
+}
+
+/// The bytes of `path`, refused when it holds more than [`MAX_TOKENIZER_BYTES`]: from its
+/// size before reading, and while reading should it grow.
+fn read_bounded(path: &Path) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read;
+    let too_large = |size: u64| {
+        anyhow::anyhow!(
+            "{}: {size} bytes, more than a tokenizer file holds ({MAX_TOKENIZER_BYTES})",
+            path.display()
+        )
+    };
+    let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    if size > MAX_TOKENIZER_BYTES {
+        return Err(too_large(size));
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
+    file.take(MAX_TOKENIZER_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("reading {}", path.display()))?;
+    if bytes.len() as u64 > MAX_TOKENIZER_BYTES {
+        return Err(too_large(bytes.len() as u64));
+    }
+    Ok(bytes)
 }

@@ -235,8 +235,12 @@ fn write_embeddings(
         })
         .collect::<anyhow::Result<_>>()?;
     let tmp = path.with_extension("safetensors.tmp");
+    // The writer creates its file owner-only; it gets the umask's mode instead.
+    let mode = vlp_core::fs::new_file_permissions(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
     safetensors::serialize_to_file(views, Some(metadata), &tmp)
         .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::set_permissions(&tmp, mode).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }

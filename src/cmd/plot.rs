@@ -96,6 +96,19 @@ fn points(records: &[Value], key: &str) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// Largest magnitude drawn, on either axis. plotters picks its ticks from the width of
+/// the axis range, and a range that reaches near `f64::MAX` (or spans more than it, from
+/// values of both signs) has an infinite width, on which its tick search never ends. A
+/// value this large is an overflow, not a loss, rate or step: it is left out of the chart
+/// as NaN and infinities are (the terminal summary still shows it).
+const MAX_DRAWN: f64 = 1e300;
+
+/// Whether a point can be drawn: both coordinates within [`MAX_DRAWN`], so that the axis
+/// ranges, padded, stay finite.
+fn drawable(p: &(f64, f64)) -> bool {
+    p.0.abs() <= MAX_DRAWN && p.1.abs() <= MAX_DRAWN
+}
+
 /// TensorBoard's smoothing: an exponential moving average, corrected for its start at 0.
 fn smoothed(points: &[(f64, f64)], weight: f64) -> Vec<(f64, f64)> {
     let w = weight.clamp(0.0, 0.999);
@@ -178,7 +191,15 @@ fn draw(runs: &[Run], keys: &[String], out: &Path, width: u32, smooth: f64) -> a
     root.fill(&WHITE)?;
     let panels = root.split_evenly((rows, cols));
     for (key, panel) in keys.iter().zip(&panels) {
-        let series: Vec<Vec<(f64, f64)>> = runs.iter().map(|r| points(&r.records, key)).collect();
+        let series: Vec<Vec<(f64, f64)>> = runs
+            .iter()
+            .map(|r| {
+                points(&r.records, key)
+                    .into_iter()
+                    .filter(drawable)
+                    .collect()
+            })
+            .collect();
         let all: Vec<(f64, f64)> = series.iter().flatten().copied().collect();
         let log = log_scale(&all);
         let y = |v: f64| if log { v.log10() } else { v };
@@ -339,6 +360,71 @@ mod tests {
         // A series that moves keeps a range close to its own.
         let (lo, hi) = range([2.0, 4.0].into_iter());
         assert!((lo - 1.9).abs() < 1e-12 && (hi - 4.1).abs() < 1e-12);
+    }
+
+    /// Draws one panel of `values` (at `steps`) on another thread; `Err` if it takes more
+    /// than a minute (plotters' tick search spinning on a range it cannot divide).
+    fn draw_within_a_minute(steps: &[f64], values: &[f64]) -> Result<(), String> {
+        let records: Vec<Value> = steps
+            .iter()
+            .zip(values)
+            .map(|(s, v)| serde_json::json!({"step": s, "loss_itc": v}))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("curves.png");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runs = [Run {
+                name: "run".into(),
+                records,
+            }];
+            let drawn = register_font()
+                .and_then(|_| draw(&runs, &["loss_itc".to_string()], &out, 400, 0.6))
+                .map_err(|e| e.to_string());
+            let _ = tx.send(drawn);
+        });
+        match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+            Ok(drawn) => drawn,
+            Err(_) => Err(format!(
+                "still drawing after a minute: {steps:?} {values:?}"
+            )),
+        }
+    }
+
+    #[test]
+    fn values_near_the_limits_of_f64_are_drawn_without_spinning() {
+        let huge = f64::MAX;
+        for (steps, values) in [
+            (vec![1.0, 2.0], vec![1.0, huge]),
+            (vec![1.0, 2.0], vec![-huge, huge]),
+            (vec![1.0, 2.0, 3.0], vec![-1e300, 0.5, 1e300]),
+            (vec![1.0], vec![huge]),
+            (vec![1.0, 2.0], vec![1e-320, 1e-320]),
+            (vec![1.0, 2.0], vec![5e-324, 1e-323]),
+            (vec![1.0, 2.0], vec![0.0, 5e-324]),
+            (vec![1.0, 2.0], vec![-1e-310, 1e-310]),
+            (vec![0.0, 5e-324], vec![0.5, 0.4]),
+            (vec![1.0, huge], vec![0.5, 0.4]),
+            (vec![-huge, huge], vec![0.5, 0.4]),
+        ] {
+            draw_within_a_minute(&steps, &values).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_metrics_line_that_is_not_utf8_does_not_stop_the_plot() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut lines = b"{\"step\": 1, \"loss_itc\": 4.1}\n\xff\xfe\n".to_vec();
+        lines.extend(b"{\"step\": 2, \"loss_itc\": 3.9}\n");
+        std::fs::write(dir.path().join("metrics.jsonl"), lines).unwrap();
+        run(PlotArgs {
+            run_dirs: vec![dir.path().to_path_buf()],
+            out: None,
+            width: 400,
+            smooth: 0.6,
+        })
+        .unwrap();
+        assert!(dir.path().join("curves.png").is_file());
     }
 
     #[test]

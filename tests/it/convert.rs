@@ -383,6 +383,22 @@ fn broken_checkpoints_fail_cleanly() {
     assert!(!out.exists(), "nothing is written on failure");
 }
 
+/// `vlp embed` of the captions of `caps.txt` (and `extra`, e.g. an image folder) into
+/// `e.safetensors`, for the fixture tokenizer.
+fn embed_args<'a>(checkpoint: &'a Path, tokenizer: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "embed",
+        "--checkpoint",
+        s(checkpoint),
+        "--texts",
+        "caps.txt",
+    ];
+    args.extend(["--tokenizer", s(tokenizer), "--max-tokens", "12"]);
+    args.extend(["--out", "e.safetensors"]);
+    args.extend(extra);
+    args
+}
+
 /// A converted HF BLIP-ITM checkpoint (BLIP layout, no token types, no MLM head) serves
 /// `vlp score` and `vlp embed` like our own.
 #[test]
@@ -434,21 +450,7 @@ fn a_converted_blip_checkpoint_scores_and_embeds() {
         .unwrap();
     assert!((0.0..=1.0).contains(&p), "{scores}");
     std::fs::write(d.join("caps.txt"), "a smiling face\na red heart\n").unwrap();
-    run(&[
-        "embed",
-        "--checkpoint",
-        s(&out),
-        "--images",
-        "imgs",
-        "--texts",
-        "caps.txt",
-        "--tokenizer",
-        s(&tok),
-        "--max-tokens",
-        "12",
-        "--out",
-        "e.safetensors",
-    ]);
+    run(&embed_args(&out, &tok, &["--images", "imgs"]));
     let t = load(&d.join("e.safetensors"));
     assert_eq!(t["image_embeds"].dim(0).unwrap(), 1);
     assert_eq!(t["text_embeds"].dim(0).unwrap(), 2);
@@ -596,4 +598,141 @@ fn convert_brings_the_tokenizer_beside_a_text_encoder() {
     std::fs::write(src.join("vocab.txt"), vocab.join("\n") + "\n").unwrap();
     let said = run(&dir.path().join("init3"));
     assert!(said.contains("warning") && said.contains("250"), "{said}");
+}
+
+/// The safetensors writer creates its files owner-only; a converted model and an `embed`
+/// output get the mode the umask gives, as the config beside the model does.
+#[cfg(unix)]
+#[test]
+fn converted_models_and_embeddings_get_the_umasks_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = d.join("blip");
+    let tok = crate::common::bert_ids_tokenizer(d);
+    std::fs::write(d.join("caps.txt"), "a smiling face\n").unwrap();
+    let under_umask_022 = |args: &[&str]| {
+        let o = Command::new("sh")
+            .arg("-c")
+            .arg("umask 022 && exec \"$0\" \"$@\"")
+            .arg(vlp_bin())
+            .args(args)
+            .current_dir(d)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{args:?}: {}", text(&o.stderr));
+    };
+    let model = fixtures().join("hf/hf_blip/model.safetensors");
+    under_umask_022(&["convert", s(&model), "--out", s(&out)]);
+    under_umask_022(&embed_args(&out, &tok, &[]));
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    for file in [
+        out.join("model.safetensors"),
+        out.join("config.json"),
+        d.join("e.safetensors"),
+    ] {
+        assert_eq!(mode(&file), 0o644, "{}", file.display());
+    }
+}
+
+/// A bad tokenizer beside the model (not JSON, empty, not UTF-8, no `[CLS]`, too large)
+/// fails the command before anything is written: no `--out` folder, or the one there as
+/// it was; a good one into a folder that holds a model replaces it, leaving nothing
+/// staged beside it.
+#[test]
+fn convert_checks_the_tokenizer_before_writing_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let config = write_hf_fixture_config(d);
+    let src = d.join("bert");
+    std::fs::create_dir_all(&src).unwrap();
+    for f in ["model.safetensors", "config.json"] {
+        std::fs::copy(fixtures().join("hf/hf_bert").join(f), src.join(f)).unwrap();
+    }
+    let model = src.join("model.safetensors");
+    // `--from hf-bert MODEL --config CONFIG --out OUT [--force]`.
+    fn args<'a>(model: &'a Path, config: &'a Path, out: &'a Path, force: bool) -> Vec<&'a str> {
+        let mut a = vec!["--from", "hf-bert", s(model), "--config", s(config)];
+        a.extend(["--out", s(out)]);
+        if force {
+            a.push("--force");
+        }
+        a
+    }
+    let staged = |out: &Path| {
+        let name = format!(".{}.partial", out.file_name().unwrap().to_str().unwrap());
+        out.with_file_name(name).exists()
+    };
+    let mut vocab: Vec<String> = ["[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]"]
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
+    while vocab.len() < 200 {
+        vocab.push(format!("w{}", vocab.len()));
+    }
+    let good_vocab = vocab.join("\n") + "\n";
+    let set = |file: &str, bytes: &[u8]| {
+        for f in ["tokenizer.json", "vocab.txt"] {
+            let _ = std::fs::remove_file(src.join(f));
+        }
+        std::fs::write(src.join(file), bytes).unwrap();
+    };
+    let bad: [(&str, Vec<u8>, &str); 5] = [
+        (
+            "tokenizer.json",
+            b"this is not JSON".to_vec(),
+            "tokenizer.json",
+        ),
+        ("tokenizer.json", Vec::new(), "tokenizer.json"),
+        (
+            "tokenizer.json",
+            b"{\"version\": \"\xff\xfe\"}".to_vec(),
+            "tokenizer.json: not UTF-8",
+        ),
+        (
+            "vocab.txt",
+            good_vocab.replace("[CLS]", "cls").into_bytes(),
+            "lacks [CLS]",
+        ),
+        (
+            "vocab.txt",
+            [good_vocab.as_bytes(), b"\xff\n"].concat(),
+            "vocab.txt: not UTF-8",
+        ),
+    ];
+    let fresh = d.join("fresh");
+    let existing = d.join("existing");
+    convert_ok(&args(&model, &config, &existing, false));
+    let before: Vec<Vec<u8>> = ["model.safetensors", "config.json"]
+        .iter()
+        .map(|f| std::fs::read(existing.join(f)).unwrap())
+        .collect();
+    let check_refused = |said: &str| {
+        let all = convert_fails(&args(&model, &config, &fresh, false));
+        assert!(all.contains(said), "{all}");
+        assert!(!fresh.exists() && !staged(&fresh), "{all}");
+        let all = convert_fails(&args(&model, &config, &existing, true));
+        assert!(all.contains(said), "{all}");
+        assert!(!staged(&existing), "{all}");
+        let now: Vec<Vec<u8>> = ["model.safetensors", "config.json"]
+            .iter()
+            .map(|f| std::fs::read(existing.join(f)).unwrap())
+            .collect();
+        assert!(now == before, "the model there changed: {all}");
+        assert!(!existing.join("tokenizer.json").exists(), "{all}");
+    };
+    for (file, bytes, said) in &bad {
+        set(file, bytes);
+        check_refused(said);
+    }
+    // Refused from its size, before it is read (sparse: no disk or memory spent).
+    set("vocab.txt", good_vocab.as_bytes());
+    let huge = std::fs::File::create(src.join("tokenizer.json")).unwrap();
+    huge.set_len((64 << 20) + 1).unwrap();
+    check_refused("more than a tokenizer file holds");
+
+    set("vocab.txt", good_vocab.as_bytes());
+    convert_ok(&args(&model, &config, &existing, true));
+    assert!(existing.join("tokenizer.json").is_file() && !staged(&existing));
 }

@@ -2,9 +2,11 @@
 //! everywhere: the seeded, serialisable RNG that makes shuffling, augmentation, masking,
 //! negative sampling and dropout reproducible and resumable; the device seam; stable
 //! hashes; limits shared by the loader, the evaluator and the shard writer; the stop
-//! request a signal records, which the training loop and the loader's waits read.
+//! request a signal records, which the training loop and the loader's waits read; the
+//! file mode of what the safetensors writer writes.
 
 pub mod device;
+pub mod fs;
 pub mod hash;
 pub mod interrupt;
 pub mod rng;

@@ -69,10 +69,23 @@ impl TextTokenizer {
                 reason: "file not found".into(),
             });
         }
-        let inner = Tokenizer::from_file(path).map_err(|e| DataError::Tokenizer {
+        let json = std::fs::read(path).map_err(|e| DataError::Tokenizer {
             path: source.clone(),
             reason: e.to_string(),
         })?;
+        Self::from_json(&json, source, max_tokens)
+    }
+
+    /// A `tokenizer.json`'s content, read by the caller (`source` names it in errors).
+    pub fn from_json(json: &[u8], source: String, max_tokens: usize) -> Result<Self> {
+        let fail = |reason: String| DataError::Tokenizer {
+            path: source.clone(),
+            reason,
+        };
+        // JSON is UTF-8; the parser's own complaint at a stray byte names a syntax error.
+        let json = std::str::from_utf8(json)
+            .map_err(|e| fail(format!("not UTF-8 text (byte {})", e.valid_up_to())))?;
+        let inner = Tokenizer::from_bytes(json).map_err(|e| fail(e.to_string()))?;
         Self::from_tokenizer(inner, source, max_tokens)
     }
 
@@ -201,16 +214,22 @@ where
     with_bert_template(tokenizer).map_err(fail)
 }
 
-/// A BERT tokenizer (`tokenizer.json`'s content) from a WordPiece vocabulary file
-/// (`vocab.txt`, one token per line, as HF BERT checkpoints ship it): BERT's normaliser
-/// (lower-casing and accent stripping when `lowercase`), pre-tokeniser and `[CLS] $A
-/// [SEP]` template, `[UNK]` for unknown words.
-pub fn wordpiece_from_vocab(vocab: &Path, lowercase: bool) -> Result<Tokenizer> {
+/// A BERT tokenizer (`tokenizer.json`'s content) from a WordPiece vocabulary (the content
+/// of a `vocab.txt`, one token per line, as HF BERT checkpoints ship it; `source` names it
+/// in errors): BERT's normaliser (lower-casing and accent stripping when `lowercase`),
+/// pre-tokeniser and `[CLS] $A [SEP]` template, `[UNK]` for unknown words. A vocabulary
+/// that is not UTF-8 or lacks `[CLS]` or `[SEP]` is an error.
+pub fn wordpiece_from_vocab(vocab: &[u8], source: &Path, lowercase: bool) -> Result<Tokenizer> {
     let fail = |reason: String| DataError::Tokenizer {
-        path: vocab.display().to_string(),
+        path: source.display().to_string(),
         reason,
     };
-    let model = WordPiece::from_file(&vocab.to_string_lossy())
+    if let Err(e) = std::str::from_utf8(vocab) {
+        return Err(fail(format!("not UTF-8 text (byte {})", e.valid_up_to())));
+    }
+    let vocab = WordPiece::read_bytes(vocab).map_err(|e| fail(e.to_string()))?;
+    let model = WordPiece::builder()
+        .vocab(vocab)
         .unk_token("[UNK]".into())
         .build()
         .map_err(|e| fail(e.to_string()))?;

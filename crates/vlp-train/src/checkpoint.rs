@@ -443,13 +443,10 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     f.sync_all().map_err(|e| TrainError::io(path, e))
 }
 
-/// Gives `path` the permissions of `like` (a file this process created with the default
-/// mode, so the umask applies): the safetensors writer creates its files owner-only.
+/// Gives `path` (written owner-only by the safetensors writer) the permissions of `like`,
+/// a file this process created with the default mode.
 fn same_mode_as(path: &Path, like: &Path) -> Result<()> {
-    let perms = std::fs::metadata(like)
-        .map_err(|e| TrainError::io(like, e))?
-        .permissions();
-    std::fs::set_permissions(path, perms).map_err(|e| TrainError::io(path, e))
+    vlp_core::fs::same_mode_as(path, like).map_err(|e| TrainError::io(path, e))
 }
 
 fn sync(path: &Path) -> Result<()> {

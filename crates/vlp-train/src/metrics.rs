@@ -56,15 +56,33 @@ impl MetricsLog {
     }
 }
 
-/// Reads every record of a run's `metrics.jsonl` (a torn last line is ignored).
+/// Reads every record of a run's `metrics.jsonl`. A line that is not a JSON object — a
+/// torn last line, or one another program garbled, not UTF-8 included — is skipped, with
+/// one warning counting them: the file is read as bytes, so one stray byte costs its line
+/// only, not the whole log (and with it `--resume` and `vlp plot`).
 pub fn read(run_dir: &Path) -> Result<Vec<Value>> {
     let path = run_dir.join(METRICS_FILE);
-    let text = std::fs::read_to_string(&path).map_err(|e| TrainError::io(&path, e))?;
-    Ok(text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(Value::is_object)
-        .collect())
+    let bytes = std::fs::read(&path).map_err(|e| TrainError::io(&path, e))?;
+    let mut skipped = 0usize;
+    let records = bytes
+        .split(|&b| b == b'\n')
+        .filter(|line| !line.trim_ascii().is_empty())
+        .filter_map(|line| {
+            // `from_slice` refuses bytes that are not UTF-8 as it refuses bad JSON.
+            let record = serde_json::from_slice::<Value>(line)
+                .ok()
+                .filter(Value::is_object);
+            skipped += usize::from(record.is_none());
+            record
+        })
+        .collect();
+    if skipped > 0 {
+        tracing::warn!(
+            "{}: skipped {skipped} line(s) that are not a JSON object (torn, or not UTF-8)",
+            path.display()
+        );
+    }
+    Ok(records)
 }
 
 #[cfg(test)]
@@ -90,5 +108,28 @@ mod tests {
             .map(|r| r["step"].as_u64().unwrap())
             .collect();
         assert_eq!(steps, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn a_line_that_is_not_utf8_is_skipped_and_resume_still_truncates() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bytes = Vec::new();
+        bytes.extend(b"{\"step\": 1, \"loss\": 1.0}\n");
+        bytes.extend(b"\xff\xfe{\"step\": 2}\n");
+        bytes.extend(b"{\"step\": 2, \"loss\": 0.9, \"note\": \"\xc3\"}\n");
+        bytes.extend(b"{\"step\": 3, \"loss\": 0.8}\r\n");
+        bytes.extend(b"{\"step\": 4, \"loss\": 0.7}\n");
+        bytes.extend(b"{\"step\": 5, \"lo");
+        std::fs::write(dir.path().join(METRICS_FILE), &bytes).unwrap();
+        let steps = |dir: &Path| -> Vec<u64> {
+            read(dir)
+                .unwrap()
+                .iter()
+                .map(|r| r["step"].as_u64().unwrap())
+                .collect()
+        };
+        assert_eq!(steps(dir.path()), vec![1, 3, 4]);
+        let _log = MetricsLog::open(dir.path(), Some(3)).unwrap();
+        assert_eq!(steps(dir.path()), vec![1, 3]);
     }
 }

@@ -92,6 +92,21 @@ pub enum ImportError {
         tensors: Vec<TensorProblem>,
     },
 
+    /// A source tensor of integers where the model holds a float weight: converted, it
+    /// would be a weight of whole numbers (a quantised or mislabelled checkpoint) that
+    /// loads, trains and runs without a sign of what went wrong.
+    #[error(
+        "{path}: tensor `{name}` holds {dtype:?} integers where the model expects a float \
+         weight (`{ours}`); a quantised checkpoint cannot be imported: convert it from the \
+         float original"
+    )]
+    IntegerWeight {
+        path: PathBuf,
+        name: String,
+        ours: String,
+        dtype: DType,
+    },
+
     /// The target config could not be resolved or read.
     #[error("{path}: {message}")]
     Config { path: PathBuf, message: String },
@@ -440,6 +455,7 @@ pub fn import_checkpoint(
 
     let by_name: HashMap<&str, &Tensor> = source.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let vars = varmap.data().lock().expect("varmap lock").clone();
+    check_integer_sources(path, &actions, &by_name, &vars)?;
     let tensor_err = |name: &str, source: candle_core::Error| ImportError::Tensor {
         path: path.to_owned(),
         name: name.to_string(),
@@ -541,6 +557,39 @@ pub fn import_checkpoint(
     })
 }
 
+/// Errors naming the first source tensor of integers (I64, I32, I16, U32, U8) that an
+/// action would turn into a float weight. The model's own integer buffers (`queue_ptr`,
+/// `idx_queue`, as ALBEF's checkpoints and ours hold them) take integers as they are.
+fn check_integer_sources(
+    path: &Path,
+    actions: &BTreeMap<String, Action>,
+    by_name: &HashMap<&str, &Tensor>,
+    vars: &HashMap<String, candle_core::Var>,
+) -> Result<(), ImportError> {
+    for (ours, action) in actions {
+        if !vars[ours].dtype().is_float() {
+            continue;
+        }
+        let sources: Vec<&String> = match action {
+            Action::Copy { source } | Action::Interpolate { source, .. } => vec![source],
+            Action::Concat { sources } => sources.iter().collect(),
+            Action::CopyOnline { .. } => Vec::new(),
+        };
+        for name in sources {
+            let dtype = by_name[name.as_str()].dtype();
+            if dtype.is_int() {
+                return Err(ImportError::IntegerWeight {
+                    path: path.to_owned(),
+                    name: name.clone(),
+                    ours: ours.clone(),
+                    dtype,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Reads a model config: ours (`config.json` of a converted model or a run), or the
 /// format of the PyTorch reference implementation of the ALBEF step.
 pub fn load_config(path: &Path) -> Result<AlbefConfig, ImportError> {
@@ -559,7 +608,7 @@ pub fn load_config(path: &Path) -> Result<AlbefConfig, ImportError> {
 
 /// Writes `dir/model.safetensors` (our names) and `dir/config.json`, creating `dir`. The
 /// weights are written to a temporary name first, so a failed write leaves no
-/// half-written `model.safetensors`.
+/// half-written `model.safetensors`; they get the mode the umask gives, as the config does.
 pub fn write_converted(dir: &Path, imported: &Imported) -> Result<(), ImportError> {
     std::fs::create_dir_all(dir).map_err(|e| ImportError::io(dir, e))?;
     let weights = dir.join(MODEL_FILE);
@@ -569,11 +618,14 @@ pub fn write_converted(dir: &Path, imported: &Imported) -> Result<(), ImportErro
         .iter()
         .map(|(n, t)| (n.clone(), t.clone()))
         .collect();
+    let mode =
+        vlp_core::fs::new_file_permissions(&partial).map_err(|e| ImportError::io(&partial, e))?;
     candle_core::safetensors::save(&map, &partial).map_err(|source| ImportError::Tensor {
         path: partial.clone(),
         name: "(all)".into(),
         source: Box::new(source),
     })?;
+    std::fs::set_permissions(&partial, mode).map_err(|e| ImportError::io(&partial, e))?;
     std::fs::rename(&partial, &weights).map_err(|e| ImportError::io(&weights, e))?;
     imported.config.save(&dir.join(CONFIG_FILE))?;
     Ok(())
@@ -676,6 +728,36 @@ mod tests {
             msg.contains(&format!("non-finite values in {name} (1 NaN, 1 Inf)")),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn integer_weights_are_refused_by_name_and_integer_buffers_load() {
+        let cfg = albef_config();
+        let source = fixtures().join("albef/albef.safetensors");
+        let raw = candle_core::safetensors::load(&source, &Device::Cpu).unwrap();
+        let opts = ImportOptions {
+            format: Some(Format::AlbefPth),
+            allow_partial: true,
+            ..Default::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let name = "text_encoder.bert.embeddings.word_embeddings.weight";
+        for dtype in [DType::I64, DType::I32, DType::U8] {
+            let mut tensors = raw.clone();
+            let ints = tensors[name].to_dtype(dtype).unwrap();
+            tensors.insert(name.to_string(), ints);
+            let path = dir.path().join(format!("{dtype:?}.safetensors"));
+            candle_core::safetensors::save(&tensors, &path).unwrap();
+            let err = import_checkpoint(&path, Some(&cfg), &opts).unwrap_err();
+            assert!(matches!(err, ImportError::IntegerWeight { .. }), "{err}");
+            let msg = err.to_string();
+            assert!(msg.contains(&format!("{dtype:?}.safetensors")), "{msg}");
+            assert!(msg.contains(&format!("`{name}` holds {dtype:?}")), "{msg}");
+        }
+        // The checkpoint's own integer buffer (I64 in the file) is read as it is.
+        assert_eq!(raw["queue_ptr"].dtype(), DType::I64);
+        let imported = import_checkpoint(&source, Some(&cfg), &opts).unwrap();
+        assert_eq!(imported.tensors["queue_ptr"].dtype(), DType::I64);
     }
 
     #[test]
