@@ -14,7 +14,9 @@ use vlp_models::import::{
     import_checkpoint, load_config, write_converted, Format, ImportError, ImportOptions,
 };
 use vlp_models::AlbefConfig;
-use vlp_train::checkpoint::{enclosing_run, CONFIG_FILE, MODEL_FILE};
+use vlp_train::checkpoint::{
+    enclosing_run, resolve_checkpoint, CONFIG_FILE, MODEL_FILE, TEXT_FILE, TOKENIZER_FILE,
+};
 
 #[derive(clap::Args)]
 pub struct ConvertArgs {
@@ -36,9 +38,11 @@ pub struct ConvertArgs {
     /// config.json beside INPUT, if there is one).
     #[arg(long)]
     pub hf_config: Option<PathBuf>,
-    /// Start from a model converted before (a folder with model.safetensors + config.json)
-    /// instead of a fresh one: what INPUT does not carry is kept from it, e.g. a DeiT
-    /// image encoder converted first, then BERT as the text encoder.
+    /// Start from a model converted before (a folder with model.safetensors + config.json,
+    /// or a training run folder: its `best/`, else its newest checkpoint) instead of a
+    /// fresh one: what INPUT does not carry is kept from it, e.g. a DeiT image encoder
+    /// converted first, then BERT as the text encoder. An image encoder converted into it
+    /// keeps its tokenizer and text settings too.
     #[arg(long)]
     pub init: Option<PathBuf>,
     /// Output folder: model.safetensors + config.json. A folder that already holds a
@@ -118,11 +122,17 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
         (None, Some(_)) => anyhow::bail!("--image-size needs --preset or --config"),
         (cfg, None) => cfg,
     };
+    let init = args.init.as_deref().map(resolve_checkpoint).transpose()?;
+    // Read before anything is written: --init may be --out itself.
+    let init_text = match &init {
+        Some(dir) => text_side(dir)?,
+        None => Vec::new(),
+    };
     let opts = ImportOptions {
         format,
         allow_partial: args.allow_partial,
         hf_config: args.hf_config.clone(),
-        init: args.init.clone(),
+        init,
     };
     let imported = match import_checkpoint(&args.input, config.as_ref(), &opts) {
         Ok(imported) => imported,
@@ -145,11 +155,41 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
         }
         Err(e) => return Err(e.into()),
     };
+    // The text side of a model replaced with --force was that model's, and commands that
+    // read captions with the folder's model default to it: it goes with the model.
+    if [MODEL_FILE, CONFIG_FILE]
+        .iter()
+        .any(|f| args.out.join(f).exists())
+    {
+        for file in [TOKENIZER_FILE, TEXT_FILE] {
+            let path = args.out.join(file);
+            if path.is_file() {
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing {}", path.display()))?;
+            }
+        }
+    }
     write_converted(&args.out, &imported)
         .with_context(|| format!("writing the converted model to {}", args.out.display()))?;
     let tokenizer_note = match imported.report.format {
         Format::HfBert | Format::HfBlip | Format::AlbefPth => {
             copy_tokenizer(&args.input, &args.out, &imported.config)?
+        }
+        // The text encoder is --init's, and so are its tokenizer and caption settings.
+        Format::HfVit | Format::TimmVit if !init_text.is_empty() => {
+            for (file, bytes) in &init_text {
+                let path = args.out.join(file);
+                std::fs::write(&path, bytes)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            Some(format!(
+                "kept the text side of --init: {}",
+                init_text
+                    .iter()
+                    .map(|(f, _)| *f)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
         }
         Format::HfVit | Format::TimmVit => None,
     };
@@ -170,9 +210,24 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The files of a checkpoint folder's text side that `dir` holds, with their bytes
+/// (`tokenizer.json`, `text.json`).
+fn text_side(dir: &Path) -> anyhow::Result<Vec<(&'static str, Vec<u8>)>> {
+    let mut found = Vec::new();
+    for file in [TOKENIZER_FILE, TEXT_FILE] {
+        let path = dir.join(file);
+        if path.is_file() {
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            found.push((file, bytes));
+        }
+    }
+    Ok(found)
+}
+
 /// Tokenizer files an HF checkpoint folder may hold, copied as they are.
 const TOKENIZER_FILES: [&str; 4] = [
-    "tokenizer.json",
+    TOKENIZER_FILE,
     "vocab.txt",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -190,7 +245,7 @@ fn copy_tokenizer(input: &Path, out: &Path, cfg: &AlbefConfig) -> anyhow::Result
     ];
     let Some(dir) = dirs
         .iter()
-        .find(|d| d.join("tokenizer.json").is_file() || d.join("vocab.txt").is_file())
+        .find(|d| d.join(TOKENIZER_FILE).is_file() || d.join("vocab.txt").is_file())
     else {
         return Ok(Some(format!(
             "no tokenizer.json or vocab.txt beside {}: give recipes the model's tokenizer \
@@ -207,8 +262,8 @@ fn copy_tokenizer(input: &Path, out: &Path, cfg: &AlbefConfig) -> anyhow::Result
             copied.push(name);
         }
     }
-    let target = out.join("tokenizer.json");
-    if !copied.contains(&"tokenizer.json") {
+    let target = out.join(TOKENIZER_FILE);
+    if !copied.contains(&TOKENIZER_FILE) {
         let lowercase = std::fs::read_to_string(dir.join("tokenizer_config.json"))
             .ok()
             .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
