@@ -194,7 +194,7 @@ run() {
   [ -d "$peers" ] && { timeout $(lim 90) python3 "$peers/torch_albef_step.py" --device cuda --bf16 --batch-size 64 \
     --warmup 3 --steps 10 > step-torch.json 2> step-torch.log || tail -5 step-torch.log; }
   timeout $(lim 120) "$V" bench eval --config "$here/albef-base-384.json" --images 128 --captions-per-image 5 \
-    --k 128 --no-progress --device cuda > eval-vlp.json 2> eval-vlp.log || { status=1; tail -5 eval-vlp.log; }
+    --k 128 --score itm --no-progress --device cuda > eval-vlp.json 2> eval-vlp.log || { status=1; tail -5 eval-vlp.log; }
   [ -d "$peers" ] && { timeout $(lim 90) python3 "$peers/torch_albef_eval.py" --config "$here/albef-base-384.json" \
     --images 128 --captions-per-image 5 --k 128 --device cuda > eval-torch.json 2> eval-torch.log \
     || tail -5 eval-torch.log; }

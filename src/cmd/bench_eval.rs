@@ -27,7 +27,9 @@ pub struct EvalArgs {
     /// Candidates re-scored per query.
     #[arg(long, default_value_t = 128)]
     pub k: usize,
-    #[arg(long, default_value = "itm")]
+    /// How re-ranked candidates are scored, as `eval retrieval --score` (`itm` is the
+    /// PyTorch peer's).
+    #[arg(long, default_value_t = ScoreMode::default())]
     pub score: ScoreMode,
     /// Caption lengths are uniform in [min-len, max-len] tokens ([CLS] and [SEP] included).
     #[arg(long, default_value_t = 8)]

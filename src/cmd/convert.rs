@@ -19,7 +19,9 @@ use vlp_models::import::{
     import_checkpoint, load_config, write_converted, Format, ImportError, ImportOptions, Imported,
 };
 use vlp_models::AlbefConfig;
-use vlp_train::checkpoint::{enclosing_run, CONFIG_FILE, MODEL_FILE};
+use vlp_train::checkpoint::{
+    enclosing_run, resolve_checkpoint, CONFIG_FILE, MODEL_FILE, TEXT_FILE, TOKENIZER_FILE,
+};
 
 #[derive(clap::Args)]
 pub struct ConvertArgs {
@@ -123,11 +125,17 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
         (None, Some(_)) => anyhow::bail!("--image-size needs --preset or --config"),
         (cfg, None) => cfg,
     };
+    let init = args.init.as_deref().map(resolve_checkpoint).transpose()?;
+    // Read before anything is written: --init may be --out itself.
+    let init_text = match &init {
+        Some(dir) => text_side(dir)?,
+        None => Vec::new(),
+    };
     let opts = ImportOptions {
         format,
         allow_partial: args.allow_partial,
         hf_config: args.hf_config.clone(),
-        init: args.init.clone(),
+        init,
     };
     let imported = match import_checkpoint(&args.input, config.as_ref(), &opts) {
         Ok(imported) => imported,
@@ -154,6 +162,18 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
         Format::HfBert | Format::HfBlip | Format::AlbefPth => {
             read_tokenizer(&args.input, &imported.config)?
         }
+        // The text encoder is --init's, and so are its tokenizer and caption settings.
+        Format::HfVit | Format::TimmVit if !init_text.is_empty() => Tokenizer {
+            note: Some(format!(
+                "kept the text side of --init: {}",
+                init_text
+                    .iter()
+                    .map(|(f, _)| *f)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+            files: init_text,
+        },
         Format::HfVit | Format::TimmVit => Tokenizer::default(),
     };
     write_out(&args.out, &imported, &tokenizer.files)
@@ -215,12 +235,34 @@ fn stage_and_place(
         return std::fs::rename(staging, out)
             .with_context(|| format!("moving {} to {}", staging.display(), out.display()));
     }
+    // The text side of a model replaced with --force was that model's, and commands that
+    // read captions with the folder's model default to it: it goes with the model unless
+    // the new one brings its own.
+    for file in [TOKENIZER_FILE, TEXT_FILE] {
+        let (old, new) = (out.join(file), staging.join(file));
+        if old.is_file() && !new.exists() {
+            std::fs::remove_file(&old).with_context(|| format!("removing {}", old.display()))?;
+        }
+    }
     for entry in std::fs::read_dir(staging)? {
         let from = entry?.path();
         let to = out.join(from.file_name().unwrap_or_default());
         std::fs::rename(&from, &to).with_context(|| format!("moving {}", to.display()))?;
     }
     std::fs::remove_dir(staging).with_context(|| format!("removing {}", staging.display()))
+}
+
+/// The files of a checkpoint folder's text side that `dir` holds, with their bytes
+/// (`tokenizer.json`, `text.json`).
+fn text_side(dir: &Path) -> anyhow::Result<Vec<(&'static str, Vec<u8>)>> {
+    let mut found = Vec::new();
+    for file in [TOKENIZER_FILE, TEXT_FILE] {
+        let path = dir.join(file);
+        if path.is_file() {
+            found.push((file, read_bounded(&path)?));
+        }
+    }
+    Ok(found)
 }
 
 /// Tokenizer files an HF checkpoint folder may hold, copied as they are.

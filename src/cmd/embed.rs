@@ -18,12 +18,13 @@ use vlp_eval::score::score_pairs;
 use vlp_eval::set::EvalSet;
 use vlp_models::AlbefModel;
 
-use crate::cmd::eval::{load_checkpoint, load_tokenizer};
+use crate::cmd::eval::{load_checkpoint, TextArgs};
 const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
 
 #[derive(clap::Args)]
 pub struct EmbedArgs {
-    /// A checkpoint folder (`model.safetensors` + `config.json`).
+    /// A checkpoint folder (`model.safetensors` + `config.json`), or a training run folder
+    /// (its `best/`, else its newest complete checkpoint).
     #[arg(long)]
     pub checkpoint: PathBuf,
     /// Images from shards (keys: their image ids).
@@ -35,16 +36,11 @@ pub struct EmbedArgs {
     /// Captions, one per line (keys: line numbers from 1; blank lines skipped).
     #[arg(long)]
     pub texts: Option<PathBuf>,
-    /// The tokenizer (`tokenizer.json`); needed with --texts.
-    #[arg(long)]
-    pub tokenizer: Option<PathBuf>,
+    #[command(flatten)]
+    pub text: TextArgs,
     /// Image side [default: the checkpoint's]; position embeddings are interpolated.
     #[arg(long)]
     pub image_size: Option<usize>,
-    #[arg(long, default_value_t = 40)]
-    pub max_tokens: usize,
-    #[arg(long, default_value_t = 30)]
-    pub max_words: usize,
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
     /// Output: safetensors with `image_embeds` `[N, E]` and/or `text_embeds` `[M, E]`;
@@ -131,20 +127,21 @@ pub fn run_embed(args: EmbedArgs) -> anyhow::Result<()> {
     );
     crate::cmd::output::check_output_file("--out", &args.out, args.force)?;
     let dev = args.device.resolve()?;
-    let (cfg, model) = load_checkpoint(&args.checkpoint, args.image_size, &dev)?;
+    let ckpt = load_checkpoint(&args.checkpoint, args.image_size, &dev)?;
+    let settings = args.text.settings(&ckpt)?;
     // Checked before any image is encoded: a mismatch is found in a second.
-    let tokenizer = match (&args.texts, &args.tokenizer) {
-        (Some(_), None) => anyhow::bail!("--texts needs --tokenizer"),
-        (Some(_), Some(path)) => Some(load_tokenizer(path, args.max_tokens, &cfg)?),
-        (None, _) => None,
+    let tokenizer = match &args.texts {
+        Some(_) => Some(args.text.tokenizer(&ckpt, settings.max_tokens)?.1),
+        None => None,
     };
+    let (cfg, model) = (&ckpt.cfg, &ckpt.model);
     let s = cfg.vision.image_size;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     let mut metadata: HashMap<String, String> = HashMap::new();
     let batch = args.batch_size.max(1);
 
     if let Some(spec) = &args.shards {
-        let set = EvalSet::open(spec, s as u32, args.max_words)?;
+        let set = EvalSet::open(spec, s as u32, settings.max_words)?;
         let (feats, texts) = set.with_images(|_| {
             let mut feats = Vec::new();
             set.images(batch, &dev, &mut |b| {
@@ -165,10 +162,7 @@ pub fn run_embed(args: EmbedArgs) -> anyhow::Result<()> {
             .chunks(batch)
             .map(|chunk| image_batch(chunk, s, &mut tr))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        tensors.insert(
-            "image_embeds".into(),
-            image_features(&model, batches, &dev)?,
-        );
+        tensors.insert("image_embeds".into(), image_features(model, batches, &dev)?);
         let names: Vec<String> = files
             .iter()
             .map(|f| {
@@ -181,13 +175,13 @@ pub fn run_embed(args: EmbedArgs) -> anyhow::Result<()> {
     }
 
     if let (Some(path), Some(tokenizer)) = (&args.texts, &tokenizer) {
-        let text =
+        let file =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let (lines, captions): (Vec<usize>, Vec<String>) = text
+        let (lines, captions): (Vec<usize>, Vec<String>) = file
             .lines()
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, l)| (i + 1, pre_caption(l, args.max_words)))
+            .map(|(i, l)| (i + 1, pre_caption(l, settings.max_words)))
             .unzip();
         anyhow::ensure!(!captions.is_empty(), "{} has no captions", path.display());
         let mut feats = Vec::new();
@@ -247,7 +241,8 @@ fn write_embeddings(
 
 #[derive(clap::Args)]
 pub struct ScoreArgs {
-    /// A checkpoint folder (`model.safetensors` + `config.json`).
+    /// A checkpoint folder (`model.safetensors` + `config.json`), or a training run folder
+    /// (its `best/`, else its newest complete checkpoint).
     #[arg(long)]
     pub checkpoint: PathBuf,
     /// An image file (repeatable).
@@ -256,16 +251,11 @@ pub struct ScoreArgs {
     /// A caption (repeatable).
     #[arg(long = "text", required = true)]
     pub texts: Vec<String>,
-    /// The tokenizer (`tokenizer.json`).
-    #[arg(long)]
-    pub tokenizer: PathBuf,
+    #[command(flatten)]
+    pub text: TextArgs,
     /// Image side [default: the checkpoint's].
     #[arg(long)]
     pub image_size: Option<usize>,
-    #[arg(long, default_value_t = 40)]
-    pub max_tokens: usize,
-    #[arg(long, default_value_t = 30)]
-    pub max_words: usize,
     /// Where the model runs: `cpu`, `cuda` (GPU 0) or `cuda:N` (needs a build with
     /// `--features cuda`).
     #[arg(long, default_value = "cpu")]
@@ -274,16 +264,17 @@ pub struct ScoreArgs {
 
 pub fn run_score(args: ScoreArgs) -> anyhow::Result<()> {
     let dev = args.device.resolve()?;
-    let (cfg, model) = load_checkpoint(&args.checkpoint, args.image_size, &dev)?;
-    let tokenizer = load_tokenizer(&args.tokenizer, args.max_tokens, &cfg)?;
-    let s = cfg.vision.image_size;
+    let ckpt = load_checkpoint(&args.checkpoint, args.image_size, &dev)?;
+    let text = args.text.settings(&ckpt)?;
+    let (_, tokenizer) = args.text.tokenizer(&ckpt, text.max_tokens)?;
+    let s = ckpt.cfg.vision.image_size;
     let images = image_batch(&args.images, s, &mut transformer(s))?;
     let captions: Vec<String> = args
         .texts
         .iter()
-        .map(|t| pre_caption(t, args.max_words))
+        .map(|t| pre_caption(t, text.max_words))
         .collect();
-    let scores = score_pairs(&model, &tokenizer, &images, &captions, &dev)?;
+    let scores = score_pairs(&ckpt.model, &tokenizer, &images, &captions, &dev)?;
     let mut rows = Vec::with_capacity(scores.len());
     for p in &scores {
         let (image, text) = (args.images[p.image].display(), &args.texts[p.text]);

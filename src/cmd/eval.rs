@@ -2,7 +2,7 @@
 //! protocol (ITC ranking, ITM re-ranking of the top k), with a JSON report and a
 //! Markdown table.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use candle_core::Device;
@@ -10,34 +10,32 @@ use vlp_core::device::DeviceSpec;
 use vlp_data::tokenize::TextTokenizer;
 use vlp_eval::report::{json_report, markdown_table};
 use vlp_eval::set::{evaluate_set, EvalSet};
-use vlp_eval::{check_tokenizer, EvalConfig, ScoreMode};
+use vlp_eval::tokenizer::{checkpoint_tokenizer, TOKENIZER_FILE};
+use vlp_eval::{
+    check_same_tokenizer, check_tokenizer, AllowOther, EvalConfig, ScoreMode, TextSettings,
+};
 use vlp_models::{load_model, AlbefConfig, AlbefModel, LoadMode};
+use vlp_train::checkpoint::resolve_checkpoint;
 
 #[derive(clap::Args)]
 pub struct RetrievalArgs {
     /// A checkpoint folder (`model.safetensors` + `config.json`): a pretraining or
-    /// fine-tuning checkpoint, or what `vlp convert` makes of ALBEF / HF BLIP-ITM files.
+    /// fine-tuning checkpoint, or what `vlp convert` makes of ALBEF / HF BLIP-ITM files;
+    /// or a training run folder (its `best/`, else its newest complete checkpoint).
     #[arg(long)]
     pub checkpoint: PathBuf,
     /// The evaluation shards (images with one or more captions, grouped by image id).
     #[arg(long)]
     pub shards: String,
-    /// The tokenizer (`tokenizer.json`) the checkpoint was trained with.
-    #[arg(long)]
-    pub tokenizer: PathBuf,
+    #[command(flatten)]
+    pub text: TextArgs,
     /// Candidates per query re-scored by ITM (ALBEF: 256 COCO, 128 Flickr30K).
     #[arg(long, default_value_t = 128)]
     pub k_test: usize,
     /// `itm+itc` (BLIP/LAVIS), `itm` (ALBEF), `itm+itc-logit` (the ITM logit plus the ITC
     /// logit cos / temp) or `itc` (no re-ranking).
-    #[arg(long, default_value = "itm+itc")]
+    #[arg(long, default_value_t = ScoreMode::default())]
     pub score: ScoreMode,
-    /// Tokens per caption, [CLS] and [SEP] included.
-    #[arg(long, default_value_t = 40)]
-    pub max_tokens: usize,
-    /// Words kept per caption by the caption cleaning (ALBEF: 30).
-    #[arg(long, default_value_t = 30)]
-    pub max_words: usize,
     #[arg(long, default_value_t = 64)]
     pub image_batch: usize,
     #[arg(long, default_value_t = 256)]
@@ -73,16 +71,112 @@ pub struct RetrievalArgs {
     pub device: DeviceSpec,
 }
 
-/// Loads a checkpoint folder for inference onto `device`: its tensors as plain
-/// (non-trainable) tensors. With `image_size`, the model is built at that size and the
-/// position embeddings are interpolated to its grid (on the host, as the file is read).
+/// How captions are read, for the commands that read them with a checkpoint: by default
+/// as the checkpoint was trained (the tokenizer and settings it keeps), since other ones
+/// score the same model differently.
+#[derive(clap::Args)]
+pub struct TextArgs {
+    /// The tokenizer (`tokenizer.json`) [default: the one the checkpoint keeps, which it
+    /// was trained with; a checkpoint that keeps none needs it given]. One whose content
+    /// differs from the checkpoint's is refused without --allow-other-tokenizer.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Go on with a --tokenizer other than the one the checkpoint was trained with (the
+    /// same token ids then stand for other words).
+    #[arg(long)]
+    pub allow_other_tokenizer: bool,
+    /// Tokens per caption, [CLS] and [SEP] included [default: the checkpoint's, else 40].
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
+    /// Words kept per caption by the caption cleaning [default: the checkpoint's, else 30].
+    #[arg(long)]
+    pub max_words: Option<usize>,
+}
+
+/// The caption settings of a checkpoint that keeps none (written before checkpoints kept
+/// them, or converted without them).
+const FALLBACK_TEXT: TextSettings = TextSettings {
+    max_tokens: 40,
+    max_words: 30,
+};
+
+impl TextArgs {
+    /// The caption settings for the checkpoint `ckpt`: those given, else the checkpoint's,
+    /// else [`FALLBACK_TEXT`].
+    pub fn settings(&self, ckpt: &Checkpoint) -> anyhow::Result<TextSettings> {
+        let kept = TextSettings::load(&ckpt.dir)?;
+        if let Some(k) = kept {
+            tracing::info!(
+                "{} was trained with captions of {} tokens and {} words",
+                ckpt.dir.display(),
+                k.max_tokens,
+                k.max_words
+            );
+        }
+        let default = kept.unwrap_or(FALLBACK_TEXT);
+        Ok(TextSettings {
+            max_tokens: self.max_tokens.unwrap_or(default.max_tokens),
+            max_words: self.max_words.unwrap_or(default.max_words),
+        })
+    }
+
+    /// The tokenizer for the checkpoint `ckpt`, truncating to `max_tokens`: --tokenizer
+    /// (refused when it is not the checkpoint's, unless --allow-other-tokenizer) or the
+    /// checkpoint's own; checked to fit the model either way. Returns its path too.
+    pub fn tokenizer(
+        &self,
+        ckpt: &Checkpoint,
+        max_tokens: usize,
+    ) -> anyhow::Result<(PathBuf, TextTokenizer)> {
+        let path = match &self.tokenizer {
+            Some(given) => {
+                let allow = AllowOther {
+                    allowed: self.allow_other_tokenizer,
+                    switch: "pass --allow-other-tokenizer",
+                };
+                check_same_tokenizer(&ckpt.dir, given, allow)?;
+                given.clone()
+            }
+            None => checkpoint_tokenizer(&ckpt.dir).with_context(|| {
+                format!(
+                    "{} keeps no {TOKENIZER_FILE} (written before checkpoints kept the \
+                     tokenizer they were trained with): give --tokenizer",
+                    ckpt.dir.display()
+                )
+            })?,
+        };
+        // The tokenizer's own error names the file: no context to add.
+        let tokenizer = TextTokenizer::from_file(&path, max_tokens)?;
+        check_tokenizer(&tokenizer, &ckpt.cfg.text, &path)?;
+        Ok((path, tokenizer))
+    }
+}
+
+/// A checkpoint loaded for inference: the folder it was read from (a run folder's
+/// checkpoint, resolved), its config and its model.
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub cfg: AlbefConfig,
+    pub model: AlbefModel,
+}
+
+/// Loads a checkpoint folder, or a run folder's checkpoint
+/// (`vlp_train::checkpoint::resolve_checkpoint`), for inference onto `device`: its
+/// tensors as plain (non-trainable) tensors. With `image_size`, the model is built at
+/// that size and the position embeddings are interpolated to its grid (on the host, as
+/// the file is read).
 pub fn load_checkpoint(
-    dir: &std::path::Path,
+    path: &Path,
     image_size: Option<usize>,
     device: &Device,
-) -> anyhow::Result<(AlbefConfig, AlbefModel)> {
-    let loaded = load_model(dir, image_size, device, LoadMode::Frozen)?;
-    Ok((loaded.model.config().clone(), loaded.model))
+) -> anyhow::Result<Checkpoint> {
+    let dir = resolve_checkpoint(path)?;
+    let loaded = load_model(&dir, image_size, device, LoadMode::Frozen)?;
+    Ok(Checkpoint {
+        dir,
+        cfg: loaded.model.config().clone(),
+        model: loaded.model,
+    })
 }
 
 pub fn run(args: RetrievalArgs) -> anyhow::Result<()> {
@@ -95,9 +189,14 @@ pub fn run(args: RetrievalArgs) -> anyhow::Result<()> {
     // Under `vlp launch` (torchrun, srun) the re-ranking is split over the processes.
     let joined = crate::cmd::world::join(args.device)?;
     let device = joined.device.clone();
-    let (cfg, model) = load_checkpoint(&args.checkpoint, args.image_size, &device)?;
-    let tokenizer = load_tokenizer(&args.tokenizer, args.max_tokens, &cfg)?;
-    let set = EvalSet::open(&args.shards, cfg.vision.image_size as u32, args.max_words)?;
+    let ckpt = load_checkpoint(&args.checkpoint, args.image_size, &device)?;
+    let text = args.text.settings(&ckpt)?;
+    let (tokenizer_path, tokenizer) = args.text.tokenizer(&ckpt, text.max_tokens)?;
+    let set = EvalSet::open(
+        &args.shards,
+        ckpt.cfg.vision.image_size as u32,
+        text.max_words,
+    )?;
     let eval_cfg = EvalConfig {
         k_test: args.k_test,
         score: args.score,
@@ -108,7 +207,13 @@ pub fn run(args: RetrievalArgs) -> anyhow::Result<()> {
         progress: !args.no_progress && joined.is_main(),
         device,
     };
-    let (outcome, texts) = evaluate_set(&model, &tokenizer, &set, &eval_cfg, &*joined.collective)?;
+    let (outcome, texts) = evaluate_set(
+        &ckpt.model,
+        &tokenizer,
+        &set,
+        &eval_cfg,
+        &*joined.collective,
+    )?;
     if !joined.is_main() {
         return Ok(()); // rank 0 reports
     }
@@ -116,7 +221,10 @@ pub fn run(args: RetrievalArgs) -> anyhow::Result<()> {
     let table = markdown_table(&name, &outcome);
     stderr!("{table}");
     let mut report = json_report(&name, &outcome, &eval_cfg);
-    report["checkpoint"] = serde_json::json!(args.checkpoint.display().to_string());
+    report["checkpoint"] = serde_json::json!(ckpt.dir.display().to_string());
+    report["tokenizer"] = serde_json::json!(tokenizer_path.display().to_string());
+    report["max_tokens"] = serde_json::json!(text.max_tokens);
+    report["max_words"] = serde_json::json!(text.max_words);
     report["skipped_samples"] = serde_json::json!(texts.skipped);
     report["device"] = serde_json::json!(joined.spec.to_string());
     report["processes"] = serde_json::json!(joined.world.world_size);
@@ -138,20 +246,8 @@ pub fn run(args: RetrievalArgs) -> anyhow::Result<()> {
         outcome.non_finite_scores == 0,
         "{}: {} scores were NaN or infinite (the model is broken; they were ranked as \
          misses, see non_finite_scores in the report)",
-        args.checkpoint.display(),
+        ckpt.dir.display(),
         outcome.non_finite_scores
     );
     Ok(())
-}
-
-/// Reads a tokenizer for a loaded model and checks that it fits the model's text config.
-pub fn load_tokenizer(
-    path: &std::path::Path,
-    max_tokens: usize,
-    cfg: &AlbefConfig,
-) -> anyhow::Result<TextTokenizer> {
-    // The tokenizer's own error names the file: no context to add.
-    let tokenizer = TextTokenizer::from_file(path, max_tokens)?;
-    check_tokenizer(&tokenizer, &cfg.text, path)?;
-    Ok(tokenizer)
 }

@@ -263,6 +263,37 @@ fn init_combines_a_vit_and_a_bert() {
     assert!(all.contains("differs from the target config"), "{all}");
 }
 
+/// Commands that read captions default to the tokenizer and text settings a model folder
+/// keeps: an image encoder converted into a model keeps the model's, and a model replaced
+/// with --force takes its own away with it.
+#[test]
+fn an_image_encoder_converted_into_a_model_keeps_its_text_side_and_a_replaced_one_loses_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_hf_fixture_config(dir.path());
+    let v = fixtures().join("hf/hf_vit/model.safetensors");
+    let (first, again) = (dir.path().join("first"), dir.path().join("again"));
+    convert_ok(&[s(&v), "--config", s(&config), "--out", s(&first)]);
+    let text_side = [
+        ("tokenizer.json", "{\"a\": 1}"),
+        ("text.json", "{\"max_tokens\": 30, \"max_words\": 30}"),
+    ];
+    for (file, bytes) in text_side {
+        std::fs::write(first.join(file), bytes).unwrap();
+    }
+    convert_ok(&[s(&v), "--init", s(&first), "--out", s(&again)]);
+    for (file, bytes) in text_side {
+        assert_eq!(
+            std::fs::read_to_string(again.join(file)).unwrap(),
+            bytes,
+            "{file}"
+        );
+    }
+    convert_ok(&[s(&v), "--config", s(&config), "--out", s(&again), "--force"]);
+    for (file, _) in text_side {
+        assert!(!again.join(file).exists(), "{file} outlived its model");
+    }
+}
+
 #[test]
 fn a_checkpoint_that_does_not_fit_names_the_tensors_and_partial_writes_anyway() {
     let dir = tempfile::tempdir().unwrap();

@@ -90,8 +90,11 @@ fn serial_step(ck: &std::path::Path) -> Vec<(String, Tensor)> {
     let mut entries = Vec::new();
     let mut first_images = Vec::new();
     for rank in 0..2usize {
-        let tokenizer =
-            TextTokenizer::from_file(&recipe.data.tokenizer, recipe.data.max_tokens).unwrap();
+        let tokenizer = TextTokenizer::from_file(
+            recipe.data.tokenizer.as_ref().unwrap(),
+            recipe.data.max_tokens,
+        )
+        .unwrap();
         let mut lc = recipe.loader_config(cfg.vision.image_size as u32, rank);
         lc.drop_last = true;
         lc.max_epochs = None;

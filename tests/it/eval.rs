@@ -425,3 +425,34 @@ fn outputs_are_checked_before_the_work_and_never_replace_a_runs_files() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(d.join("run/eval-extra.json").is_file());
 }
+
+/// `bench eval` scored with `itm`, `eval retrieval` with `itm+itc`: the same flag, two
+/// defaults. Both take the one default (`ScoreMode::default()`, `itm+itc`).
+#[test]
+fn bench_eval_and_eval_retrieval_default_to_the_same_score() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let bench = vlp(
+        &[
+            "bench",
+            "eval",
+            "--images",
+            "4",
+            "--captions-per-image",
+            "1",
+            "--k",
+            "2",
+            "--no-progress",
+        ],
+        d,
+    );
+    assert!(bench.status.success(), "{}", text(&bench.stderr));
+    let (ckpt, tok) = checkpoint(d);
+    let shard = eval_set(d, Vec::new());
+    let eval = eval(d, &ckpt, &tok, &shard);
+    assert!(eval.status.success(), "{}", text(&eval.stderr));
+    let default = vlp_eval::ScoreMode::default().to_string();
+    assert_eq!(default, "itm+itc");
+    assert_eq!(report(&bench)["score"], default.as_str());
+    assert_eq!(report(&eval)["score"], default.as_str());
+}

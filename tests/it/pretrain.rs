@@ -1035,6 +1035,240 @@ fn finetune_keeps_the_best_epoch_and_eval_retrieval_reports_on_it() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("nope.png"));
 }
 
+/// Runs `vlp args` in the fixture's folder.
+fn vlp_in(fx: &Fixture, args: &[&str]) -> Output {
+    Command::new(vlp_bin())
+        .args(args)
+        .current_dir(fx.path(""))
+        .output()
+        .unwrap()
+}
+
+/// The JSON of a command's last stdout line (the report).
+fn last_line_json(out: &Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().expect("a report line")).unwrap()
+}
+
+/// `vlp eval retrieval` of the fixture's run folder on the held-out set, nothing else said.
+fn eval_run_folder(k_test: &str) -> [&str; 9] {
+    [
+        "eval",
+        "retrieval",
+        "--checkpoint",
+        "run",
+        "--shards",
+        "val-000000.tar",
+        "--k-test",
+        k_test,
+        "--no-progress",
+    ]
+}
+
+/// A tokenizer of the same size and special ids as `tok.json` that numbers two words
+/// the other way round: it passes `check_tokenizer`, and is not the run's.
+fn other_tokenizer(fx: &Fixture) -> PathBuf {
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fx.path("tok.json")).unwrap()).unwrap();
+    let vocab = json["model"]["vocab"].as_object_mut().unwrap();
+    let word = |id: u64| {
+        vocab
+            .iter()
+            .find(|(_, v)| v.as_u64() == Some(id))
+            .map(|(k, _)| k.clone())
+            .unwrap()
+    };
+    let (a, b) = (word(40), word(41));
+    vocab.insert(a, 41.into());
+    vocab.insert(b, 40.into());
+    let path = fx.path("other.json");
+    std::fs::write(&path, json.to_string()).unwrap();
+    path
+}
+
+/// A run's checkpoints did not keep its tokenizer or caption settings, `--checkpoint` took
+/// no run folder, and `eval retrieval` defaulted to 40 tokens: the same checkpoint scored
+/// otherwise than in its own `eval.json`, with no warning. Named by its run folder, with
+/// no tokenizer or text settings given, it now scores exactly as the run did.
+#[test]
+fn eval_retrieval_of_a_run_folder_reads_captions_as_the_run_did() {
+    let fx = Fixture::new(64);
+    let _ = ok(&fx.pretrain(&["optim.total_steps=4"], false));
+    let step = fx.path("run/checkpoints/step-000004");
+    assert_eq!(
+        std::fs::read(step.join("tokenizer.json")).unwrap(),
+        std::fs::read(fx.path("tok.json")).unwrap()
+    );
+    let text: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(step.join("text.json")).unwrap()).unwrap();
+    assert_eq!(
+        text,
+        serde_json::json!({ "max_tokens": 16, "max_words": 30 })
+    );
+
+    let out = vlp_in(&fx, &eval_run_folder("8"));
+    let _ = ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("newest complete checkpoint") && stderr.contains("step-000004"),
+        "the choice is logged: {stderr}"
+    );
+    let report = last_line_json(&out);
+    let chosen = Path::new("run/checkpoints/step-000004");
+    assert_eq!(report["checkpoint"], path_str(chosen).as_str(), "{report}");
+    assert_eq!(
+        report["tokenizer"],
+        path_str(&chosen.join("tokenizer.json")).as_str()
+    );
+    assert_eq!(
+        (&report["max_tokens"], &report["max_words"]),
+        (&16.into(), &30.into())
+    );
+    let eval: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fx.path("run/eval.json")).unwrap()).unwrap();
+    for ranking in ["itc", "reranked"] {
+        assert_eq!(report[ranking], eval["val"][ranking], "{ranking}");
+    }
+}
+
+/// A tokenizer trained anew has the same size and special ids, passes the fit check, and
+/// was accepted, reading other words than the model learnt. One whose content differs from the
+/// tokenizer a checkpoint keeps is refused by eval, embed, score and fine-tuning, unless
+/// allowed; a fine-tune that names none reads with its init's.
+#[test]
+fn a_tokenizer_other_than_the_checkpoints_is_refused_unless_allowed() {
+    let fx = Fixture::new(64);
+    let _ = ok(&fx.pretrain(&["optim.total_steps=2", "eval.sets=[]"], false));
+    let other = path_str(&other_tokenizer(&fx));
+    std::fs::write(fx.path("caps.txt"), "a red circle\n").unwrap();
+    let refused = |out: &Output, switch: &str| {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("other.json is not the one the model was trained with")
+                && stderr.contains("step-000002/tokenizer.json")
+                && stderr.contains(switch),
+            "{stderr}"
+        );
+    };
+    // Each command with the run folder as its checkpoint, and `extra` flags.
+    let run = |command: &[&str], extra: &[&str]| {
+        let args: Vec<&str> = command.iter().chain(extra).copied().collect();
+        vlp_in(&fx, &args)
+    };
+    let other_tok = ["--tokenizer", other.as_str()];
+    let eval = eval_run_folder("2");
+    refused(&run(&eval, &other_tok), "--allow-other-tokenizer");
+    let _ = ok(&run(
+        &eval,
+        &[&other_tok[..], &["--allow-other-tokenizer"]].concat(),
+    ));
+    // The run's own tokenizer, named, is no other one.
+    let _ = ok(&run(&eval, &["--tokenizer", "tok.json"]));
+    let embed = [
+        "embed",
+        "--checkpoint",
+        "run",
+        "--texts",
+        "caps.txt",
+        "--out",
+        "e.safetensors",
+        "--force",
+    ];
+    refused(&run(&embed, &other_tok), "--allow-other-tokenizer");
+    let _ = ok(&run(&embed, &[]));
+    let px = image::RgbImage::from_fn(32, 32, |x, _| image::Rgb([(x * 6) as u8, 200, 30]));
+    px.save(fx.path("a.png")).unwrap();
+    let score = [
+        "score",
+        "--checkpoint",
+        "run",
+        "--image",
+        "a.png",
+        "--text",
+        "a red circle",
+    ];
+    refused(&run(&score, &other_tok), "--allow-other-tokenizer");
+    let _ = ok(&run(&score, &[]));
+
+    // Fine-tuning from the run: refused before any step, then allowed.
+    let finetune = |out_dir: &str, extra: &[&str]| {
+        let mut sets = vec![
+            "model.init=\"run\"".to_string(),
+            format!("run.out_dir=\"{out_dir}\""),
+            "optim.total_steps=1".into(),
+            "eval.sets=[]".into(),
+        ];
+        sets.extend(extra.iter().map(|s| s.to_string()));
+        let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+        fx.pretrain(&sets, false)
+    };
+    let data_tokenizer = format!("data.tokenizer={}", toml_str(Path::new(&other)));
+    refused(
+        &finetune("ft", &[&data_tokenizer]),
+        "data.allow_other_tokenizer = true",
+    );
+    assert!(!fx.path("ft/checkpoints").exists());
+    let _ = ok(&finetune(
+        "ft",
+        &[&data_tokenizer, "data.allow_other_tokenizer=true"],
+    ));
+    // The resolved recipe names the checkpoint the run folder stood for.
+    let resolved = std::fs::read_to_string(fx.path("ft/recipe.resolved.toml")).unwrap();
+    assert!(
+        resolved.contains("run/checkpoints/step-000002"),
+        "{resolved}"
+    );
+
+    // A fine-tune recipe that names no tokenizer reads with its init's.
+    let recipe = std::fs::read_to_string(fx.path("recipe.toml")).unwrap();
+    let recipe = recipe.replace("tokenizer = \"tok.json\"\n", "");
+    std::fs::write(fx.path("ft.toml"), recipe).unwrap();
+    let out = Command::new(vlp_bin())
+        .current_dir(fx.path(""))
+        .args(["finetune", "--recipe", "ft.toml", "--no-progress"])
+        .args([
+            "--set",
+            "model.init=\"run\"",
+            "--set",
+            "run.out_dir=\"ft2\"",
+        ])
+        .args(["--set", "optim.total_steps=1", "--set", "eval.sets=[]"])
+        .output()
+        .unwrap();
+    let _ = ok(&out);
+    assert_eq!(
+        std::fs::read(fx.path("ft2/checkpoints/step-000001/tokenizer.json")).unwrap(),
+        std::fs::read(fx.path("tok.json")).unwrap()
+    );
+}
+
+/// `vlp tokenizer train` numbered word pieces in a hash map's random order: the same
+/// captions gave another tokenizer on every run.
+#[test]
+fn tokenizer_train_writes_the_same_file_on_every_run() {
+    let fx = Fixture::new(64);
+    for again in ["tok2.json", "tok3.json"] {
+        let out = vlp_in(
+            &fx,
+            &[
+                "tokenizer",
+                "train",
+                "train-{000000..000003}.tar",
+                "--out",
+                again,
+                "--vocab-size",
+                "200",
+            ],
+        );
+        let _ = ok(&out);
+        assert!(
+            std::fs::read(fx.path(again)).unwrap() == std::fs::read(fx.path("tok.json")).unwrap(),
+            "{again} differs from tok.json"
+        );
+    }
+}
+
 /// Lines of `metrics.jsonl` so far.
 fn logged_steps(run: &Path) -> usize {
     std::fs::read_to_string(run.join("metrics.jsonl"))

@@ -3,15 +3,21 @@
 //! pad to the longest caption of the batch, as ALBEF's `tokenizer(..., padding='longest',
 //! truncation=True, max_length=...)`), and a BERT-style WordPiece trainer.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
+use ahash::AHashMap;
 use candle_core::{Device, Tensor};
-use tokenizers::models::wordpiece::{WordPiece, WordPieceTrainerBuilder};
-use tokenizers::models::TrainerWrapper;
+use compact_str::CompactString;
+use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::models::wordpiece::WordPiece;
 use tokenizers::normalizers::bert::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::processors::template::TemplateProcessing;
-use tokenizers::{AddedToken, Tokenizer, TruncationParams};
+use tokenizers::{
+    AddedToken, NormalizedString, Normalizer, OffsetReferential, OffsetType, PreTokenizedString,
+    PreTokenizer, Tokenizer, TruncationParams,
+};
 
 use crate::error::{DataError, Result};
 
@@ -186,6 +192,16 @@ impl TextTokenizer {
 
 /// Trains a lower-casing BERT WordPiece tokenizer (`[PAD]`=0, `[UNK]`=1, `[CLS]`=2,
 /// `[SEP]`=3, `[MASK]`=4; `[CLS] $A [SEP]` post-processing) on `texts`.
+///
+/// The same texts give the same tokenizer, byte for byte, on every run: a checkpoint
+/// keeps the tokenizer it was trained with and refuses one whose content differs, and
+/// training again on the same captions must not give such a one. The `tokenizers`
+/// trainer alone does not: it numbers the word-continuing pieces (`##e`) in the order it
+/// meets them in a randomly seeded hash map, and merges of equal counts are then chosen
+/// by those numbers. Here the words are counted in order and every single-character
+/// piece is numbered up front (sorted, as the trainer numbers the alphabet), so the
+/// trainer meets no new piece before its merges; the vocabulary is the one it would
+/// learn, in one fixed order.
 pub fn train_wordpiece<I, S>(texts: I, vocab_size: usize, min_frequency: u64) -> Result<Tokenizer>
 where
     I: Iterator<Item = S> + Send,
@@ -195,23 +211,64 @@ where
         path: "<training>".into(),
         reason,
     };
-    let mut trainer: TrainerWrapper = WordPieceTrainerBuilder::new()
+    let mut tokenizer = bert_pipeline(WordPiece::default(), true).map_err(fail)?;
+    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+    for text in texts {
+        for word in words_of(&tokenizer, text.as_ref()).map_err(fail)? {
+            *counts.entry(word).or_default() += 1;
+        }
+    }
+    let chars: BTreeSet<char> = counts.keys().flat_map(|w| w.chars()).collect();
+    let continuing: BTreeSet<char> = counts.keys().flat_map(|w| w.chars().skip(1)).collect();
+    let pieces = SPECIAL_TOKENS
+        .iter()
+        .map(|t| t.to_string())
+        .chain(chars.iter().map(char::to_string))
+        .chain(continuing.iter().map(|c| format!("{CONTINUING}{c}")))
+        .map(|t| AddedToken::from(t, true))
+        .collect();
+    let trainer = BpeTrainerBuilder::new()
         .vocab_size(vocab_size)
         .min_frequency(min_frequency)
         .show_progress(false)
-        .special_tokens(
-            SPECIAL_TOKENS
-                .iter()
-                .map(|t| AddedToken::from(*t, true))
-                .collect(),
-        )
-        .build()
-        .into();
-    let mut tokenizer = bert_pipeline(WordPiece::default(), true).map_err(fail)?;
+        .continuing_subword_prefix(CONTINUING.into())
+        .special_tokens(pieces)
+        .build();
+    let words: AHashMap<CompactString, u64> = counts
+        .into_iter()
+        .map(|(w, n)| (CompactString::from(w), n))
+        .collect();
+    let mut bpe = BPE::default();
+    trainer
+        .do_train(&words, &mut bpe)
+        .map_err(|e| fail(e.to_string()))?;
+    tokenizer.with_model(WordPiece::from_bpe(&bpe));
+    // Only the five are special: the pieces above were numbered, not reserved.
     tokenizer
-        .train(&mut trainer, texts)
+        .add_special_tokens(SPECIAL_TOKENS.iter().map(|t| AddedToken::from(*t, true)))
         .map_err(|e| fail(e.to_string()))?;
     with_bert_template(tokenizer).map_err(fail)
+}
+
+/// WordPiece's prefix of a piece that continues a word.
+const CONTINUING: &str = "##";
+
+/// The words the trainer counts in `text`: normalised and pre-tokenised by the
+/// tokenizer's own pipeline, as `Tokenizer::train` feeds its trainer.
+fn words_of(tokenizer: &Tokenizer, text: &str) -> std::result::Result<Vec<String>, String> {
+    let mut normalized = NormalizedString::from(text);
+    if let Some(n) = tokenizer.get_normalizer() {
+        n.normalize(&mut normalized).map_err(|e| e.to_string())?;
+    }
+    let mut pre = PreTokenizedString::from(normalized);
+    if let Some(p) = tokenizer.get_pre_tokenizer() {
+        p.pre_tokenize(&mut pre).map_err(|e| e.to_string())?;
+    }
+    Ok(pre
+        .get_splits(OffsetReferential::Original, OffsetType::Byte)
+        .into_iter()
+        .map(|(s, _, _)| s.to_owned())
+        .collect())
 }
 
 /// A BERT tokenizer (`tokenizer.json`'s content) from a WordPiece vocabulary (the content
@@ -320,6 +377,42 @@ mod tests {
         let (ids, mask) = b.to_tensors(&vlp_core::device::host()).unwrap();
         assert_eq!(ids.dims(), &[2, 6]);
         assert_eq!(mask.sum_all().unwrap().to_scalar::<u32>().unwrap(), 9);
+    }
+
+    /// Captions with many words of equal counts: the merges tie, and the tie-breaks
+    /// decide which pieces make the vocabulary.
+    fn tied_corpus() -> Vec<String> {
+        let words = [
+            "zebra", "yak", "walrus", "vole", "urchin", "tapir", "seal", "raven", "quail",
+            "puffin", "otter", "newt", "moth", "lynx", "koala", "jay", "ibis", "heron",
+        ];
+        (0..words.len())
+            .map(|i| {
+                format!(
+                    "{} {} {}",
+                    words[i],
+                    words[(i + 5) % words.len()],
+                    words[(i + 11) % words.len()]
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn training_twice_on_the_same_captions_gives_the_same_file() {
+        let train = || {
+            train_wordpiece(tied_corpus().into_iter(), 60, 1)
+                .unwrap()
+                .to_string(true)
+                .unwrap()
+        };
+        let first = train();
+        for run in 2..10 {
+            assert!(
+                train() == first,
+                "training run {run} gave another tokenizer"
+            );
+        }
     }
 
     #[test]

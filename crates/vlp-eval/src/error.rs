@@ -12,6 +12,17 @@ pub enum EvalError {
     /// would index the wrong embedding rows.
     #[error("tokenizer {path} does not fit the model: {mismatch}")]
     Tokenizer { path: PathBuf, mismatch: String },
+    /// A tokenizer whose content differs from the one the checkpoint keeps (it was
+    /// trained with): it fits the model's sizes and ids, and numbers the words otherwise.
+    #[error(
+        "tokenizer {given} is not the one the model was trained with ({kept}): the same \
+         ids would stand for other words; use that one, or {switch} to go on with this one"
+    )]
+    OtherTokenizer {
+        given: PathBuf,
+        kept: PathBuf,
+        switch: String,
+    },
     /// An image pass found images whose header reads but whose data does not decode;
     /// [`crate::set::EvalSet::with_images`] skips them and evaluates again.
     #[error("{count} eval image(s) whose header reads do not decode")]

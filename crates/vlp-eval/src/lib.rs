@@ -7,7 +7,8 @@
 //! - [`retrieval`]: encoding, the candidate pairs, the batched re-ranking, the outcome.
 //! - [`report`]: the JSON report and the Markdown table.
 //! - [`score`]: the ITC cosine and ITM probability of given image-caption pairs.
-//! - [`tokenizer`]: the check that a tokenizer fits a model.
+//! - [`tokenizer`]: the checks that a tokenizer fits a model and is the one a checkpoint
+//!   was trained with; the text side a checkpoint keeps.
 
 pub mod error;
 pub mod metrics;
@@ -21,4 +22,4 @@ pub use error::{EvalError, Result};
 pub use metrics::RetrievalMetrics;
 pub use retrieval::{EvalConfig, EvalOutcome, ScoreMode};
 pub use score::{score_pairs, PairScore};
-pub use tokenizer::check_tokenizer;
+pub use tokenizer::{check_same_tokenizer, check_tokenizer, AllowOther, TextSettings};

@@ -29,8 +29,9 @@ use vlp_models::{AlbefModel, FusionInput};
 use crate::error::{EvalError, Result};
 use crate::metrics::{count_non_finite, rank_in, ranking_key, RetrievalMetrics};
 
-/// How re-ranked candidates are scored.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+/// How re-ranked candidates are scored. The default, `itm+itc`, is the one home of the
+/// default of `eval retrieval`, `bench eval` and recipes' `eval.score`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub enum ScoreMode {
     /// The ITC cosine alone: no re-ranking (fast).
     #[serde(rename = "itc")]
@@ -39,6 +40,7 @@ pub enum ScoreMode {
     #[serde(rename = "itm")]
     Itm,
     /// ITM logit + ITC cosine (BLIP, LAVIS; the default).
+    #[default]
     #[serde(rename = "itm+itc")]
     ItmItc,
     /// ITM logit + ITC logit (`cos / temp`, the model's own temperature): the two
@@ -100,7 +102,7 @@ impl Default for EvalConfig {
     fn default() -> Self {
         Self {
             k_test: 128,
-            score: ScoreMode::ItmItc,
+            score: ScoreMode::default(),
             image_batch: 64,
             text_batch: 256,
             pair_batch: 128,

@@ -1,8 +1,11 @@
 //! Training checkpoints: `RUN/checkpoints/step-000123/` with `model.safetensors` (every
 //! variable: online, momentum, queues), `optim.safetensors`, `state.json` (where training
-//! stands, the recipe included) and `config.json` (the architecture). Written to a hidden
-//! temporary folder and renamed into place, so a kill mid-save leaves the previous
-//! checkpoint intact; retention is a pure policy ([`to_delete`]).
+//! stands, the recipe included), `config.json` (the architecture), and the run's text
+//! side ([`TextRecord`]): `tokenizer.json` (a copy of the run's tokenizer) and `text.json`
+//! (`max_tokens`, `max_words`), so that evaluating or fine-tuning the checkpoint reads
+//! captions as training did. Written to a hidden temporary folder and renamed into place,
+//! so a kill mid-save leaves the previous checkpoint intact; retention is a pure policy
+//! ([`to_delete`]).
 
 use std::path::{Path, PathBuf};
 
@@ -22,6 +25,41 @@ pub const CHECKPOINTS: &str = "checkpoints";
 pub use vlp_models::{CONFIG_FILE, MODEL_FILE};
 pub const OPTIM_FILE: &str = "optim.safetensors";
 pub const STATE_FILE: &str = "state.json";
+pub use vlp_eval::tokenizer::{TEXT_FILE, TOKENIZER_FILE};
+use vlp_eval::TextSettings;
+
+/// What a checkpoint keeps of its run's text side: the bytes of the tokenizer file the run
+/// read (written as [`TOKENIZER_FILE`]; read once at the start, so a file changed on disk
+/// mid-run is not what the checkpoint claims it trained with) and the caption settings
+/// (written as [`TEXT_FILE`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TextRecord {
+    pub tokenizer: Vec<u8>,
+    pub settings: TextSettings,
+}
+
+impl TextRecord {
+    /// The record of a run reading captions with the tokenizer file `tokenizer`.
+    pub fn read(tokenizer: &Path, settings: TextSettings) -> Result<Self> {
+        let bytes = std::fs::read(tokenizer).map_err(|e| TrainError::io(tokenizer, e))?;
+        Ok(TextRecord {
+            tokenizer: bytes,
+            settings,
+        })
+    }
+
+    /// Writes both files into `dir`, synced, with the mode of `like`.
+    fn write(&self, dir: &Path, like: &Path) -> Result<()> {
+        for (file, bytes) in [
+            (TOKENIZER_FILE, self.tokenizer.as_slice()),
+            (TEXT_FILE, self.settings.to_json().as_bytes()),
+        ] {
+            write_synced(&dir.join(file), bytes)?;
+            same_mode_as(&dir.join(file), like)?;
+        }
+        Ok(())
+    }
+}
 
 /// Where training stands after `step` optimizer steps: enough, with the model and the
 /// optimizer files, to continue exactly.
@@ -133,6 +171,39 @@ pub fn dir_of(run_dir: &Path, step: u64) -> PathBuf {
     run_dir.join(CHECKPOINTS).join(dir_name(step))
 }
 
+/// The checkpoint folder that `path` names, for commands that read a model (`eval
+/// retrieval`, `embed`, `score`, `convert --init`) and recipes' `model.init` and
+/// `objectives.distill.teacher`: a folder with `config.json` is one; a training run
+/// folder means its `best/` when it has one (fine-tuning's selected weights), else its
+/// newest complete checkpoint ([`latest`]). The choice is logged. A path that is no
+/// folder is returned as it is, for the loader to name what is missing.
+pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
+    if path.join(CONFIG_FILE).is_file() || !path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    let best = path.join(BEST_DIR);
+    let (chosen, which) = if best.join(CONFIG_FILE).is_file() {
+        (best, "its best checkpoint")
+    } else {
+        match latest(path)? {
+            Some(dir) => (dir, "its newest complete checkpoint"),
+            None => {
+                return Err(TrainError::Checkpoint(format!(
+                    "{} holds no {CONFIG_FILE}, and is no training run with a checkpoint \
+                     (no {BEST_DIR}/, nothing under {CHECKPOINTS}/)",
+                    path.display()
+                )))
+            }
+        }
+    };
+    tracing::info!(
+        "{} is a training run: using {which}, {}",
+        path.display(),
+        chosen.display()
+    );
+    Ok(chosen)
+}
+
 /// The newest checkpoint folder of a run that [`verify`] accepts; `None` when the run has
 /// no checkpoint at all. Newer ones it refuses (a model file cut short by a full disk, a
 /// tensor that is not finite) are passed over with a warning naming them and why. When
@@ -155,8 +226,7 @@ pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
         return Ok(None);
     }
     Err(TrainError::Checkpoint(format!(
-        "--resume: none of the {} checkpoint(s) in {} can be resumed from, and nothing was \
-         changed: {}",
+        "none of the {} checkpoint(s) in {} can be used: {}",
         refused.len(),
         run_dir.join(CHECKPOINTS).display(),
         refused.join("; ")
@@ -338,6 +408,7 @@ pub fn save(
     varmap: &VarMap,
     optim: &AdamW,
     config: &AlbefConfig,
+    text: &TextRecord,
     state: &TrainState,
     keep_last: usize,
 ) -> Result<PathBuf> {
@@ -373,6 +444,7 @@ pub fn save(
     let json = serde_json::to_string_pretty(state)
         .map_err(|e| TrainError::Checkpoint(format!("state: {e}")))?;
     write_synced(&tmp.join(STATE_FILE), json.as_bytes())?;
+    text.write(&tmp, &tmp.join(STATE_FILE))?;
     for f in [MODEL_FILE, OPTIM_FILE, CONFIG_FILE] {
         same_mode_as(&tmp.join(f), &tmp.join(STATE_FILE))?;
         sync(&tmp.join(f))?;
@@ -455,14 +527,15 @@ fn sync(path: &Path) -> Result<()> {
         .map_err(|e| TrainError::io(path, e))
 }
 
-/// Writes the model and its config to `RUN_DIR/best` (with `best.json` saying where it
-/// was reached), replacing the previous best only once the new one is complete: the new
-/// folder is written beside it, the old one is moved aside, the new one moved in, and
-/// only then the old one removed.
+/// Writes the model, its config and its text side to `RUN_DIR/best` (with `best.json`
+/// saying where it was reached), replacing the previous best only once the new one is
+/// complete: the new folder is written beside it, the old one is moved aside, the new one
+/// moved in, and only then the old one removed.
 pub fn save_best(
     run_dir: &Path,
     varmap: &VarMap,
     config: &AlbefConfig,
+    text: &TextRecord,
     best: &BestSoFar,
 ) -> Result<PathBuf> {
     let tmp = run_dir.join(format!(".tmp-{BEST_DIR}"));
@@ -483,6 +556,7 @@ pub fn save_best(
     let json = serde_json::to_string_pretty(best)
         .map_err(|e| TrainError::Checkpoint(format!("best: {e}")))?;
     write_synced(&tmp.join(BEST_RECORD), json.as_bytes())?;
+    text.write(&tmp, &tmp.join(BEST_RECORD))?;
     for f in [MODEL_FILE, CONFIG_FILE] {
         same_mode_as(&tmp.join(f), &tmp.join(BEST_RECORD))?;
         sync(&tmp.join(f))?;
@@ -533,6 +607,77 @@ mod tests {
     /// The tensor the tests below corrupt.
     const W: &str = "text_proj.weight";
 
+    /// The text side the test checkpoints keep.
+    fn text() -> TextRecord {
+        TextRecord {
+            tokenizer: b"{\"the run's\": \"tokenizer\"}".to_vec(),
+            settings: TextSettings {
+                max_tokens: 30,
+                max_words: 25,
+            },
+        }
+    }
+
+    #[test]
+    fn checkpoints_and_the_best_keep_the_runs_tokenizer_and_text_settings() {
+        let (dir, varmap) = saved_run(&[1], 0);
+        let config = vlp_models::test_support::micro_config();
+        let best = BestSoFar {
+            step: 1,
+            epoch: 0,
+            r_mean: 1.0,
+        };
+        let best = save_best(dir.path(), &varmap, &config, &text(), &best).unwrap();
+        for ckpt in [step_dir(dir.path(), 1), best] {
+            assert_eq!(
+                std::fs::read(ckpt.join(TOKENIZER_FILE)).unwrap(),
+                text().tokenizer,
+                "{}",
+                ckpt.display()
+            );
+            assert_eq!(
+                TextSettings::load(&ckpt).unwrap(),
+                Some(text().settings),
+                "{}",
+                ckpt.display()
+            );
+        }
+    }
+
+    #[test]
+    fn a_run_folder_means_its_best_else_its_newest_complete_checkpoint() {
+        let (dir, varmap) = saved_run(&[1, 2], 0);
+        let run = dir.path();
+        // A checkpoint folder, or a path that is none, is taken as it is.
+        assert_eq!(
+            resolve_checkpoint(&step_dir(run, 1)).unwrap(),
+            step_dir(run, 1)
+        );
+        let nowhere = run.join("nowhere");
+        assert_eq!(resolve_checkpoint(&nowhere).unwrap(), nowhere);
+        // A run folder: its newest checkpoint that verifies (step 1 once step 2 is cut).
+        assert_eq!(resolve_checkpoint(run).unwrap(), step_dir(run, 2));
+        std::fs::write(step_dir(run, 2).join(MODEL_FILE), b"cut").unwrap();
+        assert_eq!(resolve_checkpoint(run).unwrap(), step_dir(run, 1));
+        // The best, once there is one.
+        let config = vlp_models::test_support::micro_config();
+        let best = BestSoFar {
+            step: 1,
+            epoch: 0,
+            r_mean: 1.0,
+        };
+        save_best(run, &varmap, &config, &text(), &best).unwrap();
+        assert_eq!(resolve_checkpoint(run).unwrap(), run.join(BEST_DIR));
+        // A folder that is neither, and a run none of whose checkpoints can be used.
+        let other = tempfile::tempdir().unwrap();
+        let e = resolve_checkpoint(other.path()).unwrap_err().to_string();
+        assert!(e.contains("no training run"), "{e}");
+        let (broken, _) = saved_run(&[1], 0);
+        std::fs::write(step_dir(broken.path(), 1).join(MODEL_FILE), b"cut").unwrap();
+        let e = resolve_checkpoint(broken.path()).unwrap_err().to_string();
+        assert!(e.contains("none of the 1 checkpoint(s)"), "{e}");
+    }
+
     /// A run folder with checkpoints of the micro model at `steps`.
     fn saved_run(steps: &[u64], keep_last: usize) -> (tempfile::TempDir, VarMap) {
         let dir = tempfile::tempdir().unwrap();
@@ -574,7 +719,16 @@ mod tests {
                 best: None,
                 validated_at: None,
             };
-            save(dir.path(), &varmap, &optim, &config, &state, keep_last).unwrap();
+            save(
+                dir.path(),
+                &varmap,
+                &optim,
+                &config,
+                &text(),
+                &state,
+                keep_last,
+            )
+            .unwrap();
         }
         (dir, varmap)
     }
@@ -706,7 +860,7 @@ mod tests {
         };
         let optim = AdamW::new(Vec::new(), Default::default()).unwrap();
         let config = vlp_models::test_support::micro_config();
-        save(run, &varmap, &optim, &config, &state, 1).unwrap();
+        save(run, &varmap, &optim, &config, &text(), &state, 1).unwrap();
         assert_eq!(list(run).unwrap(), vec![3]);
         verify(&step_dir(run, 3)).unwrap();
     }
@@ -729,7 +883,7 @@ mod tests {
                 step,
                 ..state.clone()
             };
-            save(dir.path(), &varmap, &optim, &config, &state, 1).unwrap();
+            save(dir.path(), &varmap, &optim, &config, &text(), &state, 1).unwrap();
         }
         let mut names: Vec<String> = std::fs::read_dir(&root)
             .unwrap()
@@ -752,7 +906,13 @@ mod tests {
                 .mode()
                 & 0o777
         };
-        for f in [MODEL_FILE, OPTIM_FILE, CONFIG_FILE] {
+        for f in [
+            MODEL_FILE,
+            OPTIM_FILE,
+            CONFIG_FILE,
+            TOKENIZER_FILE,
+            TEXT_FILE,
+        ] {
             assert_eq!(mode(f), mode(STATE_FILE), "{f}");
         }
     }

@@ -16,7 +16,7 @@ use vlp_data::loader::{Batch, Loader, LoaderState};
 use vlp_data::tokenize::TextTokenizer;
 use vlp_models::{AlbefConfig, AlbefModel};
 
-use crate::checkpoint::{self, BestSoFar, TrainState};
+use crate::checkpoint::{self, BestSoFar, TextRecord, TrainState};
 use crate::error::TrainError;
 use crate::interrupt;
 use crate::metrics::MetricsLog;
@@ -29,7 +29,10 @@ use crate::train_step::{train_step, StepReport, StepSettings};
 use vlp_dist::{Collective, SingleProcess};
 use vlp_eval::report::json_report;
 use vlp_eval::set::{evaluate_set, EvalSet};
-use vlp_eval::{EvalConfig, EvalOutcome, ScoreMode};
+use vlp_eval::tokenizer::checkpoint_tokenizer;
+use vlp_eval::{
+    check_same_tokenizer, AllowOther, EvalConfig, EvalOutcome, ScoreMode, TextSettings,
+};
 
 type Result<T> = std::result::Result<T, TrainError>;
 
@@ -116,6 +119,8 @@ struct Run {
     varmap: VarMap,
     model: AlbefModel,
     tokenizer: TextTokenizer,
+    /// What every checkpoint keeps of the run's text side.
+    text: TextRecord,
     batches: Batches,
     optim: AdamW,
     state: TrainState,
@@ -161,7 +166,12 @@ impl Run {
             // Rank 0 chooses the checkpoint; the others take the same folder (rank 0 may
             // set newer ones aside while they look).
             let dir = if main {
-                checkpoint::latest(&run_dir)?
+                checkpoint::latest(&run_dir).map_err(|e| {
+                    TrainError::Checkpoint(format!(
+                        "--resume: {}; nothing was changed",
+                        without_prefix(e)
+                    ))
+                })?
             } else {
                 None
             };
@@ -239,7 +249,7 @@ impl Run {
                 }
                 from_checkpoint
             }
-            None => recipe,
+            None => resolve_sources(recipe, &*collective)?,
         };
         if main {
             write_atomically(&run_dir.join(RESOLVED_RECIPE), recipe.to_toml()?.as_bytes())?;
@@ -279,9 +289,32 @@ impl Run {
             }
         }
 
-        // The data.
-        let tokenizer = TextTokenizer::from_file(&recipe.data.tokenizer, recipe.data.max_tokens)?;
-        vlp_eval::check_tokenizer(&tokenizer, &cfg.text, &recipe.data.tokenizer)?;
+        // The data. A resumed run reads captions with the tokenizer its checkpoint keeps:
+        // the bytes it trained with, whatever became of the file since.
+        let tokenizer_path =
+            match resume_from.as_deref().and_then(checkpoint_tokenizer) {
+                Some(kept) => kept,
+                None => recipe.data.tokenizer.clone().ok_or_else(|| {
+                    TrainError::Recipe("data.tokenizer: no tokenizer given".into())
+                })?,
+            };
+        let allow_other = AllowOther {
+            allowed: recipe.data.allow_other_tokenizer,
+            switch: "set data.allow_other_tokenizer = true",
+        };
+        if let (None, Some(init)) = (&resume_from, &recipe.model.init) {
+            check_same_tokenizer(init, &tokenizer_path, allow_other)
+                .map_err(|e| TrainError::Recipe(format!("data.tokenizer: {e}")))?;
+        }
+        let tokenizer = TextTokenizer::from_file(&tokenizer_path, recipe.data.max_tokens)?;
+        vlp_eval::check_tokenizer(&tokenizer, &cfg.text, &tokenizer_path)?;
+        let text = TextRecord::read(
+            &tokenizer_path,
+            TextSettings {
+                max_tokens: recipe.data.max_tokens,
+                max_words: recipe.data.max_words,
+            },
+        )?;
         let mut loader_cfg = recipe.loader_config(cfg.vision.image_size as u32, collective.rank());
         // ALBEF's training loader keeps full batches only. The run ends at `total_steps`,
         // so the loader runs on past the last epoch (epoch lengths in steps are estimates).
@@ -407,6 +440,8 @@ impl Run {
             recipe.objectives.distill_on(),
         ) {
             (Some(dir), true) => {
+                check_same_tokenizer(dir, &tokenizer_path, allow_other)
+                    .map_err(|e| TrainError::Recipe(format!("objectives.distill.teacher: {e}")))?;
                 let loaded = vlp_models::load_model(
                     dir,
                     Some(cfg.vision.image_size),
@@ -435,6 +470,7 @@ impl Run {
             varmap,
             model,
             tokenizer,
+            text,
             batches,
             optim,
             state,
@@ -664,6 +700,7 @@ impl Run {
                 &self.varmap,
                 &self.optim,
                 &self.cfg,
+                &self.text,
                 &self.state,
                 self.recipe.run.keep_last,
             )?;
@@ -881,7 +918,7 @@ impl Run {
                 epoch: self.state.epoch,
                 r_mean: m.r_mean,
             };
-            checkpoint::save_best(&self.run_dir, &self.varmap, &self.cfg, &best)?;
+            checkpoint::save_best(&self.run_dir, &self.varmap, &self.cfg, &self.text, &best)?;
             self.state.best = Some(best);
         }
         Ok(())
@@ -894,6 +931,69 @@ fn stopped_by(e: &TrainError) -> Option<i32> {
         TrainError::Data(vlp_data::DataError::Interrupted { signal }) => Some(*signal),
         _ => None,
     }
+}
+
+/// A checkpoint error's message without its `checkpoint:` prefix, for a caller that says
+/// where it came from.
+fn without_prefix(e: TrainError) -> String {
+    match e {
+        TrainError::Checkpoint(m) => m,
+        other => other.to_string(),
+    }
+}
+
+/// A fresh run's recipe with `model.init` and `objectives.distill.teacher` resolved to the
+/// checkpoint folders they name ([`checkpoint::resolve_checkpoint`]: a run folder means
+/// its best, else its newest checkpoint) and `data.tokenizer`, when left out, set to the
+/// one `model.init` keeps. Recorded so, the resolved recipe says which weights and
+/// tokenizer were read, and a resumed run reads the same teacher. Every process must
+/// resolve alike (a run still writing checkpoints could differ between them).
+fn resolve_sources(mut recipe: Recipe, collective: &dyn Collective) -> Result<Recipe> {
+    let resolve = |key: &str, path: &mut Option<PathBuf>| -> Result<()> {
+        if let Some(p) = path.as_deref() {
+            let dir = checkpoint::resolve_checkpoint(p)
+                .map_err(|e| TrainError::Recipe(format!("{key}: {}", without_prefix(e))))?;
+            *path = Some(dir);
+        }
+        Ok(())
+    };
+    resolve("model.init", &mut recipe.model.init)?;
+    resolve(
+        "objectives.distill.teacher",
+        &mut recipe.objectives.distill.teacher,
+    )?;
+    if recipe.data.tokenizer.is_none() {
+        // `Recipe::validate` lets the tokenizer be left out only with an init.
+        let init = recipe.model.init.as_deref().unwrap_or(Path::new(""));
+        let kept = checkpoint_tokenizer(init).ok_or_else(|| {
+            TrainError::Recipe(format!(
+                "data.tokenizer: not given, and model.init {} keeps no {} (written before \
+                 checkpoints kept theirs): give the tokenizer it was trained with",
+                init.display(),
+                checkpoint::TOKENIZER_FILE
+            ))
+        })?;
+        tracing::info!(
+            "data.tokenizer: {}, the one model.init was trained with",
+            kept.display()
+        );
+        recipe.data.tokenizer = Some(kept);
+    }
+    if collective.world_size() > 1 {
+        let chosen = format!(
+            "{:?} {:?}",
+            recipe.model.init, recipe.objectives.distill.teacher
+        );
+        let mine = vlp_core::hash::fnv1a64(chosen.as_bytes());
+        if collective.all_gather_u64(mine)?.iter().any(|&h| h != mine) {
+            return Err(TrainError::Recipe(format!(
+                "the processes resolved model.init / objectives.distill.teacher to different \
+                 checkpoints (this one: {chosen}); name checkpoint folders, not a run that is \
+                 still saving"
+            )));
+        }
+    }
+    Ok(recipe)
 }
 
 /// Opens every eval set of the recipe and reads its captions and image headers, so that

@@ -45,7 +45,9 @@ pub struct ModelSection {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<PathBuf>,
     /// A folder in our checkpoint format (`model.safetensors` + `config.json`, as written by
-    /// `vlp convert` or a training run) to start from. Its config replaces the preset's.
+    /// `vlp convert` or a training run) to start from, or a training run folder (its
+    /// `best/`, else its newest checkpoint; the resolved recipe records the folder used).
+    /// Its config replaces the preset's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init: Option<PathBuf>,
     /// Activation checkpointing: the online ViT blocks and BERT layers recompute their
@@ -75,8 +77,17 @@ pub enum TransformChoice {
 pub struct DataSection {
     /// Shard spec (brace ranges, `::`-separated lists), as `vlp shards` takes.
     pub shards: String,
-    /// A `tokenizer.json` whose vocabulary fits the model's.
-    pub tokenizer: PathBuf,
+    /// A `tokenizer.json` whose vocabulary fits the model's. May be left out when
+    /// `model.init` keeps the tokenizer it was trained with (then that one is used, and
+    /// the resolved recipe names it); one whose content differs from it is refused
+    /// unless `allow_other_tokenizer`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<PathBuf>,
+    /// Train with a `tokenizer` other than the one `model.init` (or the distillation
+    /// teacher) was trained with: the same ids then stand for other words, which only
+    /// makes sense for a tokenizer known to number them alike.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_other_tokenizer: bool,
     /// Samples per step on each process (per GPU).
     pub batch_size: usize,
     /// Processes taking part (the global batch is `batch_size * world_size`): when given,
@@ -202,7 +213,7 @@ pub struct EvalSection {
     pub k_test: usize,
     /// `itm+itc` (BLIP/LAVIS, default), `itm` (ALBEF), `itm+itc-logit` (the ITM logit
     /// plus `cos / temp`) or `itc` (no re-ranking).
-    #[serde(default = "itm_itc")]
+    #[serde(default = "default_score")]
     pub score: String,
     /// The set evaluated after every epoch (fine-tuning): the checkpoint with the best
     /// mean recall (`r_mean`) so far is kept in `RUN_DIR/best`, and the final evaluation
@@ -224,8 +235,8 @@ fn one() -> usize {
 fn one_twenty_eight() -> usize {
     128
 }
-fn itm_itc() -> String {
-    "itm+itc".to_string()
+fn default_score() -> String {
+    vlp_eval::ScoreMode::default().to_string()
 }
 fn two() -> usize {
     2
@@ -305,6 +316,13 @@ impl Recipe {
             (Some(_), Some(_), _) => return bad("model", "give preset or config, not both"),
             (None, None, None) => return bad("model", "give preset, config or init"),
             _ => {}
+        }
+        if self.data.tokenizer.is_none() && self.model.init.is_none() {
+            return bad(
+                "data.tokenizer",
+                "give the tokenizer (only a model.init checkpoint that keeps its own lets it \
+                 be left out)",
+            );
         }
         if self.data.batch_size == 0 {
             return bad("data.batch_size", "must be at least 1");
@@ -600,6 +618,25 @@ out_dir = "runs/x"
         let text = BASE.replace("batch_size = 8", "batch_size = 8\nbatchsize = 3");
         let e = Recipe::from_str_with(&text, &[]).unwrap_err().to_string();
         assert!(e.contains("batchsize"), "{e}");
+    }
+
+    #[test]
+    fn the_tokenizer_may_be_left_out_only_with_a_model_init() {
+        let text = BASE.replace("tokenizer = \"shards/tok.json\"\n", "");
+        let e = Recipe::from_str_with(&text, &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("data.tokenizer") && e.contains("model.init"),
+            "{e}"
+        );
+        let r = Recipe::from_str_with(&text, &["model.init=\"runs/pre\"".into()]).unwrap();
+        assert_eq!(r.data.tokenizer, None);
+        assert!(!r.data.allow_other_tokenizer);
+        let r = Recipe::from_str_with(BASE, &["data.allow_other_tokenizer=true".into()]).unwrap();
+        assert!(r.data.allow_other_tokenizer);
+        assert_eq!(
+            Recipe::from_str_with(&r.to_toml().unwrap(), &[]).unwrap(),
+            r
+        );
     }
 
     #[test]

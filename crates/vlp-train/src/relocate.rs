@@ -70,14 +70,23 @@ pub fn take_locations(saved: &mut Recipe, given: &Recipe) -> Result<()> {
             same_files(&format!("eval.sets `{}`", o.name), &o.shards, &n.shards)?;
         }
     }
-    let file = |p: &Path| p.file_name().map(|n| n.to_owned());
-    if file(&saved.data.tokenizer) != file(&given.data.tokenizer) {
+    let file = |p: &Option<std::path::PathBuf>| {
+        p.as_deref().and_then(Path::file_name).map(|n| n.to_owned())
+    };
+    let shown = |p: &Option<std::path::PathBuf>| {
+        p.as_deref().map_or_else(
+            || "the init's tokenizer".to_string(),
+            |p| p.display().to_string(),
+        )
+    };
+    if given.data.tokenizer.is_some() && file(&saved.data.tokenizer) != file(&given.data.tokenizer)
+    {
         return Err(moved(
             "data.tokenizer",
             format!(
                 "{} is another file than {}",
-                given.data.tokenizer.display(),
-                saved.data.tokenizer.display()
+                shown(&given.data.tokenizer),
+                shown(&saved.data.tokenizer)
             ),
         ));
     }
@@ -85,10 +94,12 @@ pub fn take_locations(saved: &mut Recipe, given: &Recipe) -> Result<()> {
         "--resume-moved: data.shards {} (was {}), data.tokenizer {}",
         given.data.shards,
         saved.data.shards,
-        given.data.tokenizer.display()
+        shown(&given.data.tokenizer)
     );
     saved.data.shards = given.data.shards.clone();
-    saved.data.tokenizer = given.data.tokenizer.clone();
+    if given.data.tokenizer.is_some() {
+        saved.data.tokenizer = given.data.tokenizer.clone();
+    }
     if let (Some(old), Some(new)) = (&mut saved.eval, &given.eval) {
         for (o, n) in old.sets.iter_mut().zip(&new.sets) {
             o.shards = n.shards.clone();
