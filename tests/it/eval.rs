@@ -425,3 +425,102 @@ fn outputs_are_checked_before_the_work_and_never_replace_a_runs_files() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(d.join("run/eval-extra.json").is_file());
 }
+
+/// `vlp score` scored "", "   " and "!!! ..." and `vlp embed --texts` embedded "!!! ...",
+/// though training and evaluation call such captions unusable: score refuses one, naming
+/// it; embed skips and counts such lines, its `text_lines` keying the captions embedded.
+#[test]
+fn score_refuses_and_embed_skips_captions_that_clean_to_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (ckpt, tok) = checkpoint(d);
+    let (ckpt, tok) = (path_str(&ckpt), path_str(&tok));
+    image::RgbImage::from_pixel(32, 32, image::Rgb([200, 30, 30]))
+        .save(d.join("a.png"))
+        .unwrap();
+    for bad in ["", "   ", "!!! ..."] {
+        let out = vlp(
+            &[
+                "score",
+                "--checkpoint",
+                &ckpt,
+                "--image",
+                "a.png",
+                "--text",
+                "a red square",
+                "--text",
+                bad,
+                "--tokenizer",
+                &tok,
+            ],
+            d,
+        );
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{bad:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!("--text: caption 2 {bad:?}")) && stderr.contains("cleaning"),
+            "{stderr}"
+        );
+        assert!(
+            text(&out.stdout).is_empty(),
+            "scored: {}",
+            text(&out.stdout)
+        );
+    }
+
+    std::fs::write(
+        d.join("t.txt"),
+        "a red square\n\n!!! ...\n?!\na blue circle\n",
+    )
+    .unwrap();
+    let out = vlp(
+        &[
+            "embed",
+            "--checkpoint",
+            &ckpt,
+            "--texts",
+            "t.txt",
+            "--tokenizer",
+            &tok,
+            "--out",
+            "e.safetensors",
+        ],
+        d,
+    );
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("skipped 2 lines that clean to no caption (line 3, 4)"),
+        "{stderr}"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(text(&out.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(summary["skipped_texts"], 2, "{summary}");
+    assert_eq!(summary["tensors"]["text_embeds"][0], 2, "{summary}");
+    let bytes = std::fs::read(d.join("e.safetensors")).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let lines: Vec<usize> =
+        serde_json::from_str(&meta.metadata().clone().unwrap()["text_lines"]).unwrap();
+    assert_eq!(lines, [1, 5]);
+
+    // Nothing usable at all: an error, no file.
+    std::fs::write(d.join("p.txt"), "...\n!!!\n").unwrap();
+    let out = vlp(
+        &[
+            "embed",
+            "--checkpoint",
+            &ckpt,
+            "--texts",
+            "p.txt",
+            "--tokenizer",
+            &tok,
+            "--out",
+            "p.safetensors",
+        ],
+        d,
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no usable caption"), "{stderr}");
+    assert!(!d.join("p.safetensors").exists());
+}
