@@ -187,7 +187,12 @@ pub fn run_embed(args: EmbedArgs) -> anyhow::Result<()> {
     );
     crate::cmd::output::check_output_file("--out", &args.out, args.force)?;
     let dev = args.device.resolve()?;
-    let (cfg, model) = load_checkpoint(&args.checkpoint, args.image_size, &dev)?;
+    let (cfg, model) = load_checkpoint(
+        &args.checkpoint,
+        args.image_size,
+        ("--batch-size", args.batch_size),
+        &dev,
+    )?;
     // Checked before any image is encoded: a mismatch is found in a second.
     let tokenizer = match (&args.texts, &args.tokenizer) {
         (Some(_), None) => anyhow::bail!("--texts needs --tokenizer"),
@@ -202,7 +207,7 @@ pub fn run_embed(args: EmbedArgs) -> anyhow::Result<()> {
     let s = cfg.vision.image_size;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     let mut metadata: HashMap<String, String> = HashMap::new();
-    let batch = args.batch_size.max(1);
+    let batch = args.batch_size;
 
     if let Some(spec) = &args.shards {
         let set = EvalSet::open(spec, s as u32, args.max_words)?;
@@ -327,7 +332,13 @@ pub fn run_score(args: ScoreArgs) -> anyhow::Result<()> {
     // Refused before the checkpoint is read; `score_pairs` cleans them by the same rule.
     clean_captions(&args.texts, args.max_words).context("--text")?;
     let dev = args.device.resolve()?;
-    let (cfg, model) = load_checkpoint(&args.checkpoint, args.image_size, &dev)?;
+    // Every --image goes through the model in one batch.
+    let (cfg, model) = load_checkpoint(
+        &args.checkpoint,
+        args.image_size,
+        ("--image", args.images.len()),
+        &dev,
+    )?;
     let tokenizer = load_tokenizer(&args.tokenizer, args.max_tokens, &cfg)?;
     let s = cfg.vision.image_size;
     let images = image_batch(&args.images, s, &mut transformer(s))?;

@@ -74,13 +74,22 @@ pub struct RetrievalArgs {
 }
 
 /// Loads a checkpoint folder for inference onto `device`: its tensors as plain
-/// (non-trainable) tensors. With `image_size`, the model is built at that size and the
-/// position embeddings are interpolated to its grid (on the host, as the file is read).
+/// (non-trainable) tensors. With `image_size` (`--image-size`), the model is built at that
+/// size and the position embeddings are interpolated to its grid (on the host, as the file
+/// is read). The size, and the image batch `(flag, images)` at it, are checked against
+/// what the model and memory allow before any weight is read.
 pub fn load_checkpoint(
     dir: &std::path::Path,
     image_size: Option<usize>,
+    (batch_flag, batch): (&str, usize),
     device: &Device,
 ) -> anyhow::Result<(AlbefConfig, AlbefModel)> {
+    let mut cfg = AlbefConfig::load(&dir.join(vlp_models::CONFIG_FILE))?;
+    if let Some(size) = image_size {
+        cfg.vision.check_image_size("--image-size", size)?;
+        cfg.vision.image_size = size;
+    }
+    cfg.vision.check_batch(batch_flag, batch, false)?;
     let loaded = load_model(dir, image_size, device, LoadMode::Frozen)?;
     Ok((loaded.model.config().clone(), loaded.model))
 }
@@ -95,7 +104,12 @@ pub fn run(args: RetrievalArgs) -> anyhow::Result<()> {
     // Under `vlp launch` (torchrun, srun) the re-ranking is split over the processes.
     let joined = crate::cmd::world::join(args.device)?;
     let device = joined.device.clone();
-    let (cfg, model) = load_checkpoint(&args.checkpoint, args.image_size, &device)?;
+    let (cfg, model) = load_checkpoint(
+        &args.checkpoint,
+        args.image_size,
+        ("--image-batch", args.image_batch),
+        &device,
+    )?;
     let tokenizer = load_tokenizer(&args.tokenizer, args.max_tokens, &cfg)?;
     let set = EvalSet::open(&args.shards, cfg.vision.image_size as u32, args.max_words)?;
     let eval_cfg = EvalConfig {

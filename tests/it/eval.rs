@@ -426,6 +426,15 @@ fn outputs_are_checked_before_the_work_and_never_replace_a_runs_files() {
     assert!(d.join("run/eval-extra.json").is_file());
 }
 
+/// [`checkpoint`] (as paths for arguments) and a 32 px image `a.png` for `vlp score`.
+fn checkpoint_and_image(dir: &Path) -> (String, String) {
+    let (ckpt, tok) = checkpoint(dir);
+    image::RgbImage::from_pixel(32, 32, image::Rgb([200, 30, 30]))
+        .save(dir.join("a.png"))
+        .unwrap();
+    (path_str(&ckpt), path_str(&tok))
+}
+
 /// `vlp score` scored "", "   " and "!!! ..." and `vlp embed --texts` embedded "!!! ...",
 /// though training and evaluation call such captions unusable: score refuses one, naming
 /// it; embed skips and counts such lines, its `text_lines` keying the captions embedded.
@@ -433,11 +442,7 @@ fn outputs_are_checked_before_the_work_and_never_replace_a_runs_files() {
 fn score_refuses_and_embed_skips_captions_that_clean_to_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (ckpt, tok) = checkpoint(d);
-    let (ckpt, tok) = (path_str(&ckpt), path_str(&tok));
-    image::RgbImage::from_pixel(32, 32, image::Rgb([200, 30, 30]))
-        .save(d.join("a.png"))
-        .unwrap();
+    let (ckpt, tok) = checkpoint_and_image(d);
     for bad in ["", "   ", "!!! ..."] {
         let out = vlp(
             &[
@@ -523,4 +528,48 @@ fn score_refuses_and_embed_skips_captions_that_clean_to_nothing() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("no usable caption"), "{stderr}");
     assert!(!d.join("p.safetensors").exists());
+}
+
+/// `vlp score --image-size 4096` on a small model aborted on a 17 GB allocation (exit
+/// 134): every size is checked against what the model and memory allow first, and refused
+/// with a message naming the flag and the range.
+#[test]
+fn image_sizes_and_batches_past_what_the_model_allows_are_refused_naming_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (ckpt, tok) = checkpoint_and_image(d);
+    let score = ["score", "--checkpoint", &ckpt, "--image", "a.png"];
+    let score = [&score[..], &["--text", "a red square", "--tokenizer", &tok]].concat();
+    let range = "must be a multiple of 8 from 8 to 128 px (4x the 32 px";
+    for (extra, expected) in [
+        (
+            &["--image-size", "4096"][..],
+            format!("--image-size 4096: {range}"),
+        ),
+        (&["--image-size", "36"], format!("--image-size 36: {range}")),
+    ] {
+        let out = vlp(&[&score[..], extra].concat(), d);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{extra:?}: {stderr}");
+        assert!(stderr.contains(&expected), "{stderr}");
+    }
+    let at_128 = vlp(&[&score[..], &["--image-size", "128"]].concat(), d);
+    assert!(at_128.status.success(), "{}", text(&at_128.stderr));
+
+    let embed = [
+        "embed",
+        "--checkpoint",
+        &ckpt,
+        "--images",
+        ".",
+        "--out",
+        "e.safetensors",
+    ];
+    let out = vlp(&[&embed[..], &["--batch-size", "1000000000"]].concat(), d);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--batch-size 1000000000: 1000000000 images of 32 px are estimated"),
+        "{stderr}"
+    );
 }
