@@ -46,6 +46,9 @@ pub struct LoaderArgs {
 }
 
 pub fn run(args: LoaderArgs) -> anyhow::Result<()> {
+    let side = args.image_size as usize;
+    vlp_models::config::check_image_side("--image-size", side)?;
+    vlp_models::config::check_pixel_batch("--batch-size", args.batch_size, side)?;
     let tokenizer = TextTokenizer::from_file(&args.tokenizer, args.max_tokens)?;
     let cfg = LoaderConfig {
         batch_size: args.batch_size,

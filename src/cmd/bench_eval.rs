@@ -78,6 +78,10 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         args.max_len,
         cfg.text.max_positions
     );
+    // The whole synthetic set's pixels are made at once, then passed in image batches.
+    vlp_models::config::check_pixel_batch("--images", args.images, cfg.vision.image_size)?;
+    cfg.vision
+        .check_batch("--image-batch", args.image_batch, false)?;
     let device = args.device.resolve()?;
     // The synthetic set and the seeded weights are made on the host (the same numbers on
     // every device), then the weights are held on `device` as plain tensors: evaluation

@@ -146,6 +146,12 @@ pub fn run(args: OpsArgs) -> anyhow::Result<()> {
     };
     let wants = |g: &str| args.only.as_deref().is_none_or(|o| o == g);
     let b = args.batch;
+    // The largest case: the ViT-B/16 stack at 256 px, forward and backward.
+    let stack = VisionConfig {
+        image_size: 256,
+        ..vlp_models::AlbefConfig::preset("albef-base")?.vision
+    };
+    stack.check_batch("--batch", b, true)?;
     let (it, wu) = (args.iters, args.warmup);
     emit(
         serde_json::json!({"device": format!("{:?}", dev.location()), "vlp": env!("CARGO_PKG_VERSION")}),
@@ -258,13 +264,9 @@ pub fn run(args: OpsArgs) -> anyhow::Result<()> {
         if wants("stack") {
             // ViT-B/16 at 256 px: 257 tokens of 768, 12 heads, 12 pre-norm layers (the
             // patch embedding in front is included; the peer's stack starts after it).
-            let cfg = VisionConfig {
-                image_size: 256,
-                ..vlp_models::AlbefConfig::preset("albef-base")?.vision
-            };
             let varmap = VarMap::new();
             let vit =
-                VisionTransformer::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev))?
+                VisionTransformer::new(&stack, VarBuilder::from_varmap(&varmap, DType::F32, &dev))?
                     .with_compute_dtype(dt);
             let images = Tensor::randn(0f32, 1.0, (b, 3, 256, 256), &dev)?;
             let ms = timed(&dev, (it / 2).max(5), 3, || {

@@ -108,6 +108,7 @@ pub fn run(args: StepArgs) -> anyhow::Result<()> {
         .or(recipe.as_ref().map(|r| r.data.max_tokens))
         .unwrap_or(30);
     anyhow::ensure!(batch_size >= 2, "--batch-size must be at least 2");
+    cfg.vision.check_batch("--batch-size", batch_size, true)?;
     anyhow::ensure!(text_len >= 3, "--text-len must be at least 3");
     anyhow::ensure!(args.steps >= 1, "--steps must be at least 1");
     let dev = args

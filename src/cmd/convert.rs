@@ -118,6 +118,7 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
     };
     let config = match (config, args.image_size) {
         (Some(mut cfg), Some(size)) => {
+            cfg.vision.check_image_size("--image-size", size)?;
             cfg.vision.image_size = size;
             cfg.validate()?;
             Some(cfg)

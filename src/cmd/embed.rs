@@ -10,11 +10,11 @@ use candle_core::{Device, Tensor};
 use vlp_core::device::{host, DeviceSpec};
 use vlp_core::rng::Rng;
 use vlp_core::MAX_IMAGE_PIXELS as MAX_PIXELS;
-use vlp_data::caption::pre_caption;
+use vlp_data::caption::usable_caption;
 use vlp_data::image_ops::{
     decode_rgb, EvalTransform, ImageTransform, ImageTransformer, Normalization,
 };
-use vlp_eval::score::score_pairs;
+use vlp_eval::score::{clean_captions, score_pairs};
 use vlp_eval::set::EvalSet;
 use vlp_models::AlbefModel;
 
@@ -33,7 +33,9 @@ pub struct EmbedArgs {
     /// Images from a folder (jpg, jpeg, png, webp; keys: file names, sorted).
     #[arg(long)]
     pub images: Option<PathBuf>,
-    /// Captions, one per line (keys: line numbers from 1; blank lines skipped).
+    /// Captions, one per line (keys: line numbers from 1). Blank lines are skipped; lines
+    /// that clean to no caption (punctuation only) are skipped and counted, as training
+    /// and evaluation skip them.
     #[arg(long)]
     pub texts: Option<PathBuf>,
     #[command(flatten)]
@@ -120,6 +122,60 @@ fn image_batch(
     Ok(Tensor::from_vec(px, (files.len(), 3, size, size), &host())?)
 }
 
+/// The captions of a `--texts` file, by the rule of training and evaluation
+/// ([`usable_caption`]).
+struct TextLines {
+    /// Line numbers (from 1) of the captions kept: the `text_lines` metadata.
+    lines: Vec<usize>,
+    /// The kept lines, cleaned.
+    captions: Vec<String>,
+    /// Non-blank lines left out because they clean to nothing (`"!!! ..."`). Blank lines
+    /// only separate captions and are neither kept nor counted.
+    skipped: usize,
+}
+
+fn read_captions(path: &Path, max_words: usize) -> anyhow::Result<TextLines> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = TextLines {
+        lines: Vec::new(),
+        captions: Vec::new(),
+        skipped: 0,
+    };
+    let mut unusable = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match usable_caption(line, max_words) {
+            Some(caption) => {
+                out.lines.push(i + 1);
+                out.captions.push(caption);
+            }
+            None => unusable.push((i + 1).to_string()),
+        }
+    }
+    out.skipped = unusable.len();
+    if out.skipped > 0 {
+        unusable.truncate(10);
+        stderrln!(
+            "{}: skipped {} lines that clean to no caption (line {}{}), as training and \
+             evaluation skip such captions",
+            path.display(),
+            out.skipped,
+            unusable.join(", "),
+            if out.skipped > 10 { ", ..." } else { "" },
+        );
+    }
+    anyhow::ensure!(
+        !out.captions.is_empty(),
+        "{} has no usable caption ({} lines clean to nothing)",
+        path.display(),
+        out.skipped
+    );
+    Ok(out)
+}
+
 pub fn run_embed(args: EmbedArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.shards.is_some() || args.images.is_some() || args.texts.is_some(),
@@ -127,8 +183,18 @@ pub fn run_embed(args: EmbedArgs) -> anyhow::Result<()> {
     );
     crate::cmd::output::check_output_file("--out", &args.out, args.force)?;
     let dev = args.device.resolve()?;
-    let ckpt = load_checkpoint(&args.checkpoint, args.image_size, &dev)?;
+    let ckpt = load_checkpoint(
+        &args.checkpoint,
+        args.image_size,
+        ("--batch-size", args.batch_size),
+        &dev,
+    )?;
     let settings = args.text.settings(&ckpt)?;
+    let texts = args
+        .texts
+        .as_ref()
+        .map(|path| read_captions(path, settings.max_words))
+        .transpose()?;
     // Checked before any image is encoded: a mismatch is found in a second.
     let tokenizer = match &args.texts {
         Some(_) => Some(args.text.tokenizer(&ckpt, settings.max_tokens)?.1),
@@ -138,11 +204,11 @@ pub fn run_embed(args: EmbedArgs) -> anyhow::Result<()> {
     let s = cfg.vision.image_size;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     let mut metadata: HashMap<String, String> = HashMap::new();
-    let batch = args.batch_size.max(1);
+    let batch = args.batch_size;
 
     if let Some(spec) = &args.shards {
         let set = EvalSet::open(spec, s as u32, settings.max_words)?;
-        let (feats, texts) = set.with_images(|_| {
+        let (feats, set_texts) = set.with_images(|_| {
             let mut feats = Vec::new();
             set.images(batch, &dev, &mut |b| {
                 feats.push(model.encode_image(b, false)?.1.detach());
@@ -153,7 +219,7 @@ pub fn run_embed(args: EmbedArgs) -> anyhow::Result<()> {
         tensors.insert("image_embeds".into(), Tensor::cat(&feats, 0)?);
         metadata.insert(
             "image_keys".into(),
-            serde_json::to_string(&texts.image_keys)?,
+            serde_json::to_string(&set_texts.image_keys)?,
         );
     } else if let Some(dir) = &args.images {
         let files = image_files(dir)?;
@@ -174,23 +240,14 @@ pub fn run_embed(args: EmbedArgs) -> anyhow::Result<()> {
         metadata.insert("image_keys".into(), serde_json::to_string(&names)?);
     }
 
-    if let (Some(path), Some(tokenizer)) = (&args.texts, &tokenizer) {
-        let file =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let (lines, captions): (Vec<usize>, Vec<String>) = file
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, l)| (i + 1, pre_caption(l, settings.max_words)))
-            .unzip();
-        anyhow::ensure!(!captions.is_empty(), "{} has no captions", path.display());
+    if let (Some(texts), Some(tokenizer)) = (&texts, &tokenizer) {
         let mut feats = Vec::new();
-        for chunk in captions.chunks(batch) {
+        for chunk in texts.captions.chunks(batch) {
             let (ids, mask) = tokenizer.encode_batch(chunk)?.to_tensors(&dev)?;
             feats.push(model.encode_text(&ids, &mask, false)?.1.detach());
         }
         tensors.insert("text_embeds".into(), Tensor::cat(&feats, 0)?);
-        metadata.insert("text_lines".into(), serde_json::to_string(&lines)?);
+        metadata.insert("text_lines".into(), serde_json::to_string(&texts.lines)?);
     }
 
     write_embeddings(&args.out, &tensors, metadata)?;
@@ -198,10 +255,12 @@ pub fn run_embed(args: EmbedArgs) -> anyhow::Result<()> {
         .iter()
         .map(|(k, v)| (k.clone(), serde_json::json!(v.dims())))
         .collect();
-    stdoutln!(
-        "{}",
-        serde_json::json!({ "out": args.out.display().to_string(), "tensors": summary })
-    );
+    let mut report =
+        serde_json::json!({ "out": args.out.display().to_string(), "tensors": summary });
+    if let Some(texts) = &texts {
+        report["skipped_texts"] = serde_json::json!(texts.skipped);
+    }
+    stdoutln!("{report}");
     Ok(())
 }
 
@@ -248,7 +307,8 @@ pub struct ScoreArgs {
     /// An image file (repeatable).
     #[arg(long = "image", required = true)]
     pub images: Vec<PathBuf>,
-    /// A caption (repeatable).
+    /// A caption (repeatable); one that cleans to nothing (empty, punctuation only) is
+    /// refused, as training and evaluation never use such a caption.
     #[arg(long = "text", required = true)]
     pub texts: Vec<String>,
     #[command(flatten)]
@@ -264,17 +324,27 @@ pub struct ScoreArgs {
 
 pub fn run_score(args: ScoreArgs) -> anyhow::Result<()> {
     let dev = args.device.resolve()?;
-    let ckpt = load_checkpoint(&args.checkpoint, args.image_size, &dev)?;
+    // Every --image goes through the model in one batch.
+    let ckpt = load_checkpoint(
+        &args.checkpoint,
+        args.image_size,
+        ("--image", args.images.len()),
+        &dev,
+    )?;
     let text = args.text.settings(&ckpt)?;
+    // Refused before any image is scored; `score_pairs` cleans them by the same rule.
+    clean_captions(&args.texts, text.max_words).context("--text")?;
     let (_, tokenizer) = args.text.tokenizer(&ckpt, text.max_tokens)?;
     let s = ckpt.cfg.vision.image_size;
     let images = image_batch(&args.images, s, &mut transformer(s))?;
-    let captions: Vec<String> = args
-        .texts
-        .iter()
-        .map(|t| pre_caption(t, text.max_words))
-        .collect();
-    let scores = score_pairs(&ckpt.model, &tokenizer, &images, &captions, &dev)?;
+    let scores = score_pairs(
+        &ckpt.model,
+        &tokenizer,
+        &images,
+        &args.texts,
+        text.max_words,
+        &dev,
+    )?;
     let mut rows = Vec::with_capacity(scores.len());
     for p in &scores {
         let (image, text) = (args.images[p.image].display(), &args.texts[p.text]);

@@ -164,13 +164,21 @@ pub struct Checkpoint {
 /// (`vlp_train::checkpoint::resolve_checkpoint`), for inference onto `device`: its
 /// tensors as plain (non-trainable) tensors. With `image_size`, the model is built at
 /// that size and the position embeddings are interpolated to its grid (on the host, as
-/// the file is read).
+/// the file is read). The size, and the image batch `(flag, images)` at it, are checked
+/// against what the model and memory allow before any weight is read.
 pub fn load_checkpoint(
     path: &Path,
     image_size: Option<usize>,
+    (batch_flag, batch): (&str, usize),
     device: &Device,
 ) -> anyhow::Result<Checkpoint> {
     let dir = resolve_checkpoint(path)?;
+    let mut cfg = AlbefConfig::load(&dir.join(vlp_models::CONFIG_FILE))?;
+    if let Some(size) = image_size {
+        cfg.vision.check_image_size("--image-size", size)?;
+        cfg.vision.image_size = size;
+    }
+    cfg.vision.check_batch(batch_flag, batch, false)?;
     let loaded = load_model(&dir, image_size, device, LoadMode::Frozen)?;
     Ok(Checkpoint {
         dir,
@@ -189,7 +197,12 @@ pub fn run(args: RetrievalArgs) -> anyhow::Result<()> {
     // Under `vlp launch` (torchrun, srun) the re-ranking is split over the processes.
     let joined = crate::cmd::world::join(args.device)?;
     let device = joined.device.clone();
-    let ckpt = load_checkpoint(&args.checkpoint, args.image_size, &device)?;
+    let ckpt = load_checkpoint(
+        &args.checkpoint,
+        args.image_size,
+        ("--image-batch", args.image_batch),
+        &device,
+    )?;
     let text = args.text.settings(&ckpt)?;
     let (tokenizer_path, tokenizer) = args.text.tokenizer(&ckpt, text.max_tokens)?;
     let set = EvalSet::open(

@@ -210,13 +210,25 @@ pub fn run(args: WriteArgs) -> anyhow::Result<()> {
         );
     }
     let bytes: u64 = summary.manifest.shards.iter().map(|s| s.bytes).sum();
+    // Every count is of what reached the shards, and `skipped` of everything that did not:
+    // the entries left out while reading and the records whose image cannot be used.
+    let unusable = summary.skipped.samples();
+    let skipped = ingested.skipped + unusable;
+    let why = if skipped > 0 {
+        format!(
+            " ({} missing, {unusable} that cannot be used)",
+            ingested.skipped
+        )
+    } else {
+        String::new()
+    };
     stdoutln!(
-        "wrote {} samples ({captions} captions) in {} shards, {} bytes; {} images re-encoded; skipped {}",
+        "wrote {} samples ({} captions) in {} shards, {} bytes; {} images re-encoded; skipped {skipped}{why}",
         summary.manifest.samples,
+        summary.captions,
         summary.manifest.shards.len(),
         bytes,
         summary.reencoded,
-        ingested.skipped
     );
     if let (Some(first), Some(last)) = (
         summary.manifest.shards.first(),

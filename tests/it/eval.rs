@@ -456,3 +456,151 @@ fn bench_eval_and_eval_retrieval_default_to_the_same_score() {
     assert_eq!(report(&bench)["score"], default.as_str());
     assert_eq!(report(&eval)["score"], default.as_str());
 }
+
+/// [`checkpoint`] (as paths for arguments) and a 32 px image `a.png` for `vlp score`.
+fn checkpoint_and_image(dir: &Path) -> (String, String) {
+    let (ckpt, tok) = checkpoint(dir);
+    image::RgbImage::from_pixel(32, 32, image::Rgb([200, 30, 30]))
+        .save(dir.join("a.png"))
+        .unwrap();
+    (path_str(&ckpt), path_str(&tok))
+}
+
+/// `vlp score` scored "", "   " and "!!! ..." and `vlp embed --texts` embedded "!!! ...",
+/// though training and evaluation call such captions unusable: score refuses one, naming
+/// it; embed skips and counts such lines, its `text_lines` keying the captions embedded.
+#[test]
+fn score_refuses_and_embed_skips_captions_that_clean_to_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (ckpt, tok) = checkpoint_and_image(d);
+    for bad in ["", "   ", "!!! ..."] {
+        let out = vlp(
+            &[
+                "score",
+                "--checkpoint",
+                &ckpt,
+                "--image",
+                "a.png",
+                "--text",
+                "a red square",
+                "--text",
+                bad,
+                "--tokenizer",
+                &tok,
+            ],
+            d,
+        );
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{bad:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!("--text: caption 2 {bad:?}")) && stderr.contains("cleaning"),
+            "{stderr}"
+        );
+        assert!(
+            text(&out.stdout).is_empty(),
+            "scored: {}",
+            text(&out.stdout)
+        );
+    }
+
+    std::fs::write(
+        d.join("t.txt"),
+        "a red square\n\n!!! ...\n?!\na blue circle\n",
+    )
+    .unwrap();
+    let out = vlp(
+        &[
+            "embed",
+            "--checkpoint",
+            &ckpt,
+            "--texts",
+            "t.txt",
+            "--tokenizer",
+            &tok,
+            "--out",
+            "e.safetensors",
+        ],
+        d,
+    );
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("skipped 2 lines that clean to no caption (line 3, 4)"),
+        "{stderr}"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(text(&out.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(summary["skipped_texts"], 2, "{summary}");
+    assert_eq!(summary["tensors"]["text_embeds"][0], 2, "{summary}");
+    let bytes = std::fs::read(d.join("e.safetensors")).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let lines: Vec<usize> =
+        serde_json::from_str(&meta.metadata().clone().unwrap()["text_lines"]).unwrap();
+    assert_eq!(lines, [1, 5]);
+
+    // Nothing usable at all: an error, no file.
+    std::fs::write(d.join("p.txt"), "...\n!!!\n").unwrap();
+    let out = vlp(
+        &[
+            "embed",
+            "--checkpoint",
+            &ckpt,
+            "--texts",
+            "p.txt",
+            "--tokenizer",
+            &tok,
+            "--out",
+            "p.safetensors",
+        ],
+        d,
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no usable caption"), "{stderr}");
+    assert!(!d.join("p.safetensors").exists());
+}
+
+/// `vlp score --image-size 4096` on a small model aborted on a 17 GB allocation (exit
+/// 134): every size is checked against what the model and memory allow first, and refused
+/// with a message naming the flag and the range.
+#[test]
+fn image_sizes_and_batches_past_what_the_model_allows_are_refused_naming_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (ckpt, tok) = checkpoint_and_image(d);
+    let score = ["score", "--checkpoint", &ckpt, "--image", "a.png"];
+    let score = [&score[..], &["--text", "a red square", "--tokenizer", &tok]].concat();
+    let range = "must be a multiple of 8 from 8 to 128 px (4x the 32 px";
+    for (extra, expected) in [
+        (
+            &["--image-size", "4096"][..],
+            format!("--image-size 4096: {range}"),
+        ),
+        (&["--image-size", "36"], format!("--image-size 36: {range}")),
+    ] {
+        let out = vlp(&[&score[..], extra].concat(), d);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{extra:?}: {stderr}");
+        assert!(stderr.contains(&expected), "{stderr}");
+    }
+    let at_128 = vlp(&[&score[..], &["--image-size", "128"]].concat(), d);
+    assert!(at_128.status.success(), "{}", text(&at_128.stderr));
+
+    let embed = [
+        "embed",
+        "--checkpoint",
+        &ckpt,
+        "--images",
+        ".",
+        "--out",
+        "e.safetensors",
+    ];
+    let out = vlp(&[&embed[..], &["--batch-size", "1000000000"]].concat(), d);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--batch-size 1000000000: 1000000000 images of 32 px are estimated"),
+        "{stderr}"
+    );
+}

@@ -774,6 +774,40 @@ fn write_skips_undecodable_images_unless_strict() {
 }
 
 #[test]
+fn write_summary_counts_what_was_written_and_every_skip() {
+    // Two usable images with three captions, one undecodable image with two captions and
+    // one entry whose image is missing: the summary counts the two samples and their
+    // three captions, and both skipped entries.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    png(d, "a.png", 3, 3);
+    png(d, "b.png", 4, 3);
+    fs::write(d.join("broken.jpg"), b"\xff\xd8 this is not a jpeg").unwrap();
+    fs::write(
+        d.join("ann.json"),
+        r#"[{"image": "a.png", "caption": ["one", "two"]},
+            {"image": "broken.jpg", "caption": ["three", "four"]},
+            {"image": "gone.png", "caption": "five"},
+            {"image": "b.png", "caption": "six"}]"#,
+    )
+    .unwrap();
+    let args: Vec<&str> = "shards write --json ann.json --out o/x --skip-missing"
+        .split(' ')
+        .collect();
+    let stdout = vlp_ok(&args, d);
+    let summary = stdout
+        .lines()
+        .find(|l| l.starts_with("wrote "))
+        .unwrap_or_else(|| panic!("no summary line in {stdout}"));
+    assert!(
+        summary.starts_with("wrote 2 samples (3 captions) in 1 shards")
+            && summary.ends_with("skipped 2 (1 missing, 1 that cannot be used)"),
+        "{stdout}"
+    );
+    assert_eq!(manifest(&d.join("o/x-manifest.json"))["samples"], 2);
+}
+
+#[test]
 fn inspect_fails_when_no_shard_can_be_read() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();

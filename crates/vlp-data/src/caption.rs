@@ -44,14 +44,21 @@ pub fn is_usable(cleaned: &str) -> bool {
     cleaned.chars().any(|c| !c.is_whitespace())
 }
 
+/// `raw` cleaned with [`pre_caption`], or `None` when the cleaned caption is not usable
+/// ([`is_usable`]): the one rule by which training, evaluation, inspection, scoring and
+/// embedding take or leave a caption.
+pub fn usable_caption(raw: &str, max_words: usize) -> Option<String> {
+    let cleaned = pre_caption(raw, max_words);
+    is_usable(&cleaned).then_some(cleaned)
+}
+
 /// The usable captions of `raw`, cleaned with [`pre_caption`], in their order.
 pub fn usable_captions<'a>(
     raw: impl IntoIterator<Item = &'a String>,
     max_words: usize,
 ) -> Vec<String> {
     raw.into_iter()
-        .map(|c| pre_caption(c, max_words))
-        .filter(|c| is_usable(c))
+        .filter_map(|c| usable_caption(c, max_words))
         .collect()
 }
 
@@ -105,5 +112,7 @@ mod tests {
             "...".to_string(),
         ];
         assert_eq!(usable_captions(&raw, 30), ["two dogs"]);
+        assert_eq!(usable_caption("A Dog!", 30).as_deref(), Some("a dog"));
+        assert_eq!(usable_caption("   ", 30), None);
     }
 }

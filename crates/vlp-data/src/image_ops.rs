@@ -115,13 +115,62 @@ fn check_pixels(width: u32, height: u32, max_pixels: u64) -> Result<(), DecodeEr
     Ok(())
 }
 
-/// Width and height from the image header, without decoding any pixel.
+/// Bytes a decoder may allocate beyond 8 per pixel ([`decode_alloc_limit`]): what a file
+/// holds besides its pixels and is decoded with them (ICC profiles, EXIF and XMP blocks,
+/// PNG text chunks; the PNG decoder inflates an iCCP chunk whole before the first pixel),
+/// and working buffers (PNG row buffers, WebP's ARGB planes). Profiles that cameras and
+/// editors write are kilobytes, the largest printer profiles a few megabytes, so 32 MiB
+/// refuses nothing real; a chunk of a few kilobytes that inflates to gigabytes stops there.
+pub const DECODE_SLACK_BYTES: u64 = 32 << 20;
+
+/// The most bytes decoding a `width` x `height` image may allocate: 8 per pixel (16-bit
+/// RGBA, the widest layout JPEG, PNG and WebP decode to) plus [`DECODE_SLACK_BYTES`].
+/// Derived from the image's own size, not from the pixel limit: an 8x8 image may take
+/// 32 MiB, not the 750 MB the largest image under the limit needs.
+pub fn decode_alloc_limit(width: u32, height: u32) -> u64 {
+    alloc_limit(width, height, DECODE_SLACK_BYTES)
+}
+
+fn alloc_limit(width: u32, height: u32, slack: u64) -> u64 {
+    (u64::from(width) * u64::from(height))
+        .saturating_mul(8)
+        .saturating_add(slack)
+}
+
+const PNG_SIGNATURE: &[u8; 8] = b"\x89PNG\r\n\x1a\n";
+
+/// A PNG's size from its IHDR, which the format puts first: the PNG decoder's own header
+/// read goes on through every chunk before the pixel data and inflates their compressed
+/// metadata, which is just what must not happen before the size is known.
+fn png_dimensions(bytes: &[u8]) -> Result<(u32, u32), DecodeError> {
+    let be =
+        |at: usize| u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+    if bytes.len() < 24 || be(8) != 13 || &bytes[12..16] != b"IHDR" {
+        return Err(DecodeError::Corrupt(
+            "PNG does not start with its IHDR chunk".into(),
+        ));
+    }
+    Ok((be(16), be(20)))
+}
+
+/// Width and height from the image header, without decoding any pixel and without
+/// allocating more than [`DECODE_SLACK_BYTES`] (a large-but-honest header is reported with
+/// its size, never refused for it).
 pub fn image_dimensions(bytes: &[u8]) -> Result<(u32, u32), DecodeError> {
+    if bytes.starts_with(PNG_SIGNATURE) {
+        return png_dimensions(bytes);
+    }
     let mut reader = sniffed_reader(bytes)?;
-    // Only the header is read, so no allocation limit is needed and none may refuse a
-    // large-but-honest header before its size can be reported.
-    reader.no_limits();
+    // JPEG and WebP headers copy their metadata (nothing is inflated), so the slack bounds
+    // what they may allocate.
+    reader.limits(alloc_limits(DECODE_SLACK_BYTES));
     reader.into_dimensions().map_err(corrupt)
+}
+
+fn alloc_limits(max_alloc: u64) -> Limits {
+    let mut limits = Limits::default();
+    limits.max_alloc = Some(max_alloc);
+    limits
 }
 
 /// Width and height from the image header, refused as [`DecodeError::TooLarge`] above
@@ -136,35 +185,43 @@ pub fn checked_dimensions(bytes: &[u8], max_pixels: u64) -> Result<(u32, u32), D
 /// Decodes JPEG, PNG or WebP bytes to 8-bit RGB.
 ///
 /// The header is parsed first and an image of more than `max_pixels` pixels is refused with
-/// [`DecodeError::TooLarge`] before any pixel buffer is allocated (decompression bombs); the
-/// decoder's own allocation limit is set to match. Grayscale, 16-bit and palette images are
-/// converted to RGB8 (16-bit values rounded); images with an alpha channel are composited
-/// onto white, because transparent regions of web images are meant to be seen on a white page
-/// and dropping alpha would reveal whatever colour the encoder left under them. EXIF
-/// orientation and ICC profiles are ignored, as by PIL's `Image.open(...).convert("RGB")`.
+/// [`DecodeError::TooLarge`] before any pixel buffer is allocated (decompression bombs);
+/// the decoder may then allocate at most [`decode_alloc_limit`] of the header's size, so
+/// metadata that inflates far past the pixels (a PNG's iCCP chunk) is bounded too: it is
+/// refused as corrupt naming the limit, or dropped where the decoder drops a bad profile.
+/// Grayscale, 16-bit and palette images are converted to RGB8 (16-bit values rounded);
+/// images with an alpha channel are composited onto white, because transparent regions of
+/// web images are meant to be seen on a white page and dropping alpha would reveal
+/// whatever colour the encoder left under them. EXIF orientation and ICC profiles are
+/// ignored, as by PIL's `Image.open(...).convert("RGB")`.
 ///
 /// # Shapes
 /// Returns an `RgbImage` of the header's width x height, row-major, interleaved RGB.
 pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, DecodeError> {
-    let mut reader = sniffed_reader(bytes)?;
-    let mut limits = Limits::default();
-    // 16-bit RGBA is the widest layout these formats decode to; the slack covers decoder
-    // working buffers (PNG row buffers, WebP's ARGB planes).
-    limits.max_alloc = Some(max_pixels.saturating_mul(8).saturating_add(64 << 20));
-    reader.limits(limits);
-    let decoder = match reader.into_decoder() {
-        Ok(decoder) => decoder,
-        Err(ImageError::Limits(err)) => {
-            // Some decoders refuse during header parsing; report the size when that is why.
-            let (width, height) = image_dimensions(bytes)?;
-            check_pixels(width, height, max_pixels)?;
-            return Err(corrupt(err));
-        }
-        Err(err) => return Err(corrupt(err)),
+    decode_within(bytes, max_pixels, DECODE_SLACK_BYTES)
+}
+
+/// [`decode_rgb`] with `slack` bytes beyond the pixels (tests shrink it).
+fn decode_within(bytes: &[u8], max_pixels: u64, slack: u64) -> Result<RgbImage, DecodeError> {
+    let (width, height) = checked_dimensions(bytes, max_pixels)?;
+    let limit = alloc_limit(width, height, slack);
+    let refused = |err: ImageError| match err {
+        ImageError::Limits(_) => DecodeError::Corrupt(format!(
+            "decoding this {width}x{height} image needs more than its allocation limit of \
+             {limit} bytes (8 per pixel and {slack} for metadata such as an ICC profile)"
+        )),
+        err => corrupt(err),
     };
-    let (width, height) = decoder.dimensions();
-    check_pixels(width, height, max_pixels)?;
-    let img = DynamicImage::from_decoder(decoder).map_err(corrupt)?;
+    let mut reader = sniffed_reader(bytes)?;
+    reader.limits(alloc_limits(limit));
+    let decoder = reader.into_decoder().map_err(refused)?;
+    if decoder.dimensions() != (width, height) {
+        return Err(DecodeError::Corrupt(format!(
+            "the header says {width}x{height}, the decoder {:?}",
+            decoder.dimensions()
+        )));
+    }
+    let img = DynamicImage::from_decoder(decoder).map_err(refused)?;
     Ok(into_rgb8_on_white(img))
 }
 
@@ -1101,6 +1158,48 @@ pub(crate) mod tests {
         assert!(matches!(
             decode_rgb(&jpg, 100),
             Err(DecodeError::TooLarge { .. })
+        ));
+    }
+
+    /// An 8x8 RGB PNG with an iCCP chunk whose profile is `profile` (stored, not
+    /// compressed) ahead of its pixels.
+    fn png_with_profile(profile: &[u8]) -> Vec<u8> {
+        let mut out = png_header(8, 8, 2);
+        let mut iccp = b"icc\0\0".to_vec();
+        iccp.extend(zlib_stored(profile));
+        png_chunk(&mut out, b"iCCP", &iccp);
+        let rows: Vec<u8> = (0..8).flat_map(|_| [0u8; 25]).collect();
+        png_chunk(&mut out, b"IDAT", &zlib_stored(&rows));
+        png_chunk(&mut out, b"IEND", &[]);
+        out
+    }
+
+    #[test]
+    fn what_a_decoder_may_allocate_follows_the_image_size_and_is_named_when_passed() {
+        assert_eq!(decode_alloc_limit(8, 8), 8 * 8 * 8 + DECODE_SLACK_BYTES);
+        assert_eq!(decode_alloc_limit(u32::MAX, u32::MAX), u64::MAX);
+        // The largest image under the pixel limit keeps room for 16-bit RGBA.
+        let (w, h) = (9459, 9459);
+        assert!(w * h <= vlp_core::MAX_IMAGE_PIXELS);
+        assert!(decode_alloc_limit(w as u32, h as u32) >= w * h * 8);
+
+        let png = png_with_profile(&[7u8; 4000]);
+        assert_eq!(image_dimensions(&png), Ok((8, 8)));
+        let img = decode_rgb(&png, 64).unwrap();
+        assert_eq!(img.dimensions(), (8, 8));
+        // A profile larger than what the decoder may allocate past the pixels: refused,
+        // naming the limit.
+        let err = decode_within(&png, 64, 1000).unwrap_err();
+        assert!(
+            matches!(&err, DecodeError::Corrupt(m) if m.contains("allocation limit of 1512 bytes")),
+            "{err}"
+        );
+        // A PNG must start with its IHDR: the size is read from there.
+        let mut no_ihdr = png.clone();
+        no_ihdr[12..16].copy_from_slice(b"iCCP");
+        assert!(matches!(
+            image_dimensions(&no_ihdr),
+            Err(DecodeError::Corrupt(_))
         ));
     }
 

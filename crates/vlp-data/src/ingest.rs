@@ -723,6 +723,8 @@ pub fn encode_rgb(img: &image::RgbImage, ext: &str, quality: u8) -> image::Image
 pub struct WriteSummary {
     pub manifest: Manifest,
     pub manifest_path: PathBuf,
+    /// Captions of the samples written (the records left out not counted).
+    pub captions: u64,
     /// Images that were resized or re-encoded rather than stored as they were.
     pub reencoded: u64,
     /// Records left out because their image could not be used, by reason.
@@ -768,6 +770,7 @@ pub fn write_records(
     let mut writer = ShardWriter::create(prefix, samples_per_shard)?;
     let manifest_path = writer.manifest_path();
     let mut reencoded = 0;
+    let mut captions = 0;
     let mut skipped = SkipCounts::default();
     let mut skipped_images = Vec::new();
     // A file that cannot be read is an I/O failure and always stops the write; an image
@@ -837,6 +840,7 @@ pub fn write_records(
                 rec.image_id.as_deref(),
                 &rec.source,
             )?;
+            captions += rec.captions.len() as u64;
             index += 1;
         }
     }
@@ -844,6 +848,7 @@ pub fn write_records(
     Ok(WriteSummary {
         manifest,
         manifest_path,
+        captions,
         reencoded,
         skipped,
         skipped_images,
@@ -1239,6 +1244,10 @@ mod tests {
         let opts = EncodeOptions::default();
         let got = write_records(&records, dir.path().join("o/x"), 2, &opts, 2).unwrap();
         assert_eq!(got.manifest.samples, 3);
+        assert_eq!(
+            got.captions, 3,
+            "the skipped records' captions are not counted"
+        );
         assert_eq!(got.skipped.get(SkipReason::BadImage), 1);
         assert_eq!(got.skipped.get(SkipReason::ImageTooLarge), 1);
         let listed: Vec<&str> = got

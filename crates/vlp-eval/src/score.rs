@@ -3,6 +3,7 @@
 
 use candle_core::{Device, Tensor};
 use serde::Serialize;
+use vlp_data::caption::usable_caption;
 use vlp_data::tokenize::TextTokenizer;
 use vlp_models::{AlbefModel, FusionInput};
 
@@ -19,14 +20,38 @@ pub struct PairScore {
     pub itm_match_probability: f32,
 }
 
+/// `captions` cleaned as for evaluation ([`usable_caption`]), refusing the first one that
+/// cleans to nothing with an error naming it (1-based) and its text.
+pub fn clean_captions(captions: &[String], max_words: usize) -> Result<Vec<String>> {
+    captions
+        .iter()
+        .enumerate()
+        .map(|(t, raw)| {
+            usable_caption(raw, max_words).ok_or_else(|| {
+                EvalError::input(
+                    format!("caption {} {raw:?}", t + 1),
+                    "no word is left after caption cleaning (ALBEF's pre_caption drops \
+                     punctuation), and training and evaluation leave such captions out",
+                )
+            })
+        })
+        .collect()
+}
+
 /// Scores every pair of `images` (`[N, 3, S, S]`, normalised as for evaluation; may be on
-/// the host) and `captions` (cleaned as for evaluation), image-major: pair `i * M + t`
-/// is image `i` with caption `t`. Everything runs on `device`, the model's.
+/// the host) and `captions` (as given: each is cleaned here as for evaluation, with
+/// `max_words`), image-major: pair `i * M + t` is image `i` with caption `t`. Everything
+/// runs on `device`, the model's.
+///
+/// A caption that cleans to nothing (`""`, `"   "`, `"!!! ..."`) is refused, naming it
+/// ([`clean_captions`]): training and evaluation leave such captions out, so a score for
+/// one would describe a text the model is never asked about.
 pub fn score_pairs(
     model: &AlbefModel,
     tokenizer: &TextTokenizer,
     images: &Tensor,
     captions: &[String],
+    max_words: usize,
     device: &Device,
 ) -> Result<Vec<PairScore>> {
     if captions.is_empty() || images.dim(0)? == 0 {
@@ -39,6 +64,7 @@ pub fn score_pairs(
             ),
         ));
     }
+    let captions = &clean_captions(captions, max_words)?[..];
     let cfg = model.config();
     let (tokens, image_feats) = model.encode_image(&images.to_device(device)?, false)?;
     let (ids, mask) = tokenizer.encode_batch(captions)?.to_tensors(device)?;
@@ -70,23 +96,28 @@ mod tests {
     use candle_nn::{VarBuilder, VarMap};
     use vlp_data::tokenize::train_wordpiece;
 
-    #[test]
-    fn every_pair_gets_a_cosine_and_a_probability_matching_the_encoders() {
+    /// A micro model with random weights and a tokenizer of `words`.
+    fn micro_model(words: &[&str]) -> (AlbefModel, TextTokenizer) {
         let cfg = vlp_models::test_support::micro_config();
-        let dev = Device::Cpu;
         let varmap = VarMap::new();
-        let model =
-            AlbefModel::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev)).unwrap();
-        let words = ["a red square", "a blue circle"];
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let model = AlbefModel::new(&cfg, vb).unwrap();
         let tok = train_wordpiece(words.iter(), 40, 1).unwrap();
         let tokenizer = TextTokenizer::from_tokenizer(tok, "test".into(), 12).unwrap();
-        let s = cfg.vision.image_size;
+        (model, tokenizer)
+    }
+
+    #[test]
+    fn every_pair_gets_a_cosine_and_a_probability_matching_the_encoders() {
+        let dev = Device::Cpu;
+        let (model, tokenizer) = micro_model(&["a red square", "a blue circle"]);
+        let s = model.config().vision.image_size;
         let images = Tensor::randn(0f32, 1.0, (2, 3, s, s), &dev).unwrap();
         let captions: Vec<String> = ["a red square", "a blue circle", "red"]
             .iter()
             .map(|c| c.to_string())
             .collect();
-        let scores = score_pairs(&model, &tokenizer, &images, &captions, &dev).unwrap();
+        let scores = score_pairs(&model, &tokenizer, &images, &captions, 30, &dev).unwrap();
         assert_eq!(scores.len(), 6);
         assert_eq!((scores[4].image, scores[4].text), (1, 1));
         // The cosine of image 1 and caption 2, from the encoders directly.
@@ -108,6 +139,24 @@ mod tests {
             assert!((0.0..=1.0).contains(&p.itm_match_probability), "{p:?}");
             assert!((-1.0001..=1.0001).contains(&p.itc_similarity), "{p:?}");
         }
-        assert!(score_pairs(&model, &tokenizer, &images, &[], &dev).is_err());
+        assert!(score_pairs(&model, &tokenizer, &images, &[], 30, &dev).is_err());
+    }
+
+    #[test]
+    fn a_caption_that_cleans_to_nothing_is_refused_naming_it() {
+        let dev = Device::Cpu;
+        let (model, tokenizer) = micro_model(&["a red square"]);
+        let s = model.config().vision.image_size;
+        let images = Tensor::zeros((1, 3, s, s), DType::F32, &dev).unwrap();
+        for bad in ["", "   ", "!!! ..."] {
+            let captions = vec!["a red square".to_string(), bad.to_string()];
+            let e = score_pairs(&model, &tokenizer, &images, &captions, 30, &dev)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!("caption 2 {bad:?}")) && e.contains("cleaning"),
+                "{e}"
+            );
+        }
     }
 }

@@ -65,6 +65,143 @@ impl VisionConfig {
     }
 }
 
+// The sizes a user types (`--image-size`, `--batch-size`, `data.image_size`, ...) are
+// checked here, for every command, before anything of their size is allocated: past what
+// memory holds, an allocation aborts the process instead of returning an error.
+
+/// The largest image side (px) anything is built or run at. BLIP's largest fine-tuned
+/// sizes are 384 (retrieval) and 480 (VQA), ALBEF's 384; ViT-B/16 at 1536 px has 9,217
+/// tokens, whose attention matrices for one image are 4 GB per layer in f32 where they are
+/// materialised: beyond that one image no longer fits a GPU's pass alongside the model.
+pub const MAX_IMAGE_SIDE: usize = 1536;
+
+/// How many times the side its weights were trained at a model may be run at: position
+/// embeddings interpolated further than 4x per side (16x the tokens) describe a grid the
+/// model never saw, and its tokens grow with the square of the side.
+pub const MAX_IMAGE_SCALE: usize = 4;
+
+/// The most bytes the activations of one pass over a batch may be estimated at
+/// ([`VisionConfig::pass_bytes`]). No single GPU holds more (the largest, an H200, has
+/// 141 GB, of which the model, its optimizer state and the text side need their share)
+/// and few hosts do: an estimate past it fails anyway, later, as an abort.
+pub const MAX_PASS_BYTES: u64 = 128 << 30;
+
+/// Refuses an image side (`flag` = `size`) that is not a multiple of `multiple_of` from
+/// `multiple_of` up to `max`; `why_max` says where `max` comes from.
+fn check_side(
+    flag: &str,
+    size: usize,
+    multiple_of: usize,
+    max: usize,
+    why_max: &str,
+) -> Result<()> {
+    if size >= multiple_of && size <= max && size % multiple_of == 0 {
+        return Ok(());
+    }
+    let step = if multiple_of > 1 {
+        format!("a multiple of {multiple_of} ")
+    } else {
+        String::new()
+    };
+    Err(ModelError::size(
+        flag,
+        size,
+        format!("must be {step}from {multiple_of} to {max} px ({why_max})"),
+    ))
+}
+
+/// Refuses an image side of images made or read without a model (synthetic shards, the
+/// loader benchmark): from 1 to [`MAX_IMAGE_SIDE`] px.
+pub fn check_image_side(flag: &str, size: usize) -> Result<()> {
+    check_side(
+        flag,
+        size,
+        1,
+        MAX_IMAGE_SIDE,
+        "the largest side vlp works at",
+    )
+}
+
+/// Refuses `batch` items of `item_bytes` each (`flag` = `batch`) past [`MAX_PASS_BYTES`],
+/// saying how many fit; `what` names one item in the message.
+pub fn check_batch_bytes(flag: &str, batch: usize, item_bytes: u64, what: &str) -> Result<()> {
+    if batch == 0 {
+        return Err(ModelError::size(flag, batch, "must be at least 1"));
+    }
+    let total = item_bytes.saturating_mul(batch as u64);
+    if total <= MAX_PASS_BYTES {
+        return Ok(());
+    }
+    Err(ModelError::size(
+        flag,
+        batch,
+        format!(
+            "{batch} {what} are estimated to need {:.1} GiB at once, more than the bound of \
+             {} GiB; at most {} fit",
+            total as f64 / (1u64 << 30) as f64,
+            MAX_PASS_BYTES >> 30,
+            MAX_PASS_BYTES / item_bytes.max(1)
+        ),
+    ))
+}
+
+/// Refuses a batch of `batch` decoded `side` x `side` images (f32, three channels, as the
+/// loader hands them out) past [`MAX_PASS_BYTES`].
+pub fn check_pixel_batch(flag: &str, batch: usize, side: usize) -> Result<()> {
+    let item = 3 * 4 * (side as u64).pow(2);
+    check_batch_bytes(flag, batch, item, &format!("images of {side} px"))
+}
+
+impl VisionConfig {
+    /// The largest side a model whose weights were trained at `image_size` may be run at:
+    /// [`MAX_IMAGE_SCALE`] times it, at most [`MAX_IMAGE_SIDE`] (its own size always), a
+    /// multiple of the patch size.
+    pub fn max_image_size(&self) -> usize {
+        let max = (MAX_IMAGE_SCALE * self.image_size)
+            .min(MAX_IMAGE_SIDE)
+            .max(self.image_size);
+        max - max % self.patch_size.max(1)
+    }
+
+    /// Refuses running these trained weights at `size` px (`flag` = `size`) unless it is a
+    /// multiple of the patch size from one patch to [`Self::max_image_size`]. A model built
+    /// fresh at a size has no trained size: [`check_image_side`] and `validate` apply.
+    pub fn check_image_size(&self, flag: &str, size: usize) -> Result<()> {
+        let why = format!(
+            "{MAX_IMAGE_SCALE}x the {} px the weights were trained at, at most {MAX_IMAGE_SIDE}",
+            self.image_size
+        );
+        check_side(flag, size, self.patch_size, self.max_image_size(), &why)
+    }
+
+    /// Estimated bytes of the activations a pass over `batch` images at `image_size` holds
+    /// at once, in f32: per layer the qkv projection, the attention scores and
+    /// probabilities (`heads x tokens^2` each, where materialised), the attention output,
+    /// the MLP's hidden layer and the residual stream; one layer's worth for inference,
+    /// every layer's for training (the backward needs them). A ceiling for refusing what
+    /// cannot run, not a prediction of what will fit.
+    pub fn pass_bytes(&self, batch: usize, training: bool) -> u64 {
+        let t = self.tokens() as u64;
+        let (h, mlp, heads) = (
+            self.hidden as u64,
+            self.mlp_hidden() as u64,
+            self.heads as u64,
+        );
+        let per_layer = 2 * heads * t * t + t * (6 * h + mlp);
+        let layers = if training { self.layers as u64 } else { 1 };
+        4u64.saturating_mul(per_layer)
+            .saturating_mul(layers)
+            .saturating_mul(batch as u64)
+    }
+
+    /// Refuses a batch of `batch` images (`flag` = `batch`) whose pass at `image_size`
+    /// ([`Self::pass_bytes`]) is estimated past [`MAX_PASS_BYTES`], saying how many fit.
+    pub fn check_batch(&self, flag: &str, batch: usize, training: bool) -> Result<()> {
+        let what = format!("images of {} px", self.image_size);
+        check_batch_bytes(flag, batch, self.pass_bytes(1, training), &what)
+    }
+}
+
 /// Where the cross-attention layers sit in the text/fusion BERT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
@@ -493,6 +630,66 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("attn"), "{err}");
+    }
+
+    #[test]
+    fn image_sizes_and_batches_are_bounded_by_the_model_and_memory() {
+        let tiny = AlbefConfig::preset("tiny").unwrap().vision;
+        assert_eq!((tiny.image_size, tiny.patch_size), (64, 8));
+        assert_eq!(tiny.max_image_size(), 256);
+        for ok in [8, 64, 96, 256] {
+            tiny.check_image_size("--image-size", ok).unwrap();
+        }
+        for bad in [0, 4, 60, 264, 4096] {
+            let e = tiny
+                .check_image_size("--image-size", bad)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with(&format!(
+                    "--image-size {bad}: must be a multiple of 8 from 8 to 256 px"
+                )),
+                "{e}"
+            );
+        }
+        // The cap holds for large trained sizes, never below the model's own.
+        let base = AlbefConfig::preset("albef-base").unwrap().vision;
+        let at = |size| VisionConfig {
+            image_size: size,
+            ..base.clone()
+        };
+        assert_eq!(at(384).max_image_size(), MAX_IMAGE_SIDE);
+        assert_eq!(at(2048).max_image_size(), 2048);
+        let e = check_image_side("data.image_size", 2000)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("data.image_size = 2000: must be from 1 to 1536 px"),
+            "{e}"
+        );
+
+        // ViT-B/16 at 384 px: about 50 MB per image for inference, 12 layers' worth to train.
+        let b384 = at(384);
+        assert_eq!(
+            b384.pass_bytes(1, false),
+            4 * (2 * 12 * 577 * 577 + 577 * 7680)
+        );
+        assert_eq!(b384.pass_bytes(2, true), 2 * 12 * b384.pass_bytes(1, false));
+        b384.check_batch("--batch-size", 64, true).unwrap();
+        b384.check_batch("--batch-size", 2048, false).unwrap();
+        let e = at(1536)
+            .check_batch("--image-batch", 64, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("--image-batch 64: 64 images of 1536 px are estimated to need")
+                && e.ends_with("at most 16 fit"),
+            "{e}"
+        );
+        assert!(tiny.check_batch("--batch-size", 0, false).is_err());
+        assert!(tiny.check_batch("--batch-size", usize::MAX, false).is_err());
+        check_pixel_batch("--batch-size", 64, 256).unwrap();
+        assert!(check_pixel_batch("--batch-size", 1 << 20, 1536).is_err());
     }
 
     #[test]

@@ -22,6 +22,15 @@ pub enum ModelError {
     #[error("bad input `{what}`: {reason}")]
     Input { what: String, reason: String },
 
+    /// A size given on the command line (`--image-size`) or in a recipe (`data.image_size`)
+    /// is out of what the model and memory allow.
+    #[error("{}: {reason}", shown_size(flag, *value))]
+    Size {
+        flag: String,
+        value: usize,
+        reason: String,
+    },
+
     /// A parameter cannot be used the way asked (not a variable, missing momentum twin).
     #[error("parameter `{name}`: {reason}")]
     Param { name: String, reason: String },
@@ -106,7 +115,25 @@ pub(crate) fn list_problems(problems: &[TensorProblem]) -> String {
     text
 }
 
+/// A size as it was given: `--image-size 4096` for a flag, `data.image_size = 4096` for a
+/// recipe key.
+fn shown_size(flag: &str, value: usize) -> String {
+    if flag.starts_with("--") {
+        format!("{flag} {value}")
+    } else {
+        format!("{flag} = {value}")
+    }
+}
+
 impl ModelError {
+    pub(crate) fn size(flag: &str, value: usize, reason: impl Into<String>) -> Self {
+        ModelError::Size {
+            flag: flag.to_string(),
+            value,
+            reason: reason.into(),
+        }
+    }
+
     pub(crate) fn config(field: &str, reason: impl Into<String>) -> Self {
         ModelError::Config {
             field: field.to_string(),

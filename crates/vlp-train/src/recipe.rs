@@ -413,8 +413,9 @@ impl Recipe {
     /// The architecture of the run's model: a resumed checkpoint's, else the init
     /// folder's, a config file's or a preset's; built at `data.image_size` when that
     /// differs (fine-tuning at 384 px a model pretrained at 256: the init's position
-    /// embeddings are then interpolated, ALBEF's `interpolate_pos_embed`). A resumed run
-    /// keeps its checkpoint's architecture as it is.
+    /// embeddings are then interpolated, ALBEF's `interpolate_pos_embed`). The image size
+    /// and the batch sizes are checked against what the model and memory allow. A resumed
+    /// run keeps its checkpoint's architecture as it is.
     pub fn model_config(&self, resume_from: Option<&Path>) -> Result<AlbefConfig> {
         let config_file = |dir: &Path| dir.join(vlp_models::CONFIG_FILE);
         if let Some(dir) = resume_from {
@@ -428,6 +429,14 @@ impl Recipe {
             (None, None, None) => unreachable!("Recipe::validate requires a model"),
         };
         if let Some(size) = self.data.image_size {
+            // Trained weights run at most so far past their size; a model built fresh
+            // has none, only the absolute cap.
+            match &m.init {
+                Some(_) => cfg
+                    .vision
+                    .check_image_size("data.image_size", size as usize)?,
+                None => vlp_models::config::check_image_side("data.image_size", size as usize)?,
+            }
             if size as usize != cfg.vision.image_size {
                 tracing::info!(
                     "model built at {size} px (the architecture says {})",
@@ -436,6 +445,12 @@ impl Recipe {
                 cfg.vision.image_size = size as usize;
                 cfg.validate()?;
             }
+        }
+        cfg.vision
+            .check_batch("data.batch_size", self.data.batch_size, true)?;
+        if let Some(eval) = &self.eval {
+            cfg.vision
+                .check_batch("eval.batch_size", eval.batch_size, false)?;
         }
         Ok(cfg)
     }
@@ -550,6 +565,29 @@ total_steps = 100
 [run]
 out_dir = "runs/x"
 "#;
+
+    #[test]
+    fn the_model_config_bounds_image_size_and_batch_size() {
+        let cfg = |sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            Recipe::from_str_with(BASE, &sets)?.model_config(None)
+        };
+        assert_eq!(
+            cfg(&["data.image_size=128"]).unwrap().vision.image_size,
+            128
+        );
+        // A model built fresh has no trained size: only the absolute cap.
+        let e = cfg(&["data.image_size=4096"]).unwrap_err().to_string();
+        assert!(
+            e.contains("data.image_size = 4096: must be from 1 to 1536 px"),
+            "{e}"
+        );
+        let e = cfg(&["data.batch_size=100000000"]).unwrap_err().to_string();
+        assert!(
+            e.contains("data.batch_size = 100000000: ") && e.contains("fit"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn parses_with_defaults() {
