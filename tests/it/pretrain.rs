@@ -519,11 +519,8 @@ fn every_recipe_in_recipes_parses() {
 /// The learning proof: ITC retrieval on held-out synthetic captions rises far above
 /// chance (R@1 1/64 = 1.6%) within a short CPU run. Slow: `VLP_SLOW_TESTS=1`.
 #[test]
+#[cfg_attr(not(vlp_slow_tests), ignore = "slow: set VLP_SLOW_TESTS=1")]
 fn pretrain_learns_itc_retrieval_on_synthetic_shapes() {
-    if std::env::var("VLP_SLOW_TESTS").ok().as_deref() != Some("1") {
-        eprintln!("skipped: set VLP_SLOW_TESTS=1 to run (a few minutes on 2 cores)");
-        return;
-    }
     let fx = Fixture::new(1024);
     let stdout = ok(&fx.pretrain(
         &[
@@ -562,11 +559,8 @@ fn pretrain_learns_itc_retrieval_on_synthetic_shapes() {
 /// (docs/training.md); this guards against a regression, not a tuned figure. Slow:
 /// `VLP_SLOW_TESTS=1`.
 #[test]
+#[cfg_attr(not(vlp_slow_tests), ignore = "slow: set VLP_SLOW_TESTS=1")]
 fn quickstart_recipe_learns_the_held_out_emoji_style() {
-    if std::env::var("VLP_SLOW_TESTS").ok().as_deref() != Some("1") {
-        eprintln!("skipped: set VLP_SLOW_TESTS=1 to run (a few minutes on 2 cores)");
-        return;
-    }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
