@@ -16,6 +16,7 @@ pub mod recipe;
 pub mod run_lock;
 pub mod schedule;
 pub mod step;
+pub mod tensorboard;
 pub mod train_step;
 
 pub use error::{Result, TrainError};

@@ -89,6 +89,10 @@ mod tests {
             "pretrain::quickstart_recipe_learns_the_held_out_emoji_style",
             &SLOW,
         ),
+        (
+            "pretrain::python_tensorboard_reads_the_event_files",
+            &PYTHON,
+        ),
         ("shards_write::python_webdataset_reads_the_shards", &PYTHON),
     ];
 
