@@ -1,8 +1,9 @@
 //! `vlp pretrain`: ALBEF pretraining from a recipe, with `--set` overrides and `--resume`.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Map, Value};
@@ -26,7 +27,8 @@ pub struct PretrainArgs {
     /// same files (by name, in order).
     #[arg(long)]
     pub resume_moved: bool,
-    /// No progress bar (logs only).
+    /// No progress bar: one log line per logged step instead, as when standard error is
+    /// not a terminal.
     #[arg(long)]
     pub no_progress: bool,
     /// Where to train: `cpu`, `cuda` or `cuda:N` [default: the recipe's `run.device`].
@@ -46,7 +48,7 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
     let joined = crate::cmd::world::join(recipe.run.device)?;
     crate::signals::stop_at_step_boundary();
     recipe.run.device = joined.spec;
-    let mut bar = Bar::new(!args.no_progress && joined.is_main());
+    let mut bar = Bar::new(!args.no_progress, joined.is_main());
     let start = match (args.resume, args.resume_moved) {
         (_, true) => Start::ResumeMoved,
         (true, false) => Start::Resume,
@@ -102,23 +104,47 @@ pub fn run_finetune(args: PretrainArgs) -> anyhow::Result<ExitCode> {
     run(args)
 }
 
-/// An indicatif bar with the loss parts, lr and samples/s; hidden when not wanted or when
-/// standard error is not a terminal.
+/// How the main process shows a run's progress: on a terminal, an indicatif bar with the
+/// loss parts, lr and samples/s; where standard error is not a terminal (a log file, a job
+/// scheduler's capture), where an animated bar shows nothing, or with `--no-progress`, one
+/// plain log line per logged step (`run.log_every`) with the same numbers and an ETA.
 struct Bar {
+    mode: Mode,
     bar: Option<ProgressBar>,
+    /// When the run (re)started and at which step, for the ETA of the plain lines.
+    start: (Instant, u64),
+    total_steps: u64,
+}
+
+#[derive(PartialEq)]
+enum Mode {
+    Bar,
+    Lines,
+    /// Another process of a data-parallel run: rank 0 reports.
+    Off,
 }
 
 impl Bar {
-    fn new(enabled: bool) -> Self {
+    fn new(bar_wanted: bool, main: bool) -> Self {
+        let mode = match (main, bar_wanted && std::io::stderr().is_terminal()) {
+            (false, _) => Mode::Off,
+            (true, true) => Mode::Bar,
+            (true, false) => Mode::Lines,
+        };
         Bar {
-            bar: enabled.then(ProgressBar::hidden),
+            mode,
+            bar: None,
+            start: (Instant::now(), 0),
+            total_steps: 0,
         }
     }
 }
 
 impl Progress for Bar {
     fn start(&mut self, first_step: u64, total_steps: u64) {
-        if self.bar.is_none() {
+        self.start = (Instant::now(), first_step);
+        self.total_steps = total_steps;
+        if self.mode != Mode::Bar {
             return;
         }
         let bar = ProgressBar::new(total_steps).with_position(first_step);
@@ -138,26 +164,75 @@ impl Progress for Bar {
         }
     }
 
-    fn log(&mut self, _step: u64, record: &Map<String, Value>) {
-        let Some(bar) = &self.bar else { return };
-        let mut msg = String::new();
-        for (k, v) in record {
-            if let (Some(name), Some(x)) = (k.strip_prefix("loss_"), v.as_f64()) {
-                msg.push_str(&format!("{name} {x:.3} "));
+    fn log(&mut self, step: u64, record: &Map<String, Value>) {
+        match self.mode {
+            Mode::Bar => {
+                if let Some(bar) = &self.bar {
+                    bar.set_message(numbers(record));
+                }
             }
+            Mode::Lines => {
+                let (since, first) = self.start;
+                let left = self.total_steps.saturating_sub(step);
+                let eta = eta(since.elapsed(), step.saturating_sub(first), left);
+                tracing::info!(
+                    "step {step}/{} | {} | ETA {eta}",
+                    self.total_steps,
+                    numbers(record)
+                );
+            }
+            Mode::Off => {}
         }
-        let get = |k: &str| record.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
-        msg.push_str(&format!(
-            "lr {:.2e} {:.1} samples/s",
-            get("lr"),
-            get("samples_per_s")
-        ));
-        bar.set_message(msg);
     }
 
     fn finish(&mut self) {
         if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();
         }
+    }
+}
+
+/// A logged record's loss parts, lr and samples/s, as the bar and the log lines show them.
+fn numbers(record: &Map<String, Value>) -> String {
+    let mut msg = String::new();
+    for (k, v) in record {
+        if let (Some(name), Some(x)) = (k.strip_prefix("loss_"), v.as_f64()) {
+            msg.push_str(&format!("{name} {x:.3} "));
+        }
+    }
+    let get = |k: &str| record.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+    msg.push_str(&format!(
+        "lr {:.2e} {:.1} samples/s",
+        get("lr"),
+        get("samples_per_s")
+    ));
+    msg
+}
+
+/// The time left at the pace so far: `done` steps took `elapsed`, `left` remain.
+fn eta(elapsed: Duration, done: u64, left: u64) -> String {
+    if done == 0 {
+        return "unknown".into();
+    }
+    let secs = (elapsed.as_secs_f64() / done as f64 * left as f64).round() as u64;
+    match (secs / 3600, secs / 60 % 60, secs % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, s) => format!("{m}m{s:02}s"),
+        (h, m, _) => format!("{h}h{m:02}m"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eta_is_the_pace_so_far_times_the_steps_left() {
+        let secs = Duration::from_secs;
+        assert_eq!(eta(secs(10), 0, 5), "unknown");
+        assert_eq!(eta(secs(10), 10, 5), "5s");
+        assert_eq!(eta(secs(10), 10, 252), "4m12s");
+        assert_eq!(eta(secs(10), 10, 7380), "2h03m");
+        assert_eq!(eta(secs(10), 10, 0), "0s");
     }
 }

@@ -1,5 +1,6 @@
 //! Helpers shared by the integration tests: the shard and loader helpers of `vlp-data`'s
-//! own tests, and the path of the built `vlp` binary.
+//! own tests, the path of the built `vlp` binary, and the gates of the tests that need a
+//! variable (`gates`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -7,6 +8,8 @@ use std::process::{Command, Output};
 #[path = "../../crates/vlp-data/tests/common/mod.rs"]
 mod data;
 pub use data::*;
+
+pub mod gates;
 
 #[allow(dead_code)]
 pub fn vlp_bin() -> PathBuf {

@@ -579,14 +579,9 @@ fn python_check(python: &str, spec: &str, expected: u64) {
 }
 
 #[test]
+#[cfg_attr(not(vlp_python), ignore = "needs VLP_PYTHON, a Python with webdataset")]
 fn python_webdataset_reads_the_shards() {
-    let Ok(python) = std::env::var("VLP_PYTHON") else {
-        eprintln!(
-            "skipped: set VLP_PYTHON to a Python with `webdataset` installed to check the \
-             shards with Python's webdataset"
-        );
-        return;
-    };
+    let python = crate::common::gates::PYTHON.required();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     vlp_ok(

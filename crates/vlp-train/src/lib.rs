@@ -17,6 +17,7 @@ pub mod relocate;
 pub mod run_lock;
 pub mod schedule;
 pub mod step;
+pub mod tensorboard;
 pub mod train_step;
 
 pub use error::{Result, TrainError};
