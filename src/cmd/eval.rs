@@ -189,6 +189,13 @@ pub fn load_checkpoint(
 
 pub fn run(args: RetrievalArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.k_test >= 1, "--k-test must be at least 1");
+    if let (Some(a), Some(b)) = (&args.out, &args.markdown) {
+        anyhow::ensure!(
+            std::path::absolute(a).ok() != std::path::absolute(b).ok(),
+            "--out and --markdown name the same file {}: the table would replace the report",
+            a.display()
+        );
+    }
     for (flag, path) in [("--out", &args.out), ("--markdown", &args.markdown)] {
         if let Some(path) = path {
             crate::cmd::output::check_output_file(flag, path, args.force)?;

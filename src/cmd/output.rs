@@ -16,6 +16,24 @@ pub fn check_output_file(flag: &str, path: &Path, force: bool) -> anyhow::Result
         "{flag} {} is a folder; give a file name",
         path.display()
     );
+    // A new file inside a checkpoint or a run's `checkpoints/` or `best/` would be taken
+    // for part of it (or swept away): refused as replacing one is.
+    if let Some((run, why)) = enclosing_run(path) {
+        let inner = why.contains(vlp_train::checkpoint::STATE_FILE)
+            || why.contains(vlp_train::checkpoint::OPTIM_FILE)
+            || why.contains(vlp_train::checkpoint::BEST_RECORD)
+            || vlp_train::checkpoint::resolved(path)
+                .strip_prefix(&run)
+                .is_ok_and(|rel| rel.components().count() > 1);
+        if inner {
+            anyhow::bail!(
+                "{flag} {} is inside the training run or checkpoint {} (it {why}): write it \
+                 outside the run's checkpoints (--force does not apply)",
+                path.display(),
+                run.display()
+            );
+        }
+    }
     if path.exists() {
         if let Some((run, why)) = enclosing_run(path) {
             anyhow::bail!(

@@ -541,6 +541,12 @@ fn convert_refuses_to_replace_a_model_without_force_and_a_training_checkpoint_ev
         b"training"
     );
     assert!(!new_step.exists() && !inside.exists());
+    // Through a symbolic link into the run's checkpoints: refused as well.
+    std::os::unix::fs::symlink(dir.path().join("run/checkpoints"), dir.path().join("lnk")).unwrap();
+    let linked = dir.path().join("lnk/step-000008");
+    let all = convert_fails(&[s(&blip), "--out", s(&linked)]);
+    assert!(all.contains("training run or checkpoint"), "{all}");
+    assert!(!dir.path().join("run/checkpoints/step-000008").exists());
     // A folder of downloaded checkpoints that happens to be named `checkpoints` is no run.
     let downloads = dir.path().join("checkpoints/blip-converted");
     std::fs::create_dir_all(dir.path().join("checkpoints")).unwrap();

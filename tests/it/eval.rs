@@ -418,6 +418,31 @@ fn outputs_are_checked_before_the_work_and_never_replace_a_runs_files() {
         "{stderr}"
     );
     assert!(!stderr.contains("TR@1"), "evaluated first: {stderr}");
+    // A new file inside a checkpoint, or the report and the table in one file: refused.
+    for (flag, target) in [
+        ("--out", "run/checkpoints/step-000004/new.json"),
+        ("--markdown", "run/checkpoints/new.md"),
+    ] {
+        let mut a = args.clone();
+        a.truncate(a.len() - 2);
+        a.extend([flag, target]);
+        let out = vlp(&a, d);
+        let stderr = text(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains("inside the training run"),
+            "{stderr}"
+        );
+        assert!(!d.join(target).exists());
+    }
+    let mut a = args.clone();
+    a.truncate(a.len() - 2);
+    a.extend(["--out", "r.json", "--markdown", "r.json"]);
+    let out = vlp(&a, d);
+    assert!(
+        text(&out.stderr).contains("name the same file"),
+        "{}",
+        text(&out.stderr)
+    );
     // Into a run folder, as a new file, it is written.
     args.pop();
     args.push("run/eval-extra.json");

@@ -247,6 +247,15 @@ pub fn verify(dir: &Path) -> Result<()> {
         )));
     }
     let config = AlbefConfig::load(&config_path)?;
+    // The text side it keeps, when it keeps one: a resumed run reads captions with it.
+    vlp_eval::tokenizer::TextSettings::load(dir)
+        .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", dir.join(TEXT_FILE).display())))?;
+    let tokenizer = dir.join(TOKENIZER_FILE);
+    if tokenizer.is_file() {
+        vlp_data::tokenize::TextTokenizer::from_file(&tokenizer, 8).map_err(|e| {
+            TrainError::Checkpoint(format!("{} does not load ({e})", tokenizer.display()))
+        })?;
+    }
     for (file, is_model) in [(MODEL_FILE, true), (OPTIM_FILE, false)] {
         let path = dir.join(file);
         // Mapped, not read: the optimizer file (twice the model's size) is only checked for
@@ -341,7 +350,7 @@ pub fn set_aside_after(run_dir: &Path, step: u64) -> Result<()> {
 /// `recipe.resolved.toml`, or a `checkpoints/` folder with a `step-N` folder in it (a
 /// folder of downloaded checkpoints named `checkpoints` is no run).
 pub fn enclosing_run(path: &Path) -> Option<(PathBuf, String)> {
-    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let path = resolved(path);
     let has_steps = |dir: &Path| {
         std::fs::read_dir(dir.join(CHECKPOINTS)).is_ok_and(|entries| {
             entries
@@ -365,6 +374,27 @@ pub fn enclosing_run(path: &Path) -> Option<(PathBuf, String)> {
         }
         (!holds.is_empty()).then(|| (dir.to_path_buf(), format!("holds {}", holds.join(", "))))
     })
+}
+
+/// `path` with its longest existing prefix resolved (symbolic links, `..`), so that a
+/// link into a run is judged by where it leads; the part that does not exist yet is
+/// kept as given.
+pub fn resolved(path: &Path) -> PathBuf {
+    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut rest = Vec::new();
+    let mut head = path.as_path();
+    loop {
+        if let Ok(real) = head.canonicalize() {
+            return rest.iter().rev().fold(real, |p, c| p.join(c));
+        }
+        match (head.parent(), head.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_owned());
+                head = parent;
+            }
+            _ => return path,
+        }
+    }
 }
 
 /// Removes what interrupted saves and deletions leave under `RUN/checkpoints`: temporary
@@ -610,7 +640,11 @@ mod tests {
     /// The text side the test checkpoints keep.
     fn text() -> TextRecord {
         TextRecord {
-            tokenizer: b"{\"the run's\": \"tokenizer\"}".to_vec(),
+            // A real tokenizer: verification loads the one a checkpoint keeps.
+            tokenizer: std::fs::read(
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shards/emoji-tokenizer.json"),
+            )
+            .unwrap(),
             settings: TextSettings {
                 max_tokens: 30,
                 max_words: 25,
@@ -810,6 +844,18 @@ mod tests {
         // A run with no checkpoint at all has nothing to resume, and that is no error.
         let empty = tempfile::tempdir().unwrap();
         assert_eq!(latest(empty.path()).unwrap(), None);
+    }
+
+    #[test]
+    fn verification_checks_the_text_side_a_checkpoint_keeps() {
+        let (dir, _) = saved_run(&[1, 2], 0);
+        let run = dir.path();
+        std::fs::write(step_dir(run, 2).join(TOKENIZER_FILE), b"garbage").unwrap();
+        let err = verify(&step_dir(run, 2)).unwrap_err().to_string();
+        assert!(err.contains(TOKENIZER_FILE), "{err}");
+        std::fs::write(step_dir(run, 1).join(TEXT_FILE), b"{1}").unwrap();
+        let err = verify(&step_dir(run, 1)).unwrap_err().to_string();
+        assert!(err.contains(TEXT_FILE), "{err}");
     }
 
     #[test]
