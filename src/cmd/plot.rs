@@ -163,6 +163,11 @@ pub fn run(args: PlotArgs) -> anyhow::Result<()> {
         });
     }
     let keys = panel_keys(&runs);
+    anyhow::ensure!(
+        !keys.is_empty(),
+        "{}: no numeric metric to plot in metrics.jsonl",
+        args.run_dirs[0].display()
+    );
     let out = args
         .out
         .clone()
@@ -201,6 +206,17 @@ fn draw(runs: &[Run], keys: &[String], out: &Path, width: u32, smooth: f64) -> a
             })
             .collect();
         let all: Vec<(f64, f64)> = series.iter().flatten().copied().collect();
+        let finite = runs
+            .iter()
+            .flat_map(|r| points(&r.records, key))
+            .filter(|p| p.0.is_finite() && p.1.is_finite())
+            .count();
+        if finite > all.len() {
+            tracing::warn!(
+                "{key}: {} value(s) beyond ±{MAX_DRAWN:e} left out of the chart",
+                finite - all.len()
+            );
+        }
         let log = log_scale(&all);
         let y = |v: f64| if log { v.log10() } else { v };
         let (x0, x1) = range(all.iter().map(|p| p.0));
@@ -425,6 +441,27 @@ mod tests {
         })
         .unwrap();
         assert!(dir.path().join("curves.png").is_file());
+    }
+
+    /// A file of lines without a number to draw failed inside plotters ("Zero height not
+    /// allowed"): it is said for what it is.
+    #[test]
+    fn metrics_without_a_numeric_value_are_refused_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("metrics.jsonl"),
+            "garbage\n{}\n{\"step\": 1}\n",
+        )
+        .unwrap();
+        let err = run(PlotArgs {
+            run_dirs: vec![dir.path().to_path_buf()],
+            out: None,
+            width: 400,
+            smooth: 0.6,
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("no numeric metric"), "{err}");
     }
 
     #[test]
