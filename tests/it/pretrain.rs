@@ -730,18 +730,7 @@ fn quickstart_recipe_learns_the_held_out_emoji_style() {
             toml_str(&google)
         ),
     ];
-    let mut cmd = Command::new(vlp_bin());
-    // The recipe's paths are relative to the repository root.
-    cmd.current_dir(root).args([
-        "pretrain",
-        "--recipe",
-        "recipes/quickstart.toml",
-        "--no-progress",
-    ]);
-    for s in &sets {
-        cmd.args(["--set", s]);
-    }
-    let stdout = ok(&cmd.output().unwrap());
+    let stdout = ok(&repo_recipe("pretrain", "recipes/quickstart.toml", &sets));
     eprintln!("{stdout}");
     let eval: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("eval.json")).unwrap()).unwrap();
@@ -767,17 +756,7 @@ fn quickstart_recipe_learns_the_held_out_emoji_style() {
         ),
         "eval.validate=\"google\"".to_string(),
     ];
-    let mut cmd = Command::new(vlp_bin());
-    cmd.current_dir(root).args([
-        "finetune",
-        "--recipe",
-        "recipes/finetune-emoji.toml",
-        "--no-progress",
-    ]);
-    for s in &sets {
-        cmd.args(["--set", s]);
-    }
-    let out = cmd.output().unwrap();
+    let out = repo_recipe("finetune", "recipes/finetune-emoji.toml", &sets);
     let _ = ok(&out);
     assert!(String::from_utf8_lossy(&out.stderr).contains("momentum twin was never trained"));
     let tuned: serde_json::Value =
@@ -788,6 +767,22 @@ fn quickstart_recipe_learns_the_held_out_emoji_style() {
     );
     // Fine-tuning noise allowed; the untrained twin's targets took half of it.
     assert!(after >= 0.9 * before, "{before} -> {after}");
+}
+
+/// `vlp COMMAND --recipe RECIPE --set ...` run from the repository root, where the shipped
+/// recipes' paths start.
+fn repo_recipe(command: &str, recipe: &str, sets: &[String]) -> Output {
+    let mut cmd = Command::new(vlp_bin());
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR")).args([
+        command,
+        "--recipe",
+        recipe,
+        "--no-progress",
+    ]);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    cmd.output().unwrap()
 }
 
 /// A path as a TOML string value (a JSON string is a TOML basic string for a path).
