@@ -76,13 +76,14 @@ pub struct ConvertArgs {
 fn check_out_dir(out: &Path, force: bool) -> anyhow::Result<()> {
     // Checked whether or not `out` exists yet: a new folder under a run's `checkpoints/`
     // would be swept away by the run's next save.
-    if let Some((run, why)) = enclosing_run(out) {
+    if let Some(run) = enclosing_run(out) {
         anyhow::bail!(
-            "--out {} is inside the training run or checkpoint {} (it {why}): a converted \
+            "--out {} is inside the training run or checkpoint {} (it {}): a converted \
              model there would be resumed as the run's own weights or swept away by its next \
              save; write it to a new folder outside the run (--force does not apply)",
             out.display(),
-            run.display()
+            run.dir.display(),
+            run.why()
         );
     }
     if !out.exists() {

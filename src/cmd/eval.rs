@@ -191,7 +191,7 @@ pub fn run(args: RetrievalArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.k_test >= 1, "--k-test must be at least 1");
     if let (Some(a), Some(b)) = (&args.out, &args.markdown) {
         anyhow::ensure!(
-            std::path::absolute(a).ok() != std::path::absolute(b).ok(),
+            vlp_train::checkpoint::resolved(a) != vlp_train::checkpoint::resolved(b),
             "--out and --markdown name the same file {}: the table would replace the report",
             a.display()
         );

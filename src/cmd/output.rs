@@ -16,33 +16,20 @@ pub fn check_output_file(flag: &str, path: &Path, force: bool) -> anyhow::Result
         "{flag} {} is a folder; give a file name",
         path.display()
     );
-    // A new file inside a checkpoint or a run's `checkpoints/` or `best/` would be taken
-    // for part of it (or swept away): refused as replacing one is.
-    if let Some((run, why)) = enclosing_run(path) {
-        let inner = why.contains(vlp_train::checkpoint::STATE_FILE)
-            || why.contains(vlp_train::checkpoint::OPTIM_FILE)
-            || why.contains(vlp_train::checkpoint::BEST_RECORD)
-            || vlp_train::checkpoint::resolved(path)
-                .strip_prefix(&run)
-                .is_ok_and(|rel| rel.components().count() > 1);
-        if inner {
+    // An existing file of a run, or a new file inside a checkpoint or below the top of a
+    // run folder (`checkpoints/`, `best/`), would be taken for part of it or swept away.
+    if let Some(run) = enclosing_run(path) {
+        if path.exists() || run.is_checkpoint() || run.depth > 1 {
             anyhow::bail!(
-                "{flag} {} is inside the training run or checkpoint {} (it {why}): write it \
-                 outside the run's checkpoints (--force does not apply)",
+                "{flag} {} is inside the training run or checkpoint {} (it {}): write it \
+                 outside the run's files (--force does not apply)",
                 path.display(),
-                run.display()
+                run.dir.display(),
+                run.why()
             );
         }
     }
     if path.exists() {
-        if let Some((run, why)) = enclosing_run(path) {
-            anyhow::bail!(
-                "{flag} {} would replace a file of the training run or checkpoint {} (it \
-                 {why}); write it outside the run's files (--force does not apply)",
-                path.display(),
-                run.display()
-            );
-        }
         anyhow::ensure!(
             force,
             "{flag} {} already exists; pass --force to replace it",

@@ -196,25 +196,17 @@ fn draw(runs: &[Run], keys: &[String], out: &Path, width: u32, smooth: f64) -> a
     root.fill(&WHITE)?;
     let panels = root.split_evenly((rows, cols));
     for (key, panel) in keys.iter().zip(&panels) {
-        let series: Vec<Vec<(f64, f64)>> = runs
+        // Each run's finite points, then those small enough to draw.
+        let finite: Vec<Vec<(f64, f64)>> = runs.iter().map(|r| points(&r.records, key)).collect();
+        let series: Vec<Vec<(f64, f64)>> = finite
             .iter()
-            .map(|r| {
-                points(&r.records, key)
-                    .into_iter()
-                    .filter(drawable)
-                    .collect()
-            })
+            .map(|pts| pts.iter().copied().filter(drawable).collect())
             .collect();
         let all: Vec<(f64, f64)> = series.iter().flatten().copied().collect();
-        let finite = runs
-            .iter()
-            .flat_map(|r| points(&r.records, key))
-            .filter(|p| p.0.is_finite() && p.1.is_finite())
-            .count();
-        if finite > all.len() {
+        let left_out = finite.iter().map(Vec::len).sum::<usize>() - all.len();
+        if left_out > 0 {
             tracing::warn!(
-                "{key}: {} value(s) beyond ±{MAX_DRAWN:e} left out of the chart",
-                finite - all.len()
+                "{key}: {left_out} value(s) beyond ±{MAX_DRAWN:e} left out of the chart"
             );
         }
         let log = log_scale(&all);

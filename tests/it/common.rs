@@ -74,3 +74,28 @@ pub fn bert_ids_tokenizer(dir: &Path) -> PathBuf {
     std::fs::write(&path, json.to_string()).unwrap();
     path
 }
+
+/// The fields of `/proc/PID/stat` after the command name (state, ppid, pgrp, ...); `None`
+/// when there is no such process.
+pub fn proc_stat(pid: i32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) state ppid ...`: the command name may hold spaces and parentheses.
+    let rest = stat.rsplit(')').next()?;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// Whether process `pid` is alive (a zombie waiting for its reaper is not).
+pub fn alive(pid: i32) -> bool {
+    proc_stat(pid).is_some_and(|f| f.first().map(String::as_str) != Some("Z"))
+}
+
+/// Whether a live process's command line contains `needle`.
+pub fn process_running(needle: &str) -> bool {
+    std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+        std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
+            String::from_utf8_lossy(&c)
+                .replace('\0', " ")
+                .contains(needle)
+        })
+    })
+}

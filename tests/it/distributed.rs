@@ -16,7 +16,7 @@ use vlp_train::objectives::itc::alpha_at;
 use vlp_train::optim::{AdamW, AdamWConfig, Gradients};
 use vlp_train::{pretrain_losses, Draws, StepBatch};
 
-use crate::common::vlp_bin;
+use crate::common::{alive, proc_stat, vlp_bin};
 use crate::pretrain::{final_weights, ok, Fixture};
 
 /// A port pair (`MASTER_PORT`, `+1`) per run, distinct across tests and test processes.
@@ -216,14 +216,8 @@ fn child_with_rank(parent: u32, rank: usize) -> Option<i32> {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
             continue;
         };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // pid (comm) state ppid ...: the fields after the last ')'.
-        let ppid = stat
-            .rsplit(')')
-            .next()
-            .and_then(|rest| rest.split_whitespace().nth(1))
+        let ppid = proc_stat(pid)
+            .and_then(|f| f.get(1).cloned())
             .and_then(|p| p.parse::<u32>().ok());
         if ppid != Some(parent) {
             continue;
@@ -295,16 +289,6 @@ fn a_killed_worker_stops_the_run_and_resume_continues_exactly() {
         .map(|r| r["step"].as_u64().unwrap())
         .collect();
     assert_eq!(steps, (1..=6).collect::<Vec<_>>());
-}
-
-/// Whether process `pid` is alive (a zombie waiting for its reaper is not).
-fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        stat.rsplit(')')
-            .next()
-            .and_then(|r| r.split_whitespace().next())
-            != Some("Z")
-    })
 }
 
 /// The ranks of a SIGKILLed `vlp launch` ran on as orphans, holding the run lock, and

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{path_str, vlp_bin};
+use crate::common::{path_str, process_running, vlp_bin};
 
 /// Synthetic shards (train and held-out), a tokenizer and a smaller-than-tiny model config.
 pub(crate) struct Fixture {
@@ -1479,17 +1479,6 @@ fn a_closed_stderr_pipe_does_not_kill_training() {
         Some(&6)
     );
     assert!(fx.path("run/eval.json").is_file());
-}
-
-/// Whether a process whose command line contains `needle` is alive.
-fn process_running(needle: &str) -> bool {
-    std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
-        std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
-            String::from_utf8_lossy(&c)
-                .replace('\0', " ")
-                .contains(needle)
-        })
-    })
 }
 
 /// A `pipe:` shard whose command stalls blocked the run forever, ignored the first

@@ -4,8 +4,8 @@
 //! its standard error. A command that sends nothing for [`Patience::stall`] is given up
 //! on, and killed: its stream fails with a message naming it. Each command runs in a
 //! process group of its own, killed with everything in it when its stream is dropped,
-//! when vlp ends by a second signal ([`kill_all_pipes`]), and (its shell, by the kernel)
-//! when vlp dies.
+//! when vlp ends by a second signal ([`kill_all_pipes`]), and (its shell, by the kernel,
+//! on Linux) when the thread that started it ends, which a killed vlp's threads all do.
 
 use std::fs::File;
 use std::io::{self, BufReader, Read};
@@ -109,10 +109,26 @@ pub fn kill_all_pipes() {
 struct PatientPipe {
     inner: ChildStdout,
     patience: Patience,
+    /// Why a read failed (a stall, a stop, the pipe): later reads (the drain in
+    /// [`ShardStream::finish`]) fail at once instead of waiting a second time.
+    gave_up: Option<(io::ErrorKind, String)>,
 }
 
 impl Read for PatientPipe {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some((kind, why)) = &self.gave_up {
+            return Err(io::Error::new(*kind, why.clone()));
+        }
+        let result = self.wait_and_read(buf);
+        if let Err(e) = &result {
+            self.gave_up = Some((e.kind(), e.to_string()));
+        }
+        result
+    }
+}
+
+impl PatientPipe {
+    fn wait_and_read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let since = Instant::now();
         loop {
             let mut fd = libc::pollfd {
@@ -190,6 +206,7 @@ pub fn open_shard(url: &ShardUrl, patience: &Patience) -> Result<ShardStream, Op
             let stdout = PatientPipe {
                 inner: child.stdout.take().expect("stdout was piped"),
                 patience: patience.clone(),
+                gave_up: None,
             };
             let mut stderr_pipe = child.stderr.take().expect("stderr was piped");
             let stderr = Arc::new(Mutex::new(Vec::new()));

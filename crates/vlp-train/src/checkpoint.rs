@@ -48,14 +48,13 @@ impl TextRecord {
         })
     }
 
-    /// Writes both files into `dir`, synced, with the mode of `like`.
-    fn write(&self, dir: &Path, like: &Path) -> Result<()> {
+    /// Writes both files into `dir`, synced (created as any file is: the umask's mode).
+    fn write(&self, dir: &Path) -> Result<()> {
         for (file, bytes) in [
             (TOKENIZER_FILE, self.tokenizer.as_slice()),
             (TEXT_FILE, self.settings.to_json().as_bytes()),
         ] {
             write_synced(&dir.join(file), bytes)?;
-            same_mode_as(&dir.join(file), like)?;
         }
         Ok(())
     }
@@ -250,9 +249,12 @@ pub fn verify(dir: &Path) -> Result<()> {
     // The text side it keeps, when it keeps one: a resumed run reads captions with it.
     vlp_eval::tokenizer::TextSettings::load(dir)
         .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", dir.join(TEXT_FILE).display())))?;
+    // Parsed as JSON only (the resumed run builds the tokenizer itself): a file cut short
+    // or overwritten is caught here, so `latest` passes over its checkpoint.
     let tokenizer = dir.join(TOKENIZER_FILE);
     if tokenizer.is_file() {
-        vlp_data::tokenize::TextTokenizer::from_file(&tokenizer, 8).map_err(|e| {
+        let bytes = std::fs::read(&tokenizer).map_err(|e| TrainError::io(&tokenizer, e))?;
+        serde_json::from_slice::<serde_json::Value>(&bytes).map_err(|e| {
             TrainError::Checkpoint(format!("{} does not load ({e})", tokenizer.display()))
         })?;
     }
@@ -349,7 +351,7 @@ pub fn set_aside_after(run_dir: &Path, step: u64) -> Result<()> {
 /// `optim.safetensors`; a best folder `best.json`; a run folder `.lock`,
 /// `recipe.resolved.toml`, or a `checkpoints/` folder with a `step-N` folder in it (a
 /// folder of downloaded checkpoints named `checkpoints` is no run).
-pub fn enclosing_run(path: &Path) -> Option<(PathBuf, String)> {
+pub fn enclosing_run(path: &Path) -> Option<Enclosing> {
     let path = resolved(path);
     let has_steps = |dir: &Path| {
         std::fs::read_dir(dir.join(CHECKPOINTS)).is_ok_and(|entries| {
@@ -359,7 +361,7 @@ pub fn enclosing_run(path: &Path) -> Option<(PathBuf, String)> {
         })
     };
     path.ancestors().find_map(|dir| {
-        let mut holds: Vec<&str> = [
+        let mut holds: Vec<&'static str> = [
             STATE_FILE,
             OPTIM_FILE,
             BEST_RECORD,
@@ -372,8 +374,39 @@ pub fn enclosing_run(path: &Path) -> Option<(PathBuf, String)> {
         if has_steps(dir) {
             holds.push("checkpoints/step-N");
         }
-        (!holds.is_empty()).then(|| (dir.to_path_buf(), format!("holds {}", holds.join(", "))))
+        (!holds.is_empty()).then(|| Enclosing {
+            dir: dir.to_path_buf(),
+            depth: path
+                .strip_prefix(dir)
+                .map_or(0, |rel| rel.components().count()),
+            holds,
+        })
     })
+}
+
+/// The run or checkpoint folder [`enclosing_run`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Enclosing {
+    /// The folder.
+    pub dir: PathBuf,
+    /// The files that mark it.
+    pub holds: Vec<&'static str>,
+    /// How many components below it the path is (0: the folder itself).
+    pub depth: usize,
+}
+
+impl Enclosing {
+    /// Whether the folder is a checkpoint (or a run's `best/`) rather than a run folder.
+    pub fn is_checkpoint(&self) -> bool {
+        self.holds
+            .iter()
+            .any(|f| [STATE_FILE, OPTIM_FILE, BEST_RECORD].contains(f))
+    }
+
+    /// What marks it, for messages: `holds state.json, optim.safetensors`.
+    pub fn why(&self) -> String {
+        format!("holds {}", self.holds.join(", "))
+    }
 }
 
 /// `path` with its longest existing prefix resolved (symbolic links, `..`), so that a
@@ -474,7 +507,7 @@ pub fn save(
     let json = serde_json::to_string_pretty(state)
         .map_err(|e| TrainError::Checkpoint(format!("state: {e}")))?;
     write_synced(&tmp.join(STATE_FILE), json.as_bytes())?;
-    text.write(&tmp, &tmp.join(STATE_FILE))?;
+    text.write(&tmp)?;
     for f in [MODEL_FILE, OPTIM_FILE, CONFIG_FILE] {
         same_mode_as(&tmp.join(f), &tmp.join(STATE_FILE))?;
         sync(&tmp.join(f))?;
@@ -586,7 +619,7 @@ pub fn save_best(
     let json = serde_json::to_string_pretty(best)
         .map_err(|e| TrainError::Checkpoint(format!("best: {e}")))?;
     write_synced(&tmp.join(BEST_RECORD), json.as_bytes())?;
-    text.write(&tmp, &tmp.join(BEST_RECORD))?;
+    text.write(&tmp)?;
     for f in [MODEL_FILE, CONFIG_FILE] {
         same_mode_as(&tmp.join(f), &tmp.join(BEST_RECORD))?;
         sync(&tmp.join(f))?;

@@ -303,11 +303,13 @@ impl Run {
             switch: "set data.allow_other_tokenizer = true",
         };
         if let (None, Some(init)) = (&resume_from, &recipe.model.init) {
-            check_same_tokenizer(init, &tokenizer_path, allow_other)
-                .map_err(|e| TrainError::Recipe(format!("data.tokenizer: {e}")))?;
+            // The init's own tokenizer (data.tokenizer left out) needs no comparing.
+            if checkpoint_tokenizer(init).as_deref() != Some(tokenizer_path.as_path()) {
+                check_same_tokenizer(init, &tokenizer_path, allow_other)
+                    .map_err(|e| TrainError::Recipe(format!("data.tokenizer: {e}")))?;
+            }
         }
-        let tokenizer = TextTokenizer::from_file(&tokenizer_path, recipe.data.max_tokens)?;
-        vlp_eval::check_tokenizer(&tokenizer, &cfg.text, &tokenizer_path)?;
+        // Read once: the bytes the checkpoints keep are the ones the run tokenizes with.
         let text = TextRecord::read(
             &tokenizer_path,
             TextSettings {
@@ -315,6 +317,12 @@ impl Run {
                 max_words: recipe.data.max_words,
             },
         )?;
+        let tokenizer = TextTokenizer::from_json(
+            &text.tokenizer,
+            tokenizer_path.display().to_string(),
+            recipe.data.max_tokens,
+        )?;
+        vlp_eval::check_tokenizer(&tokenizer, &cfg.text, &tokenizer_path)?;
         let mut loader_cfg = recipe.loader_config(cfg.vision.image_size as u32, collective.rank());
         // ALBEF's training loader keeps full batches only. The run ends at `total_steps`,
         // so the loader runs on past the last epoch (epoch lengths in steps are estimates).
